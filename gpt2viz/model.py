@@ -1,0 +1,375 @@
+"""GPT-2 in one readable file, with named hook points on every activation worth seeing.
+
+Module names mirror the Hugging Face checkpoint (`wte`, `wpe`, `ln_1`, `attn.c_attn`, ...)
+except that `h.{i}` is called `blocks.{i}`; the loader does that rename and transposes
+the four Conv1D weights. Shapes in comments: B batch, T new positions, S = past + T key
+positions, H heads, D head size, C model width.
+
+Hook points (full name: shape):
+
+    embed                     [batch, pos, d_model]   token embedding
+    pos_embed                 [batch, pos, d_model]   position embedding
+    blocks.{i}.resid_pre      [batch, pos, d_model]   residual stream entering block i
+    blocks.{i}.attn.q/k/v     [batch, head, pos, d_head]
+    blocks.{i}.attn.scores    [batch, head, query, key] scaled, masked (-inf) scores
+    blocks.{i}.attn.pattern   [batch, head, query, key] softmax of the scores
+    blocks.{i}.attn.z         [batch, head, pos, d_head] per-head output before c_proj
+    blocks.{i}.attn_out       [batch, pos, d_model]   attention output (after c_proj)
+    blocks.{i}.resid_mid      [batch, pos, d_model]   residual after attention
+    blocks.{i}.mlp.pre        [batch, pos, d_mlp]     MLP neurons before GELU
+    blocks.{i}.mlp.post       [batch, pos, d_mlp]     MLP neurons after GELU
+    blocks.{i}.mlp_out        [batch, pos, d_model]
+    blocks.{i}.resid_post     [batch, pos, d_model]   residual stream leaving block i
+    ln_final                  [batch, pos, d_model]   output of the final layer norm
+    logits                    [batch, pos, vocab]
+
+With a KV cache, `k` and `v` hold only the new positions and `pattern` has `query` = new
+positions, `key` = all positions so far.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hooks import ActivationCache, HookFn, HookPoint, resolve_name
+
+
+class ContextLengthError(ValueError):
+    """The sequence would be longer than the model's context window (`n_positions`)."""
+
+
+class ConfigError(ValueError):
+    """A config that does not describe a GPT-2 model gpt2viz can run faithfully."""
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
+            raise ConfigError(f"config field 'n_inner' must be a positive integer or null, got {self.n_inner!r}")
+        if self.activation_function not in TANH_GELU_NAMES:
+            raise ConfigError(
+                f"activation_function {self.activation_function!r} is not GPT-2's tanh GELU "
+                f"(expected one of {sorted(TANH_GELU_NAMES)})"
+            )
+
+    @property
+    def d_head(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def d_mlp(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "GPT2Config":
+        """Read a Hugging Face `config.json` dict; refuse anything that is not plain GPT-2."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
+        model_type = d.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ConfigError(f"config.json describes model_type {model_type!r}, not 'gpt2'")
+        unsupported = {
+            "add_cross_attention": False,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "scale_attn_weights": True,
+            "tie_word_embeddings": True,
+        }
+        for key, plain in unsupported.items():
+            if key in d and d[key] != plain:
+                raise ConfigError(f"config.json sets {key}={d[key]!r}; gpt2viz supports only plain GPT-2 ({key}={plain})")
+        values = {}
+        for f in fields(cls):
+            if f.name in d:
+                values[f.name] = d[f.name]
+        if "n_positions" not in d and "n_ctx" in d:
+            values["n_positions"] = d["n_ctx"]
+        missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions") if k not in values]
+        if missing:
+            raise ConfigError(f"config.json lacks required GPT-2 field(s): {', '.join(missing)}")
+        return cls(**values)
+
+    def to_hf_dict(self) -> dict:
+        """The `config.json` that Hugging Face `GPT2LMHeadModel` reads."""
+        d = asdict(self)
+        d.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions,
+                 bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True)
+        return d
+
+
+TANH_GELU_NAMES = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
+
+
+class KVCache:
+    """Keys and values of every layer for all positions seen so far, `[batch, head, pos, d_head]`.
+
+    Storage grows by doubling so that appending one position is O(1) amortised.
+    `truncate(n)` rewinds to the first n positions (used for branching).
+    """
+
+    def __init__(self, n_layer: int) -> None:
+        self.length = 0
+        self._k: list[torch.Tensor | None] = [None] * n_layer
+        self._v: list[torch.Tensor | None] = [None] * n_layer
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new positions `[B, H, T, D]` after `self.length`; return all keys and values `[B, H, S, D]`."""
+        start, end = self.length, self.length + k.shape[2]
+        buf_k, buf_v = self._k[layer], self._v[layer]
+        if buf_k is None or buf_k.shape[2] < end:
+            capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 16))
+            new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+            new_v = v.new_empty(new_k.shape)
+            if buf_k is not None:
+                new_k[:, :, :start] = buf_k[:, :, :start]
+                new_v[:, :, :start] = buf_v[:, :, :start]
+            self._k[layer], self._v[layer] = buf_k, buf_v = new_k, new_v
+        buf_k[:, :, start:end] = k
+        buf_v[:, :, start:end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.n_head, self.d_head = cfg.n_head, cfg.d_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.q, self.k, self.v = HookPoint(), HookPoint(), HookPoint()
+        self.scores, self.pattern, self.z = HookPoint(), HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k, v = self.q(q), self.k(k), self.v(v)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.append(layer, k, v)  # (B, H, S, D)
+        S = k.shape[2]
+        if self.pattern.observed or self.scores.observed:
+            scores = (q @ k.transpose(-2, -1)) * self.d_head**-0.5  # (B, H, T, S)
+            scores = scores.masked_fill(~causal_mask(T, S, x.device), float("-inf"))
+            pattern = self.pattern(torch.softmax(self.scores(scores), dim=-1))
+            z = pattern @ v
+        elif T == 1:
+            z = F.scaled_dot_product_attention(q, k, v)
+        elif past == 0:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, x.device))
+        z = self.z(z)  # (B, H, T, D)
+        return self.c_proj(z.transpose(1, 2).reshape(B, T, C))
+
+
+def causal_mask(n_query: int, n_key: int, device: torch.device) -> torch.Tensor:
+    """Boolean `[query, key]`: True where the query (the last n_query positions) may attend."""
+    offset = n_key - n_query
+    return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.d_mlp)
+        self.c_proj = nn.Linear(cfg.d_mlp, cfg.n_embd)
+        self.pre, self.post = HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.post(F.gelu(self.pre(self.c_fc(x)), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+        self.resid_pre, self.attn_out, self.resid_mid = HookPoint(), HookPoint(), HookPoint()
+        self.mlp_out, self.resid_post = HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = self.resid_pre(x)
+        x = self.resid_mid(x + self.attn_out(self.attn(self.ln_1(x), kv_cache, layer)))
+        return self.resid_post(x + self.mlp_out(self.mlp(self.ln_2(x))))
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model with a tied unembedding. `forward(tokens) -> logits [batch, pos, vocab]`."""
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.embed, self.pos_embed = HookPoint(), HookPoint()
+        self.ln_final, self.logits = HookPoint(), HookPoint()
+        self.hook_points: dict[str, HookPoint] = {}
+        for name, module in self.named_modules():
+            if isinstance(module, HookPoint):
+                module.name = name
+                self.hook_points[name] = module
+
+    def new_kv_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layer)
+
+    def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens `[batch, pos]` (ids) -> logits `[batch, pos, vocab]` (`[batch, 1, vocab]` if last_only).
+
+        With a `kv_cache`, `tokens` are the positions after those already in the cache, and
+        the cache is extended by them.
+        """
+        tokens = self._check_tokens(tokens)
+        past = kv_cache.length if kv_cache is not None else 0
+        T = tokens.shape[1]
+        if past + T > self.cfg.n_positions:
+            raise ContextLengthError(
+                f"sequence of {past + T} tokens exceeds the model's context of {self.cfg.n_positions} positions"
+            )
+        positions = torch.arange(past, past + T, device=tokens.device)
+        x = self.embed(self.wte(tokens)) + self.pos_embed(self.wpe(positions).expand(tokens.shape[0], T, -1))
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length = past + T
+        x = self.ln_final(self.ln_f(x))
+        if last_only:
+            x = x[:, -1:]
+        return self.logits(F.linear(x, self.wte.weight))
+
+    def _check_tokens(self, tokens) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.wte.weight.device)
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int, torch.int32):
+            raise ValueError(f"tokens must be integer ids shaped [batch, pos], got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.shape[1] == 0:
+            raise ValueError("tokens is empty: at least one token is needed")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= self.cfg.vocab_size)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return tokens.long()
+
+    # --- hooks -----------------------------------------------------------------------------
+
+    def _match(self, spec) -> list[HookPoint]:
+        if callable(spec) and not isinstance(spec, (str, tuple)):
+            return [hp for name, hp in self.hook_points.items() if spec(name)]
+        name = resolve_name(spec, self.cfg.n_layer)
+        if name not in self.hook_points:
+            close = difflib.get_close_matches(name, list(self.hook_points), n=3)
+            raise KeyError(f"no hook point named {name!r}" + (f"; did you mean {close}?" if close else ""))
+        return [self.hook_points[name]]
+
+    @contextmanager
+    def hooks(self, fwd_hooks: Iterable[tuple[object, HookFn]]) -> Iterator["GPT2"]:
+        """Run `fn(activation, hook)` at the named hook points inside the block.
+
+        A name is a full name (`"blocks.3.attn.pattern"`), a `(short, layer)` tuple
+        (`("pattern", -1)`) or a predicate on full names. A hook that returns a tensor
+        replaces the activation. All hooks are removed when the block exits, also on error.
+        """
+        added: list[tuple[HookPoint, HookFn]] = []
+        try:
+            for spec, fn in fwd_hooks:
+                for hp in self._match(spec):
+                    hp.fns.append(fn)
+                    added.append((hp, fn))
+            yield self
+        finally:
+            for hp, fn in reversed(added):
+                for i in range(len(hp.fns) - 1, -1, -1):
+                    if hp.fns[i] is fn:
+                        del hp.fns[i]
+                        break
+
+    def run_with_cache(
+        self,
+        tokens: torch.Tensor,
+        names: Sequence | Callable[[str], bool] | None = None,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
+        fwd_hooks: Iterable[tuple[object, HookFn]] = (),
+    ) -> tuple[torch.Tensor, ActivationCache]:
+        """Forward pass that saves activations: `(logits, cache)`.
+
+        `names`: None for every hook point, a list of full names / `(short, layer)` tuples /
+        short per-layer names such as `"pattern"` (all layers), or a predicate on full names.
+        `fwd_hooks` run as well (they see and may change activations before they are saved).
+        """
+        acts: dict[str, torch.Tensor] = {}
+
+        def save(x: torch.Tensor, hook: HookPoint) -> None:
+            acts[hook.name] = x.detach()
+
+        specs: list = []
+        if names is None:
+            specs = [lambda _name: True]
+        elif callable(names):
+            specs = [names]
+        else:
+            for n in names:
+                if isinstance(n, str) and n not in self.hook_points and "." not in n:
+                    specs += [(n, layer) for layer in range(self.cfg.n_layer)]
+                else:
+                    specs.append(n)
+        with torch.no_grad(), self.hooks(list(fwd_hooks) + [(s, save) for s in specs]):
+            logits = self(tokens, kv_cache=kv_cache, last_only=last_only)
+        return logits, ActivationCache(acts, self.cfg.n_layer)
+
+    def reset_hooks(self) -> None:
+        for hp in self.hook_points.values():
+            hp.fns.clear()
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+
+def init_weights(model: GPT2, seed: int = 0, std: float = 0.02) -> GPT2:
+    """GPT-2's initialisation (normal(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer))."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif ".ln_" in name or name.startswith("ln_f"):
+                p.fill_(1.0)
+            else:
+                scale = std / math.sqrt(2 * model.cfg.n_layer) if name.endswith("c_proj.weight") else std
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model

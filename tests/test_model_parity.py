@@ -1,0 +1,96 @@
+"""gpt2viz's GPT-2 against Hugging Face transformers' GPT2LMHeadModel on the same weights."""
+
+import pytest
+import torch
+
+from gpt2viz import load_model
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("shape", ["small", "distil"])
+def test_logits_hidden_states_and_attentions_match_transformers(hf_checkpoints, shape):
+    hf_model, folder = hf_checkpoints[shape]
+    model = load_model(folder)
+    n_layer = model.cfg.n_layer
+    tokens = torch.randint(0, 50257, (2, 37), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = hf_model(tokens, output_hidden_states=True, output_attentions=True)
+    logits, cache = model.run_with_cache(tokens)
+
+    assert logits.shape == ref.logits.shape
+    torch.testing.assert_close(logits, ref.logits, atol=TOL, rtol=0)
+    # transformers' hidden_states: the residual stream entering each block, then ln_f of the last one.
+    assert len(ref.hidden_states) == n_layer + 1
+    for layer in range(n_layer):
+        torch.testing.assert_close(cache["resid_pre", layer], ref.hidden_states[layer], atol=TOL, rtol=0)
+        torch.testing.assert_close(cache["pattern", layer], ref.attentions[layer], atol=TOL, rtol=0)
+    torch.testing.assert_close(cache["ln_final"], ref.hidden_states[n_layer], atol=TOL, rtol=0)
+    # The attention is not trivially uniform on these weights: the comparison has teeth.
+    assert cache["pattern", 0][0, :, -1].max() > 0.2
+
+
+def test_fast_path_equals_observed_path(small_model):
+    tokens = torch.randint(0, 50257, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fast = small_model(tokens)
+    observed, cache = small_model.run_with_cache(tokens, names=["pattern"])
+    assert len(cache) == small_model.cfg.n_layer
+    torch.testing.assert_close(fast, observed, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("observe", [False, True], ids=["fused", "observed"])
+def test_kv_cache_decoding_equals_full_forward_at_every_step(small_model, observe):
+    tokens = torch.randint(0, 50257, (1, 30), generator=torch.Generator().manual_seed(11))
+    kv = small_model.new_kv_cache()
+    names = ["pattern"] if observe else []
+    logits, cache = small_model.run_with_cache(tokens[:, :5], names=names, kv_cache=kv)
+    steps = [logits[:, -1]]
+    patterns = [cache["pattern", -1][0, :, -1]] if observe else []
+    for t in range(5, 30):
+        logits, cache = small_model.run_with_cache(tokens[:, t:t + 1], names=names, kv_cache=kv)
+        assert logits.shape[1] == 1
+        steps.append(logits[:, -1])
+        if observe:
+            assert cache["pattern", -1].shape[-2:] == (1, t + 1)
+            patterns.append(cache["pattern", -1][0, :, -1])
+    assert kv.length == 30
+    full, full_cache = small_model.run_with_cache(tokens, names=["pattern"])
+    for i, step_logits in enumerate(steps):
+        torch.testing.assert_close(step_logits, full[:, 4 + i], atol=TOL, rtol=0)
+    for i, row in enumerate(patterns):
+        q = 4 + i
+        torch.testing.assert_close(row, full_cache["pattern", -1][0, :, q, : q + 1], atol=TOL, rtol=0)
+
+
+def test_kv_cache_chunked_prefill_and_rewind(small_model):
+    tokens = torch.randint(0, 50257, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = small_model(tokens)
+        kv = small_model.new_kv_cache()
+        a = small_model(tokens[:, :10], kv_cache=kv)
+        b = small_model(tokens[:, 10:24], kv_cache=kv)  # several new positions after a past
+        torch.testing.assert_close(torch.cat([a, b], 1), full, atol=TOL, rtol=0)
+        kv.truncate(7)  # rewind, then branch with the same tokens: identical to the full pass
+        c = small_model(tokens[:, 7:24], kv_cache=kv)
+        torch.testing.assert_close(c, full[:, 7:], atol=TOL, rtol=0)
+
+
+def test_context_length_is_enforced(small_model):
+    from gpt2viz import ContextLengthError
+
+    n = small_model.cfg.n_positions
+    with pytest.raises(ContextLengthError, match=f"exceeds the model's context of {n}"):
+        small_model(torch.zeros(1, n + 1, dtype=torch.long))
+    kv = small_model.new_kv_cache()
+    with torch.no_grad():
+        small_model(torch.zeros(1, n, dtype=torch.long), kv_cache=kv)
+    with pytest.raises(ContextLengthError):
+        small_model(torch.zeros(1, 1, dtype=torch.long), kv_cache=kv)
+
+
+def test_bad_token_ids_are_refused(small_model):
+    with pytest.raises(ValueError, match="token id 50257 is outside the vocabulary"):
+        small_model(torch.tensor([[1, 50257]]))
+    with pytest.raises(ValueError, match="empty"):
+        small_model(torch.zeros(1, 0, dtype=torch.long))
