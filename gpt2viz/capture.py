@@ -1,0 +1,59 @@
+"""What gpt2viz captures from a forward pass, and the logit lens that reads it.
+
+Shared by step-wise generation (one new position per step) and whole-text traces, so that
+both show the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .model import GPT2
+
+
+def capture_hooks(model: GPT2, store: dict, rows: slice | None = None) -> list:
+    """Hooks that save, for the positions in `rows` (all if None), batch item 0 of:
+
+    `pattern.{i}` `[head, query, key]`, `resid.0` (after the embeddings) and `resid.{i+1}`
+    (after block i) `[pos, d_model]`, `embed` and `pos_embed` `[pos, d_model]`.
+    """
+    rows = rows if rows is not None else slice(None)
+
+    def save_pattern(x, hook):
+        store[hook.name] = x[0, :, rows]
+
+    def save_resid(x, hook):
+        store[hook.name] = x[0, rows]
+
+    hooks = [(("pattern", i), save_pattern) for i in range(model.cfg.n_layer)]
+    hooks += [("blocks.0.resid_pre", save_resid), ("embed", save_resid), ("pos_embed", save_resid)]
+    hooks += [(("resid_post", i), save_resid) for i in range(model.cfg.n_layer)]
+    return hooks
+
+
+def stacked_captures(model: GPT2, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a filled store: attention `[layer, head, query, key]` and residual `[layer + 1, pos, d_model]`."""
+    n = model.cfg.n_layer
+    attention = torch.stack([store[f"blocks.{i}.attn.pattern"] for i in range(n)])
+    resid = torch.stack([store["blocks.0.resid_pre"]] + [store[f"blocks.{i}.resid_post"] for i in range(n)])
+    return attention, resid
+
+
+@torch.no_grad()
+def logit_lens(model: GPT2, resid: torch.Tensor, top_n: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read residual vectors `[..., d_model]` through the final layer norm and the unembedding.
+
+    Returns the top-n token ids `[..., top_n]` (int64) and their probabilities `[..., top_n]`.
+    Read from the last block's output this is exactly the model's next-token distribution.
+    """
+    lead = resid.shape[:-1]
+    flat = resid.reshape(-1, resid.shape[-1])
+    ids, probs = [], []
+    for start in range(0, flat.shape[0], chunk):
+        x = model.ln_f(flat[start:start + chunk])
+        p = torch.softmax(F.linear(x, model.wte.weight).float(), dim=-1)
+        top = torch.topk(p, top_n, dim=-1)
+        ids.append(top.indices)
+        probs.append(top.values)
+    return torch.cat(ids).reshape(*lead, top_n), torch.cat(probs).reshape(*lead, top_n)

@@ -1,0 +1,240 @@
+"""Token-by-token generation with per-step captures, forcing and rewinding.
+
+    session = GenerationSession(model, tokenizer, "The capital of France is", SamplingConfig(seed=1))
+    step = session.step()            # one token, one forward pass (the first one reads the prompt)
+    step = session.step(force=318)   # choose the next token yourself
+    session.rewind(1)                # keep only the first generated token, then branch
+    for step in session.run(): ...   # stream up to max_new_tokens more
+
+`generate(model, tokenizer, prompt, config)` is the same as a plain streaming run.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import tiktoken
+import torch
+
+from .capture import capture_hooks, logit_lens, stacked_captures
+from .model import GPT2, ContextLengthError
+from .sampling import SamplingConfig, distributions, draw, entropy, rank_of, step_generator
+from .tokenizer import ENDOFTEXT_ID, encode, token_strings
+
+
+@dataclass
+class Candidate:
+    """One possible next token and what each stage of the sampling pipeline made of it."""
+
+    token_id: int
+    text: str
+    logit: float  # raw model output
+    prob: float  # softmax of the raw logits
+    prob_temperature: float  # after temperature only
+    prob_final: float  # after repetition penalty, temperature, top-k and top-p: what was sampled from
+
+
+@dataclass
+class Step:
+    """One generated token and everything captured while choosing it.
+
+    The forward pass of this step read the token at `position` (the last one of the text so
+    far) and produced the distribution from which `token_id` was chosen for `position + 1`.
+    Captures are for `position`: its attention over positions 0..position, its residual
+    stream, and the logit lens of each layer.
+    """
+
+    index: int  # 0-based count of generated tokens before this one
+    position: int
+    token_id: int
+    token_text: str
+    text: str  # prompt + generated text so far, complete characters only
+    method: str  # "sampled", "greedy" or "forced"
+    prob: float  # raw probability of the chosen token
+    rank: int  # its rank under the raw distribution (1 = most likely)
+    prob_final: float
+    rank_final: int
+    entropy: float  # nats, raw distribution
+    entropy_final: float
+    candidates: list[Candidate]
+    attention: np.ndarray  # [layer, head, key] float16, key = 0..position
+    resid: np.ndarray  # [layer + 1, d_model] float16: after the embeddings, after each block
+    lens_ids: np.ndarray  # [layer + 1, top_n] int32: logit lens top tokens read from each resid row
+    lens_probs: np.ndarray  # [layer + 1, top_n] float16
+    finish_reason: str | None = None  # "eos", "max_new_tokens" or "context" when generation ends here
+    message: str = ""
+
+
+@dataclass
+class _State:
+    ids: list[int]
+    steps: list[Step] = field(default_factory=list)
+
+
+class GenerationSession:
+    """Generation state for one text: token ids, the KV cache and the steps taken."""
+
+    def __init__(
+        self,
+        model: GPT2,
+        tokenizer: tiktoken.Encoding,
+        prompt: str | list[int],
+        config: SamplingConfig | None = None,
+        top_n: int = 10,
+    ) -> None:
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or not 10 <= top_n <= 1000:
+            raise ValueError(f"top_n must be an integer in [10, 1000], got {top_n!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config if config is not None else SamplingConfig()
+        self.top_n = top_n
+        ids = encode(tokenizer, prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = [i for i in ids if not 0 <= i < model.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {model.cfg.vocab_size})")
+        n_ctx = model.cfg.n_positions
+        if len(ids) >= n_ctx:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens but the model's context holds {n_ctx}: "
+                f"shorten it to at most {n_ctx - 1} tokens to leave room for generation"
+            )
+        self.prompt_ids = ids
+        self._state = _State(list(ids))
+        self._kv = model.new_kv_cache()
+
+    @property
+    def ids(self) -> list[int]:
+        return list(self._state.ids)
+
+    @property
+    def steps(self) -> list[Step]:
+        return list(self._state.steps)
+
+    @property
+    def text(self) -> str:
+        return decode_complete(self.tokenizer, self._state.ids)
+
+    @property
+    def room_left(self) -> int:
+        """Tokens that can still be generated before the context is full."""
+        return self.model.cfg.n_positions - len(self._state.ids)
+
+    def rewind(self, n_generated: int) -> None:
+        """Keep the prompt and the first `n_generated` generated tokens; forget the rest."""
+        total = len(self._state.steps)
+        if isinstance(n_generated, bool) or not isinstance(n_generated, int) or not 0 <= n_generated <= total:
+            raise ValueError(f"can rewind to 0..{total} generated tokens, not {n_generated!r}")
+        del self._state.steps[n_generated:]
+        del self._state.ids[len(self.prompt_ids) + n_generated:]
+        # Re-read the prompt whole when rewinding to the start, so the first step replays exactly.
+        self._kv.truncate(0 if n_generated == 0 else min(self._kv.length, len(self._state.ids) - 1))
+
+    @torch.no_grad()
+    def step(self, force: int | None = None) -> Step:
+        """Generate one token (or take `force` as it): exactly one forward pass."""
+        cfg, model = self.config, self.model
+        if self.room_left <= 0:
+            raise ContextLengthError(
+                f"the text has reached the model's context of {model.cfg.n_positions} tokens; "
+                f"rewind or start a new text to continue"
+            )
+        if force is not None and (isinstance(force, bool) or not isinstance(force, int) or not 0 <= force < model.cfg.vocab_size):
+            raise ValueError(f"forced token id must be an integer in [0, {model.cfg.vocab_size}), got {force!r}")
+        ids = self._state.ids
+        position = len(ids) - 1
+        new = torch.tensor([ids[self._kv.length:]], device=model.device)
+        store: dict = {}
+        with model.hooks(capture_hooks(model, store, rows=slice(-1, None))):
+            logits = model(new, kv_cache=self._kv, last_only=True)[0, -1]
+        attention, resid = stacked_captures(model, store)  # [layer, head, 1, key], [layer + 1, 1, d_model]
+        dist = distributions(logits, ids, cfg)
+        if force is not None:
+            token, method = force, "forced"
+        elif cfg.greedy:
+            token, method = int(torch.argmax(dist.probs_final)), "greedy"
+        else:
+            token, method = draw(dist.probs_final, step_generator(cfg.seed, position + 1)), "sampled"
+        lens_ids, lens_probs = logit_lens(model, resid[:, 0], self.top_n)
+
+        ids.append(token)
+        step = Step(
+            index=len(self._state.steps),
+            position=position,
+            token_id=token,
+            token_text=token_strings(self.tokenizer, [token])[0],
+            text=decode_complete(self.tokenizer, ids),
+            method=method,
+            prob=float(dist.probs[token]),
+            rank=rank_of(dist.probs, token),
+            prob_final=float(dist.probs_final[token]),
+            rank_final=rank_of(dist.probs_final, token),
+            entropy=entropy(dist.probs),
+            entropy_final=entropy(dist.probs_final),
+            candidates=self._candidates(dist, token),
+            attention=attention[:, :, 0].float().cpu().numpy().astype(np.float16),
+            resid=resid[:, 0].float().cpu().numpy().astype(np.float16),
+            lens_ids=lens_ids.cpu().numpy().astype(np.int32),
+            lens_probs=lens_probs.cpu().numpy().astype(np.float16),
+        )
+        if token == ENDOFTEXT_ID and cfg.stop_at_eos:
+            step.finish_reason, step.message = "eos", "the model ended the text with <|endoftext|>"
+        elif self.room_left <= 0:
+            step.finish_reason = "context"
+            step.message = f"stopped: the text filled the model's context of {model.cfg.n_positions} tokens"
+        self._state.steps.append(step)
+        return step
+
+    def _candidates(self, dist, chosen: int) -> list[Candidate]:
+        n = self.top_n
+        ids = torch.topk(dist.probs, n).indices.tolist()
+        final_top = torch.topk(dist.probs_final, n)
+        ids += [i for i, p in zip(final_top.indices.tolist(), final_top.values.tolist()) if p > 0 and i not in ids]
+        if chosen not in ids:
+            ids.append(chosen)
+        ids.sort(key=lambda i: (-float(dist.probs_final[i]), -float(dist.probs[i])))
+        texts = token_strings(self.tokenizer, ids)
+        return [
+            Candidate(i, t, float(dist.logits[i]), float(dist.probs[i]), float(dist.probs_temperature[i]), float(dist.probs_final[i]))
+            for i, t in zip(ids, texts)
+        ]
+
+    def run(self, max_new_tokens: int | None = None, force: dict[int, int] | None = None) -> Iterator[Step]:
+        """Stream up to `max_new_tokens` (default: the config's) more steps.
+
+        Stops early after `<|endoftext|>` (if `stop_at_eos`) or when the context is full.
+        `force` maps a step index (counted over the whole generation) to a token id.
+        """
+        budget = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        force = force or {}
+        for n in range(budget):
+            if self.room_left <= 0:
+                return
+            step = self.step(force=force.get(len(self._state.steps)))
+            if step.finish_reason is None and n == budget - 1:
+                step.finish_reason, step.message = "max_new_tokens", f"generated {budget} tokens (max_new_tokens)"
+            yield step
+            if step.finish_reason is not None:
+                return
+
+
+def generate(
+    model: GPT2,
+    tokenizer: tiktoken.Encoding,
+    prompt: str | list[int],
+    config: SamplingConfig | None = None,
+    top_n: int = 10,
+    force: dict[int, int] | None = None,
+) -> Iterator[Step]:
+    """Yield one `Step` per generated token, as soon as it is computed (KV cache: one forward each)."""
+    session = GenerationSession(model, tokenizer, prompt, config, top_n)
+    yield from session.run(force=force)
+
+
+def decode_complete(tokenizer: tiktoken.Encoding, ids: list[int]) -> str:
+    """Decode ids to text, holding back the bytes of a character that is not complete yet."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return decoder.decode(tokenizer.decode_bytes(ids), final=False)

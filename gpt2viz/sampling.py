@@ -1,0 +1,160 @@
+"""The sampling pipeline, stage by stage, so that a UI can show how each control reshapes the distribution.
+
+Order (as in Hugging Face `generate`): repetition penalty -> temperature -> top-k -> top-p.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen.
+
+    temperature: 0 means greedy (argmax); otherwise logits are divided by it. Range [0, 100].
+    top_k: keep the k most likely tokens (and any tied with the k-th); 0 turns it off.
+    top_p: keep the smallest set of most likely tokens whose probability reaches p; range (0, 1].
+    repetition_penalty: CTRL rule, >= 1: a token already in the text has its logit divided by
+        the penalty when positive and multiplied by it when negative.
+    max_new_tokens: how many tokens to generate at most, >= 1.
+    seed: makes sampling reproducible, >= 0.
+    stop_at_eos: stop after `<|endoftext|>`.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 50
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        _number(self, "temperature", 0.0, 100.0, "[0, 100] (0 = greedy)")
+        _integer(self, "top_k", 0, None, "an integer >= 0 (0 = off)")
+        _number(self, "top_p", 0.0, 1.0, "(0, 1]", low_open=True)
+        _number(self, "repetition_penalty", 1.0, 100.0, "[1, 100] (1 = off)")
+        _integer(self, "max_new_tokens", 1, 100_000, "an integer in [1, 100000]")
+        _integer(self, "seed", 0, 2**63 - 1, "an integer in [0, 2**63 - 1]")
+        if not isinstance(self.stop_at_eos, bool):
+            raise ValueError(f"stop_at_eos must be True or False, got {self.stop_at_eos!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _number(cfg, name, low, high, allowed, low_open=False):
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number in {allowed}, got {value!r}")
+    if value > high or value < low or (low_open and value == low):
+        raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+    object.__setattr__(cfg, name, float(value))
+
+
+def _integer(cfg, name, low, high, allowed):
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+@dataclass
+class Distributions:
+    """One position's next-token distribution at each stage, all `[vocab]` float32."""
+
+    logits: torch.Tensor  # raw model output
+    probs: torch.Tensor  # softmax(logits)
+    probs_temperature: torch.Tensor  # softmax(logits / temperature), before penalty and filters
+    probs_final: torch.Tensor  # what the token is drawn from
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous: list[int] | torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL / Hugging Face rule on `[vocab]` logits: divide positive, multiply negative, once per token id."""
+    if penalty == 1.0 or len(previous) == 0:
+        return logits
+    ids = torch.unique(torch.as_tensor(previous, dtype=torch.long))
+    out = logits.clone()
+    chosen = out[ids]
+    out[ids] = torch.where(chosen < 0, chosen * penalty, chosen / penalty)
+    return out
+
+
+def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean `[vocab]`: tokens kept by top-k (ties with the k-th value are kept). k=0 keeps all."""
+    if k <= 0 or k >= logits.numel():
+        return torch.ones_like(logits, dtype=torch.bool)
+    kth = torch.topk(logits, k).values[-1]
+    return logits >= kth
+
+
+def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Boolean `[vocab]`: the smallest set of most likely tokens whose total probability reaches p.
+
+    A token is kept when the mass of the tokens ranked before it is still below p, so the
+    most likely token is always kept and p = 1 keeps every token.
+    """
+    if p >= 1.0:
+        return torch.ones_like(probs, dtype=torch.bool)
+    sorted_probs, order = torch.sort(probs.double(), descending=True, stable=True)
+    mass_before = torch.cumsum(sorted_probs, 0) - sorted_probs
+    keep_sorted = mass_before < p
+    mask = torch.zeros_like(probs, dtype=torch.bool)
+    mask[order[keep_sorted]] = True
+    return mask
+
+
+def distributions(logits: torch.Tensor, previous: list[int] | torch.Tensor, cfg: SamplingConfig) -> Distributions:
+    """Run the pipeline on one position's raw logits `[vocab]`; `previous` are the ids so far."""
+    logits = logits.float()
+    probs = torch.softmax(logits, 0)
+    penalized = apply_repetition_penalty(logits, previous, cfg.repetition_penalty)
+    if cfg.greedy:
+        probs_temperature = _one_hot(logits)
+        final = _one_hot(penalized)
+    else:
+        probs_temperature = torch.softmax(logits / cfg.temperature, 0)
+        scaled = penalized / cfg.temperature
+        keep = top_k_mask(scaled, cfg.top_k)
+        scaled = scaled.masked_fill(~keep, float("-inf"))
+        keep &= top_p_mask(torch.softmax(scaled, 0), cfg.top_p)
+        final = torch.softmax(scaled.masked_fill(~keep, float("-inf")), 0)
+    return Distributions(logits, probs, probs_temperature, final)
+
+
+def _one_hot(logits: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(logits)
+    out[torch.argmax(logits)] = 1.0
+    return out
+
+
+def step_generator(seed: int, position: int) -> torch.Generator:
+    """The random stream for drawing the token at `position`: depends only on (seed, position),
+    so a run replays bit for bit after a rewind."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + position) % (2**63 - 1))
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """Inverse-CDF draw from `[vocab]` probabilities with one uniform number."""
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    cdf = torch.cumsum(probs.double(), 0)
+    # first index whose cumulative mass exceeds u * total: never a zero-probability token
+    return min(int(torch.searchsorted(cdf, u * cdf[-1], right=True)), probs.numel() - 1)
+
+
+def entropy(probs: torch.Tensor) -> float:
+    """Shannon entropy in nats of `[vocab]` probabilities."""
+    p = probs.double()
+    nz = p[p > 0]
+    return float(-(nz * nz.log()).sum())
+
+
+def rank_of(probs: torch.Tensor, token: int) -> int:
+    """1-based rank of `token` (1 = most likely); tokens of equal probability share the better rank."""
+    return int((probs > probs[token]).sum()) + 1
