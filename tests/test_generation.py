@@ -1,0 +1,186 @@
+"""Step-wise generation, forcing, rewinding and traces, against transformers and against each other."""
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2viz import ContextLengthError, GenerationSession, SamplingConfig, TraceBudgetError, generate, trace
+from gpt2viz.tokenizer import ENDOFTEXT_ID
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_equals_transformers_generate(hf_checkpoints, small_model, tokenizer, penalty):
+    hf_model = hf_checkpoints["small"][0]
+    ids = tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        ref = hf_model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
+            max_new_tokens=30, repetition_penalty=penalty, pad_token_id=ENDOFTEXT_ID,
+        )[0, len(ids):].tolist()
+    cfg = SamplingConfig(temperature=0, repetition_penalty=penalty, max_new_tokens=30, stop_at_eos=False)
+    ours = [s.token_id for s in generate(small_model, tokenizer, PROMPT, cfg)]
+    assert ours == ref
+    assert len(ours) == 30
+
+
+def test_step_fields_are_consistent(small_model, tokenizer):
+    cfg = SamplingConfig(temperature=0.9, top_k=20, seed=5, max_new_tokens=6)
+    steps = list(generate(small_model, tokenizer, PROMPT, cfg, top_n=12))
+    assert [s.index for s in steps] == list(range(6))
+    assert steps[-1].finish_reason == "max_new_tokens"
+    n_prompt = len(tokenizer.encode(PROMPT))
+    for s in steps:
+        assert s.position == n_prompt - 1 + s.index
+        assert s.method == "sampled"
+        assert len(s.candidates) >= 12
+        chosen = [c for c in s.candidates if c.token_id == s.token_id]
+        assert len(chosen) == 1 and chosen[0].prob_final == pytest.approx(s.prob_final)
+        assert s.prob_final > 0 and 1 <= s.rank_final <= 20
+        assert sum(c.prob_final > 0 for c in s.candidates) <= 20 + 1
+        assert s.entropy_final < s.entropy  # top-k and temperature < 1 sharpen it
+        L, H = small_model.cfg.n_layer, small_model.cfg.n_head
+        assert s.attention.shape == (L, H, s.position + 1) and s.attention.dtype == np.float16
+        assert s.resid.shape == (L + 1, small_model.cfg.n_embd)
+        assert s.lens_ids.shape == s.lens_probs.shape == (L + 1, 12)
+        # The last lens row is the model's own next-token distribution.
+        top_raw = max(s.candidates, key=lambda c: c.prob)
+        assert s.lens_ids[-1, 0] == top_raw.token_id
+        assert float(s.lens_probs[-1, 0]) == pytest.approx(top_raw.prob, abs=1e-3)
+    assert steps[-1].text == tokenizer.decode(tokenizer.encode(PROMPT) + [s.token_id for s in steps])
+
+
+def test_step_captures_equal_the_trace_of_the_final_sequence(small_model, tokenizer):
+    session = GenerationSession(small_model, tokenizer, PROMPT, SamplingConfig(seed=2, max_new_tokens=12))
+    steps = list(session.run())
+    tr = trace(small_model, tokenizer, session.ids, top_n=10)
+    assert len(tr) == len(session.ids)
+    for s in steps:
+        p = s.position
+        np.testing.assert_allclose(s.attention.astype(np.float32), tr.attention_row(p), atol=2e-3)
+        np.testing.assert_allclose(s.resid.astype(np.float32), tr.resid[:, p].astype(np.float32), atol=2e-3, rtol=2e-3)
+        np.testing.assert_array_equal(s.lens_ids, tr.lens_ids[:, p])
+        np.testing.assert_allclose(s.lens_probs.astype(np.float32), tr.lens_probs[:, p].astype(np.float32), atol=2e-3)
+        # The probability the trace gives the chosen token is the raw probability the step reported.
+        assert np.exp(tr.logprobs[p + 1]) == pytest.approx(s.prob, rel=1e-3, abs=1e-7)
+
+
+def test_trace_against_transformers(hf_checkpoints, small_model, tokenizer):
+    hf_model = hf_checkpoints["small"][0]
+    text = "To be, or not to be, that is the question:"
+    tr = trace(small_model, tokenizer, text, top_n=10)
+    ids = tokenizer.encode(text)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids]), output_attentions=True, output_hidden_states=True)
+    logp = torch.log_softmax(ref.logits[0], -1)
+    expected = logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+    assert np.isnan(tr.logprobs[0])
+    np.testing.assert_allclose(tr.logprobs[1:], expected, atol=1e-4)
+    np.testing.assert_allclose(tr.surprisal[1:], -expected, atol=1e-4)
+    np.testing.assert_array_equal(tr.top_ids[:, 0], ref.logits[0].argmax(-1).numpy())
+    attn = torch.stack(ref.attentions)[:, 0].numpy()  # [layer, head, query, key]
+    np.testing.assert_allclose(tr.attention, attn, atol=1e-3)
+    np.testing.assert_allclose(tr.pattern(1, 2), attn[1, 2], atol=1e-3)
+    for layer in range(small_model.cfg.n_layer):
+        np.testing.assert_allclose(tr.resid[layer].astype(np.float32), ref.hidden_states[layer][0].numpy(), atol=5e-3, rtol=5e-3)
+    np.testing.assert_allclose(tr.embed.astype(np.float32) + tr.pos_embed.astype(np.float32), ref.hidden_states[0][0].numpy(), atol=5e-3)
+    assert tr.token_strings[:3] == ["To", " be", ","]
+    assert tr.attention_packed.dtype == np.float16 and tr.resid.dtype == np.float16
+
+
+def test_forcing_any_token(small_model, tokenizer):
+    session = GenerationSession(small_model, tokenizer, PROMPT, SamplingConfig(seed=1))
+    first = session.step()
+    forced_id = tokenizer.encode(" zebra")[0]
+    forced = session.step(force=forced_id)
+    assert forced.method == "forced" and forced.token_id == forced_id
+    assert session.ids[-2:] == [first.token_id, forced_id]
+    tr = trace(small_model, tokenizer, session.ids)
+    assert np.exp(tr.logprobs[-1]) == pytest.approx(forced.prob, rel=1e-3, abs=1e-7)
+    with pytest.raises(ValueError, match=r"forced token id must be an integer in \[0, 50257\)"):
+        session.step(force=50257)
+    with pytest.raises(ValueError, match="forced token id"):
+        session.step(force="cat")
+    assert len(session.steps) == 2  # a refused step changes nothing
+
+
+def test_rewinding_replays_bit_for_bit_and_branches(small_model, tokenizer):
+    cfg = SamplingConfig(seed=42, temperature=1.0, top_p=0.95, max_new_tokens=12)
+    reference = list(generate(small_model, tokenizer, PROMPT, cfg))
+    ref_tokens = [s.token_id for s in reference]
+
+    session = GenerationSession(small_model, tokenizer, PROMPT, cfg)
+    list(session.run())
+    for keep in (5, 0, 11):
+        session.rewind(keep)
+        assert len(session.steps) == keep
+        replay = list(session.run(max_new_tokens=12 - keep))
+        assert [s.token_id for s in session.steps] == ref_tokens
+        for a, b in zip(replay, reference[keep:]):
+            assert a.prob == b.prob and a.prob_final == b.prob_final  # bit for bit
+            np.testing.assert_array_equal(a.attention, b.attention)
+
+    # Branch: rewind to 4, force another token, continue; a fresh run with the same choice agrees.
+    session.rewind(4)
+    other = (ref_tokens[4] + 1) % 50257
+    session.step(force=other)
+    branch = [s.token_id for s in session.run(max_new_tokens=7)]
+    fresh = [s.token_id for s in generate(small_model, tokenizer, PROMPT, cfg, force={4: other})]
+    assert fresh == ref_tokens[:4] + [other] + branch
+    with pytest.raises(ValueError, match="can rewind to 0..12"):
+        session.rewind(13)
+
+
+def test_generation_stops_at_the_context_limit(small_model, tokenizer):
+    n_ctx = small_model.cfg.n_positions
+    prompt = list(range(1000, 1000 + n_ctx - 3))
+    steps = list(generate(small_model, tokenizer, prompt, SamplingConfig(max_new_tokens=10, stop_at_eos=False)))
+    assert len(steps) == 3
+    assert steps[-1].finish_reason == "context"
+    assert f"context of {n_ctx} tokens" in steps[-1].message
+    session = GenerationSession(small_model, tokenizer, prompt, SamplingConfig())
+    for _ in range(3):
+        session.step()
+    with pytest.raises(ContextLengthError, match="reached the model's context"):
+        session.step()
+    with pytest.raises(ContextLengthError, match=f"prompt has {n_ctx} tokens"):
+        GenerationSession(small_model, tokenizer, list(range(n_ctx)), SamplingConfig())
+    with pytest.raises(ContextLengthError):
+        trace(small_model, tokenizer, list(range(n_ctx + 1)))
+
+
+def test_eos_stops_generation(small_model, tokenizer):
+    steps = list(generate(small_model, tokenizer, PROMPT, SamplingConfig(max_new_tokens=5), force={1: ENDOFTEXT_ID}))
+    assert len(steps) == 2 and steps[-1].finish_reason == "eos"
+    steps = list(generate(small_model, tokenizer, PROMPT, SamplingConfig(max_new_tokens=5, stop_at_eos=False), force={1: ENDOFTEXT_ID}))
+    assert len(steps) == 5
+
+
+def test_text_is_decoded_across_a_multi_token_character(small_model, tokenizer):
+    robot = tokenizer.encode("🤖")
+    assert len(robot) == 3  # one character, three tokens
+    session = GenerationSession(small_model, tokenizer, "Robot:", SamplingConfig())
+    texts = [session.step(force=t).text for t in robot]
+    assert texts[0] == texts[1] == "Robot:"  # incomplete character held back, no replacement chars
+    assert texts[2] == "Robot:🤖"
+    assert all("\ufffd" not in t for t in texts)
+
+
+def test_bad_prompts(small_model, tokenizer):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        GenerationSession(small_model, tokenizer, "", SamplingConfig())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        GenerationSession(small_model, tokenizer, [5, 99999], SamplingConfig())
+    with pytest.raises(ValueError, match="top_n"):
+        GenerationSession(small_model, tokenizer, "hi", SamplingConfig(), top_n=3)
+    with pytest.raises(ValueError, match="text is empty"):
+        trace(small_model, tokenizer, "")
+
+
+def test_trace_memory_budget(small_model, tokenizer):
+    text = "word " * 40
+    small = trace(small_model, tokenizer, text)
+    assert 0 < small.nbytes
+    with pytest.raises(TraceBudgetError, match=r"needs about .* MiB, over the budget of"):
+        trace(small_model, tokenizer, text, max_bytes=small.nbytes // 2)

@@ -1,0 +1,133 @@
+"""The sampling pipeline on hand-built logits: every control at its boundaries."""
+
+import math
+
+import pytest
+import torch
+
+from gpt2viz import SamplingConfig
+from gpt2viz.sampling import (
+    apply_repetition_penalty,
+    distributions,
+    draw,
+    entropy,
+    rank_of,
+    step_generator,
+    top_k_mask,
+    top_p_mask,
+)
+
+
+def probs_of(logits):
+    return torch.softmax(torch.tensor(logits, dtype=torch.float32), 0)
+
+
+def test_temperature_scales_logits():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    d = distributions(logits, [], SamplingConfig(temperature=0.5))
+    expected = torch.exp(logits / 0.5) / torch.exp(logits / 0.5).sum()
+    torch.testing.assert_close(d.probs_temperature, expected)
+    torch.testing.assert_close(d.probs_final, expected)
+    torch.testing.assert_close(d.probs, torch.exp(logits) / torch.exp(logits).sum())
+    hot = distributions(logits, [], SamplingConfig(temperature=2.0))
+    assert hot.probs_final[0] < d.probs_final[0]  # higher temperature flattens
+
+
+def test_greedy_is_one_hot_on_the_penalized_argmax():
+    logits = torch.tensor([3.0, 2.9, 0.0])
+    d = distributions(logits, [0], SamplingConfig(temperature=0, repetition_penalty=1.2))
+    # 3.0 / 1.2 = 2.5 < 2.9: the penalty moves the argmax to token 1
+    assert d.probs_final.tolist() == [0.0, 1.0, 0.0]
+    assert d.probs_temperature.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_top_k_keeps_ties_at_the_kth_value():
+    logits = torch.tensor([5.0, 4.0, 3.0, 3.0, 1.0])
+    assert top_k_mask(logits, 1).tolist() == [True, False, False, False, False]
+    assert top_k_mask(logits, 3).tolist() == [True, True, True, True, False]  # tie at k-th kept
+    assert top_k_mask(logits, 0).all() and top_k_mask(logits, 5).all() and top_k_mask(logits, 99).all()
+    d = distributions(logits, [], SamplingConfig(top_k=2))
+    kept = torch.exp(logits[:2]) / torch.exp(logits[:2]).sum()
+    torch.testing.assert_close(d.probs_final, torch.cat([kept, torch.zeros(3)]))
+
+
+def test_top_p_boundaries():
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    assert top_p_mask(probs, 0.75).tolist() == [True, True, False, False]  # p reached exactly: stop
+    assert top_p_mask(probs, 0.7500001).tolist() == [True, True, True, False]
+    assert top_p_mask(probs, 0.5).tolist() == [True, False, False, False]
+    assert top_p_mask(probs, 0.01).tolist() == [True, False, False, False]  # the top token always stays
+    assert top_p_mask(probs, 1.0).all()
+    tiny = torch.tensor([1 - 3e-8, 1e-8, 1e-8, 1e-8])
+    assert top_p_mask(tiny, 1.0).all()  # p = 1 keeps even vanishing tokens
+
+
+def test_top_p_after_top_k_renormalises():
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    d = distributions(logits, [], SamplingConfig(top_k=3, top_p=0.7))
+    # after top-k: [4/9, 3/9, 2/9, 0]; smallest set reaching 0.7: first two (7/9)
+    torch.testing.assert_close(d.probs_final, torch.tensor([4 / 7, 3 / 7, 0.0, 0.0]))
+
+
+def test_repetition_penalty_on_positive_and_negative_logits():
+    logits = torch.tensor([2.0, -2.0, 1.0, -1.0])
+    out = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0, -1.0]
+    assert apply_repetition_penalty(logits, [0], 1.0).tolist() == logits.tolist()
+    d = distributions(logits, [0, 1], SamplingConfig(repetition_penalty=2.0))
+    torch.testing.assert_close(d.probs_final, torch.softmax(torch.tensor([1.0, -4.0, 1.0, -1.0]), 0))
+    torch.testing.assert_close(d.probs_temperature, torch.softmax(logits, 0))  # before the penalty
+
+
+def test_entropy_and_rank():
+    assert entropy(torch.tensor([0.5, 0.5, 0.0])) == pytest.approx(math.log(2))
+    assert entropy(torch.tensor([1.0, 0.0])) == 0
+    p = torch.tensor([0.1, 0.6, 0.3, 0.0])
+    assert [rank_of(p, i) for i in range(4)] == [3, 1, 2, 4]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature="hot"), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(top_k=True), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(repetition_penalty=0.9), "repetition_penalty"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=None), "max_new_tokens"),
+        (dict(seed=-1), "seed"),
+        (dict(seed="1"), "seed"),
+        (dict(stop_at_eos=1), "stop_at_eos"),
+    ],
+)
+def test_invalid_configs_name_the_field_and_range(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field} must be"):
+        SamplingConfig(**kwargs)
+
+
+def test_sampled_frequencies_match_the_final_distribution():
+    """Chi-square goodness of fit, 6 categories (5 degrees of freedom), significance 0.001."""
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, -3.0, -9.0, 2.0])
+    d = distributions(logits, [], SamplingConfig(temperature=1.3, top_k=6))
+    n = 20000
+    counts = torch.zeros(8)
+    for position in range(n):
+        counts[draw(d.probs_final, step_generator(1234, position))] += 1
+    expected = d.probs_final.double() * n
+    assert counts[expected == 0].sum() == 0  # filtered tokens are never drawn
+    mask = expected > 0
+    assert int(mask.sum()) == 6
+    chi2 = float((((counts.double()[mask] - expected[mask]) ** 2) / expected[mask]).sum())
+    CRITICAL_CHI2_DF5_P001 = 20.515  # from chi-square tables
+    assert chi2 < CRITICAL_CHI2_DF5_P001
+
+
+def test_draw_never_returns_zero_probability_tokens():
+    probs = torch.tensor([0.0, 0.3, 0.0, 0.7, 0.0])
+    seen = {draw(probs, step_generator(7, i)) for i in range(500)}
+    assert seen == {1, 3}
