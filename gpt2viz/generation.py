@@ -84,7 +84,10 @@ class GenerationSession:
         prompt: str | list[int],
         config: SamplingConfig | None = None,
         top_n: int = 10,
+        record: bool = False,
     ) -> None:
+        """`record=True` keeps, for every position read, its attention row, residual stream,
+        embeddings and the log-probability of each token (what a UI needs for the whole text)."""
         if isinstance(top_n, bool) or not isinstance(top_n, int) or not 10 <= top_n <= 1000:
             raise ValueError(f"top_n must be an integer in [10, 1000], got {top_n!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -105,6 +108,8 @@ class GenerationSession:
         self.prompt_ids = ids
         self._state = _State(list(ids))
         self._kv = model.new_kv_cache()
+        self.record = record
+        self.records = Records()
 
     @property
     def ids(self) -> list[int]:
@@ -132,6 +137,7 @@ class GenerationSession:
         del self._state.ids[len(self.prompt_ids) + n_generated:]
         # Re-read the prompt whole when rewinding to the start, so the first step replays exactly.
         self._kv.truncate(0 if n_generated == 0 else min(self._kv.length, len(self._state.ids) - 1))
+        self.records.truncate(self._kv.length, len(self._state.ids))
 
     @torch.no_grad()
     def step(self, force: int | None = None) -> Step:
@@ -146,11 +152,17 @@ class GenerationSession:
             raise ValueError(f"forced token id must be an integer in [0, {model.cfg.vocab_size}), got {force!r}")
         ids = self._state.ids
         position = len(ids) - 1
-        new = torch.tensor([ids[self._kv.length:]], device=model.device)
+        start = self._kv.length
+        new = torch.tensor([ids[start:]], device=model.device)
         store: dict = {}
-        with model.hooks(capture_hooks(model, store, rows=slice(-1, None))):
-            logits = model(new, kv_cache=self._kv, last_only=True)[0, -1]
-        attention, resid = stacked_captures(model, store)  # [layer, head, 1, key], [layer + 1, 1, d_model]
+        rows = slice(None) if self.record else slice(-1, None)
+        with model.hooks(capture_hooks(model, store, rows=rows)):
+            all_logits = model(new, kv_cache=self._kv, last_only=not self.record)[0]
+        logits = all_logits[-1]
+        attention, resid = stacked_captures(model, store)  # [layer, head, rows, key], [layer + 1, rows, d_model]
+        if self.record:
+            self.records.add(start, ids, attention, resid, store["embed"], store["pos_embed"], all_logits)
+            attention, resid = attention[:, :, -1:], resid[:, -1:]
         dist = distributions(logits, ids, cfg)
         if force is not None:
             token, method = force, "forced"
@@ -161,6 +173,8 @@ class GenerationSession:
         lens_ids, lens_probs = logit_lens(model, resid[:, 0], self.top_n)
 
         ids.append(token)
+        if self.record:
+            self.records.logprobs.append(float(torch.log(dist.probs[token])))
         step = Step(
             index=len(self._state.steps),
             position=position,
@@ -219,6 +233,48 @@ class GenerationSession:
             yield step
             if step.finish_reason is not None:
                 return
+
+
+class Records:
+    """Per-position captures kept by a recording session (index = position).
+
+    attention[p] `[layer, head, p + 1]` float16, resid[p] `[layer + 1, d_model]` float32,
+    embed[p] / pos_embed[p] `[d_model]` float32, logprobs[t] = log p(token t | tokens < t)
+    (NaN for t = 0), one per token of the text.
+    """
+
+    def __init__(self) -> None:
+        self.attention: list[np.ndarray] = []
+        self.resid: list[np.ndarray] = []
+        self.embed: list[np.ndarray] = []
+        self.pos_embed: list[np.ndarray] = []
+        self.logprobs: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.resid)
+
+    def add(self, start, ids, attention, resid, embed, pos_embed, logits) -> None:
+        """Store rows for positions start..start+T-1 from one forward pass."""
+        T = resid.shape[1]
+        att = attention.float().cpu().numpy().astype(np.float16)
+        res = resid.float().cpu().numpy()
+        for r in range(T):
+            p = start + r
+            self.attention.append(att[:, :, r, : p + 1])
+            self.resid.append(res[:, r])
+            self.embed.append(embed[r].float().cpu().numpy())
+            self.pos_embed.append(pos_embed[r].float().cpu().numpy())
+        if start == 0:
+            self.logprobs = [float("nan")]
+        if T > 1:  # tokens already in the text (the prompt): their log-probabilities from this pass
+            logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+            known = torch.tensor(ids[start + 1:start + T], device=logp.device)
+            self.logprobs += logp.gather(1, known[:, None])[:, 0].tolist()
+
+    def truncate(self, n_positions: int, n_tokens: int) -> None:
+        for rows in (self.attention, self.resid, self.embed, self.pos_embed):
+            del rows[n_positions:]
+        del self.logprobs[n_tokens if n_positions else 0:]
 
 
 def generate(

@@ -184,3 +184,24 @@ def test_trace_memory_budget(small_model, tokenizer):
     assert 0 < small.nbytes
     with pytest.raises(TraceBudgetError, match=r"needs about .* MiB, over the budget of"):
         trace(small_model, tokenizer, text, max_bytes=small.nbytes // 2)
+
+
+def test_recording_session_keeps_every_position_like_a_trace(small_model, tokenizer):
+    session = GenerationSession(small_model, tokenizer, PROMPT, SamplingConfig(seed=4, max_new_tokens=8), record=True)
+    list(session.run())
+    session.rewind(5)
+    list(session.run(max_new_tokens=3))
+    rec = session.records
+    ids = session.ids
+    assert len(rec) == len(ids) - 1  # the last token has not been read yet
+    assert len(rec.logprobs) == len(ids)
+    tr = trace(small_model, tokenizer, ids)
+    for p in range(len(rec)):
+        np.testing.assert_allclose(rec.attention[p].astype(np.float32), tr.attention_row(p), atol=2e-3)
+        np.testing.assert_allclose(rec.resid[p], tr.resid[:, p].astype(np.float32), atol=2e-3, rtol=2e-3)
+        np.testing.assert_allclose(rec.embed[p] + rec.pos_embed[p], tr.resid[0, p].astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(np.array(rec.logprobs[1:]), tr.logprobs[1:], atol=1e-4)
+    session.rewind(0)
+    assert len(rec) == 0 and rec.logprobs == []
+    session.step()
+    assert len(rec) == len(tokenizer.encode(PROMPT)) and len(rec.logprobs) == len(session.ids)
