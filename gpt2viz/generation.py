@@ -69,6 +69,28 @@ class Step:
 
 
 @dataclass
+class Prediction:
+    """The next-token distribution for the text as it stands, before anything is chosen."""
+
+    position: int  # the position read; the candidates are for position + 1
+    candidates: list[Candidate]
+    entropy: float
+    entropy_final: float
+
+
+@dataclass
+class _Pending:
+    """A forward pass whose token has not been chosen yet."""
+
+    position: int
+    logits: torch.Tensor  # [vocab]
+    attention: np.ndarray  # [layer, head, key] float16
+    resid: np.ndarray  # [layer + 1, d_model] float16
+    lens_ids: np.ndarray
+    lens_probs: np.ndarray
+
+
+@dataclass
 class _State:
     ids: list[int]
     steps: list[Step] = field(default_factory=list)
@@ -110,6 +132,7 @@ class GenerationSession:
         self._kv = model.new_kv_cache()
         self.record = record
         self.records = Records()
+        self._pending: _Pending | None = None
 
     @property
     def ids(self) -> list[int]:
@@ -133,6 +156,7 @@ class GenerationSession:
         total = len(self._state.steps)
         if isinstance(n_generated, bool) or not isinstance(n_generated, int) or not 0 <= n_generated <= total:
             raise ValueError(f"can rewind to 0..{total} generated tokens, not {n_generated!r}")
+        self._pending = None
         del self._state.steps[n_generated:]
         del self._state.ids[len(self.prompt_ids) + n_generated:]
         # Re-read the prompt whole when rewinding to the start, so the first step replays exactly.
@@ -140,44 +164,68 @@ class GenerationSession:
         self.records.truncate(self._kv.length, len(self._state.ids))
 
     @torch.no_grad()
-    def step(self, force: int | None = None) -> Step:
-        """Generate one token (or take `force` as it): exactly one forward pass."""
-        cfg, model = self.config, self.model
-        if self.room_left <= 0:
-            raise ContextLengthError(
-                f"the text has reached the model's context of {model.cfg.n_positions} tokens; "
-                f"rewind or start a new text to continue"
-            )
-        if force is not None and (isinstance(force, bool) or not isinstance(force, int) or not 0 <= force < model.cfg.vocab_size):
-            raise ValueError(f"forced token id must be an integer in [0, {model.cfg.vocab_size}), got {force!r}")
-        ids = self._state.ids
-        position = len(ids) - 1
+    def _read(self) -> _Pending:
+        """The forward pass over the tokens not read yet (the whole prompt at first, then one token)."""
+        if self._pending is not None:
+            return self._pending
+        model, ids = self.model, self._state.ids
         start = self._kv.length
         new = torch.tensor([ids[start:]], device=model.device)
         store: dict = {}
         rows = slice(None) if self.record else slice(-1, None)
         with model.hooks(capture_hooks(model, store, rows=rows)):
             all_logits = model(new, kv_cache=self._kv, last_only=not self.record)[0]
-        logits = all_logits[-1]
         attention, resid = stacked_captures(model, store)  # [layer, head, rows, key], [layer + 1, rows, d_model]
         if self.record:
             self.records.add(start, ids, attention, resid, store["embed"], store["pos_embed"], all_logits)
-            attention, resid = attention[:, :, -1:], resid[:, -1:]
-        dist = distributions(logits, ids, cfg)
+        lens_ids, lens_probs = logit_lens(model, resid[:, -1], self.top_n)
+        self._pending = _Pending(
+            position=len(ids) - 1,
+            logits=all_logits[-1],
+            attention=attention[:, :, -1].float().cpu().numpy().astype(np.float16),
+            resid=resid[:, -1].float().cpu().numpy().astype(np.float16),
+            lens_ids=lens_ids.cpu().numpy().astype(np.int32),
+            lens_probs=lens_probs.cpu().numpy().astype(np.float16),
+        )
+        return self._pending
+
+    def _check_room(self) -> None:
+        if self.room_left <= 0:
+            raise ContextLengthError(
+                f"the text has reached the model's context of {self.model.cfg.n_positions} tokens; "
+                f"rewind or start a new text to continue"
+            )
+
+    def peek(self) -> Prediction:
+        """The model's next-token distribution for the text as it is, under the current config,
+        without choosing (reads pending tokens if needed; the next `step` reuses that pass)."""
+        self._check_room()
+        pending = self._read()
+        dist = distributions(pending.logits, self._state.ids, self.config)
+        return Prediction(pending.position, self._candidates(dist, None), entropy(dist.probs), entropy(dist.probs_final))
+
+    def step(self, force: int | None = None) -> Step:
+        """Generate one token (or take `force` as it): exactly one forward pass."""
+        cfg, model = self.config, self.model
+        self._check_room()
+        if force is not None and (isinstance(force, bool) or not isinstance(force, int) or not 0 <= force < model.cfg.vocab_size):
+            raise ValueError(f"forced token id must be an integer in [0, {model.cfg.vocab_size}), got {force!r}")
+        ids = self._state.ids
+        pending = self._read()
+        dist = distributions(pending.logits, ids, cfg)
         if force is not None:
             token, method = force, "forced"
         elif cfg.greedy:
             token, method = int(torch.argmax(dist.probs_final)), "greedy"
         else:
-            token, method = draw(dist.probs_final, step_generator(cfg.seed, position + 1)), "sampled"
-        lens_ids, lens_probs = logit_lens(model, resid[:, 0], self.top_n)
-
+            token, method = draw(dist.probs_final, step_generator(cfg.seed, pending.position + 1)), "sampled"
+        self._pending = None
         ids.append(token)
         if self.record:
             self.records.logprobs.append(float(torch.log(dist.probs[token])))
         step = Step(
             index=len(self._state.steps),
-            position=position,
+            position=pending.position,
             token_id=token,
             token_text=token_strings(self.tokenizer, [token])[0],
             text=decode_complete(self.tokenizer, ids),
@@ -189,10 +237,10 @@ class GenerationSession:
             entropy=entropy(dist.probs),
             entropy_final=entropy(dist.probs_final),
             candidates=self._candidates(dist, token),
-            attention=attention[:, :, 0].float().cpu().numpy().astype(np.float16),
-            resid=resid[:, 0].float().cpu().numpy().astype(np.float16),
-            lens_ids=lens_ids.cpu().numpy().astype(np.int32),
-            lens_probs=lens_probs.cpu().numpy().astype(np.float16),
+            attention=pending.attention,
+            resid=pending.resid,
+            lens_ids=pending.lens_ids,
+            lens_probs=pending.lens_probs,
         )
         if token == ENDOFTEXT_ID and cfg.stop_at_eos:
             step.finish_reason, step.message = "eos", "the model ended the text with <|endoftext|>"
@@ -202,12 +250,12 @@ class GenerationSession:
         self._state.steps.append(step)
         return step
 
-    def _candidates(self, dist, chosen: int) -> list[Candidate]:
+    def _candidates(self, dist, chosen: int | None) -> list[Candidate]:
         n = self.top_n
         ids = torch.topk(dist.probs, n).indices.tolist()
         final_top = torch.topk(dist.probs_final, n)
         ids += [i for i, p in zip(final_top.indices.tolist(), final_top.values.tolist()) if p > 0 and i not in ids]
-        if chosen not in ids:
+        if chosen is not None and chosen not in ids:
             ids.append(chosen)
         ids.sort(key=lambda i: (-float(dist.probs_final[i]), -float(dist.probs[i])))
         texts = token_strings(self.tokenizer, ids)

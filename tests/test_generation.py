@@ -205,3 +205,18 @@ def test_recording_session_keeps_every_position_like_a_trace(small_model, tokeni
     assert len(rec) == 0 and rec.logprobs == []
     session.step()
     assert len(rec) == len(tokenizer.encode(PROMPT)) and len(rec.logprobs) == len(session.ids)
+
+
+def test_peek_shows_the_next_distribution_without_choosing(small_model, tokenizer):
+    cfg = SamplingConfig(seed=8, temperature=0.7, top_k=5)
+    session = GenerationSession(small_model, tokenizer, PROMPT, cfg)
+    before = session.peek()
+    assert session.ids == tokenizer.encode(PROMPT) and before.position == len(session.ids) - 1
+    assert sum(c.prob_final > 0 for c in before.candidates) == 5
+    step = session.step()  # reuses the pass that peek made
+    assert [c.token_id for c in step.candidates][:5] == [c.token_id for c in before.candidates][:5]
+    fresh = next(generate(small_model, tokenizer, PROMPT, cfg))
+    assert fresh.token_id == step.token_id and fresh.prob == step.prob
+    session.config = SamplingConfig(temperature=0)  # controls can change between steps
+    greedy = session.peek()
+    assert [c.prob_final for c in greedy.candidates].count(1.0) == 1
