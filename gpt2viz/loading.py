@@ -40,7 +40,12 @@ class HubUnavailableError(CheckpointError):
     """The model is not cached locally and the Hugging Face Hub could not be reached."""
 
 
-def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> GPT2:
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    local_files_only: bool = False,
+) -> GPT2:
     """Load a GPT-2 in eval mode.
 
     `name_or_path`: a Hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2`),
@@ -60,11 +65,11 @@ def available_models() -> list[str]:
     return list(HUB_MODELS) + [name for name, path in BUNDLED_MODELS.items() if (path / "config.json").exists()]
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[Path, Path]:
+def resolve_checkpoint(name_or_path: str | os.PathLike, local_files_only: bool = False) -> tuple[Path, Path]:
     """Find `(config.json, weights file)` for a name or path, downloading from the Hub if needed."""
     key = str(name_or_path)
     if key in HUB_MODELS:
-        return download_from_hub(HUB_MODELS[key])
+        return download_from_hub(HUB_MODELS[key], local_files_only)
     if key in BUNDLED_MODELS:
         return _local_checkpoint(BUNDLED_MODELS[key])
     path = Path(key).expanduser()
@@ -90,7 +95,7 @@ def _local_checkpoint(path: Path) -> tuple[Path, Path]:
     return config, weights
 
 
-def download_from_hub(repo_id: str) -> tuple[Path, Path]:
+def download_from_hub(repo_id: str, local_files_only: bool = False) -> tuple[Path, Path]:
     """Fetch `config.json` and `model.safetensors` of a Hub repo into the standard HF cache.
 
     Honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE; with the Hub unreachable, cached
@@ -100,11 +105,11 @@ def download_from_hub(repo_id: str) -> tuple[Path, Path]:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        config = hf_hub_download(repo_id, "config.json")
+        config = hf_hub_download(repo_id, "config.json", local_files_only=local_files_only)
         try:
-            weights = hf_hub_download(repo_id, "model.safetensors")
+            weights = hf_hub_download(repo_id, "model.safetensors", local_files_only=local_files_only)
         except EntryNotFoundError:
-            weights = hf_hub_download(repo_id, "pytorch_model.bin")
+            weights = hf_hub_download(repo_id, "pytorch_model.bin", local_files_only=local_files_only)
     except LocalEntryNotFoundError as e:
         raise HubUnavailableError(
             f"could not download {repo_id} from the Hugging Face Hub (no connection, or HF_HUB_OFFLINE is set) "
@@ -118,6 +123,23 @@ def download_from_hub(repo_id: str) -> tuple[Path, Path]:
             f"(config.json + model.safetensors) or use the bundled offline model 'tiny-shakespeare'."
         ) from e
     return Path(config), Path(weights)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection quickly (False when HF_HUB_OFFLINE is set)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _hub_cache_dir() -> str:

@@ -19,14 +19,32 @@ def show(token: str) -> str:
     return token.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥") or "∅"
 
 
+def unique(names: list[str]) -> list[str]:
+    """Make repeated category labels distinct with invisible suffixes (plotly merges equal ones)."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        out.append(n + "\u200b" * seen.get(n, 0))
+        seen[n] = seen.get(n, 0) + 1
+    return out
+
+
 def labels(tokens: list[str], start: int = 0) -> list[str]:
     """Unique axis labels `"12 ·the"` (plotly merges equal category labels)."""
     return [f"{start + i} {show(t)}" for i, t in enumerate(tokens)]
 
 
+def f32(values, decimals: int = 3) -> np.ndarray:
+    """Values rounded for display and sent as float32 (half the bytes of float64)."""
+    return np.round(np.asarray(values, dtype=np.float32), decimals)
+
+
 def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
-    fig.update_layout(title=dict(text=title, x=0.01), font=FONT, height=height,
-                      margin=dict(l=10, r=10, t=60, b=10), template="plotly_white")
+    # "none": no template, whose defaults would add ~10 KB to every figure sent to the browser
+    fig.update_layout(title=dict(text=title, x=0.01), font=FONT, height=height, template="none",
+                      margin=dict(l=10, r=10, t=60, b=10), plot_bgcolor="white", paper_bgcolor="white")
+    fig.update_xaxes(automargin=True, gridcolor="#e5e8ec")
+    fig.update_yaxes(automargin=True, gridcolor="#e5e8ec")
     return fig
 
 
@@ -43,12 +61,11 @@ def next_token_figure(tokens: list[str], probs: np.ndarray, probs_final: np.ndar
 
     tokens `[N]`, probs `[N]`, probs_final `[N]`; `chosen` is the index of the chosen token or None.
     """
-    names = [("▶ " if i == chosen else "") + show(t) for i, t in enumerate(tokens)]
-    names = [f"{n}\u200b" * 1 if names.count(n) > 1 else n for n in names]
+    names = unique([("▶ " if i == chosen else "") + show(t) for i, t in enumerate(tokens)])
     fig = go.Figure()
-    fig.add_bar(y=names, x=np.round(probs, 4), orientation="h", name="model (raw)", marker_color=GREY,
+    fig.add_bar(y=names, x=f32(probs, 4), orientation="h", name="model (raw)", marker_color=GREY,
                 text=[f"{p:.1%}" for p in probs], textposition="outside")
-    fig.add_bar(y=names, x=np.round(probs_final, 4), orientation="h", name="after your settings", marker_color=BLUE,
+    fig.add_bar(y=names, x=f32(probs_final, 4), orientation="h", name="after your settings", marker_color=BLUE,
                 text=[f"{p:.1%}" for p in probs_final], textposition="outside")
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(title="probability", range=[0, min(1.0, max(float(np.max(probs)), float(np.max(probs_final))) * 1.25 + 0.02)])
@@ -59,7 +76,7 @@ def next_token_figure(tokens: list[str], probs: np.ndarray, probs_final: np.ndar
 def attention_heatmap(pattern: np.ndarray, tokens: list[str], start: int, title: str, selected: int | None = None) -> go.Figure:
     """One head's attention `[query, key]` over the window of tokens starting at `start`."""
     axis = labels(tokens, start)
-    z = np.where(np.tril(np.ones_like(pattern, dtype=bool)), np.round(pattern.astype(np.float32), 3), np.nan)
+    z = np.where(np.tril(np.ones_like(pattern, dtype=bool)), f32(pattern, 3), np.nan)
     fig = go.Figure(go.Heatmap(z=z, x=axis, y=axis, colorscale="Blues", zmin=0, zmax=1,
                                hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>",
                                colorbar=dict(title="attention")))
@@ -80,7 +97,7 @@ def heads_grid(patterns: np.ndarray, tokens: list[str], start: int, title: str) 
     axis = labels(tokens, start)
     mask = np.tril(np.ones(patterns.shape[1:], dtype=bool))
     for h in range(n_head):
-        z = np.where(mask, np.round(patterns[h].astype(np.float32), 2), np.nan)
+        z = np.where(mask, f32(patterns[h], 2), np.nan)
         fig.add_trace(go.Heatmap(z=z, x=axis, y=axis, colorscale="Blues", zmin=0, zmax=1, showscale=False,
                                  hovertemplate=f"head {h}<br>query %{{y}}<br>key %{{x}}<br>%{{z:.2f}}<extra></extra>"),
                       row=h // cols + 1, col=h % cols + 1)
@@ -94,9 +111,9 @@ def attention_row_figure(row: np.ndarray, tokens: list[str], start: int, title: 
     axis = labels(tokens, start)
     fig = make_subplots(rows=2, cols=1, row_heights=[0.35, 0.65], shared_xaxes=True, vertical_spacing=0.06,
                         subplot_titles=["average over heads", "each head"])
-    fig.add_bar(x=axis, y=np.round(row.mean(0).astype(np.float32), 3), marker_color=BLUE, name="average",
+    fig.add_bar(x=axis, y=f32(row.mean(0), 3), marker_color=BLUE, name="average",
                 hovertemplate="key %{x}<br>average attention %{y:.3f}<extra></extra>", row=1, col=1)
-    fig.add_trace(go.Heatmap(z=np.round(row.astype(np.float32), 3), x=axis, y=[f"head {h}" for h in range(row.shape[0])],
+    fig.add_trace(go.Heatmap(z=f32(row, 3), x=axis, y=[f"head {h}" for h in range(row.shape[0])],
                              colorscale="Blues", zmin=0, zmax=1, colorbar=dict(title="attention", y=0.33, len=0.65),
                              hovertemplate="%{y}<br>key %{x}<br>%{z:.3f}<extra></extra>"), row=2, col=1)
     fig.update_xaxes(type="category", tickangle=-60, row=2, col=1)
@@ -107,33 +124,32 @@ def attention_row_figure(row: np.ndarray, tokens: list[str], start: int, title: 
 
 def logit_lens_figure(top_tokens: list[list[str]], top_probs: np.ndarray, tokens: list[str], start: int, title: str,
                       next_tokens: list[str] | None = None) -> go.Figure:
-    """Layers x positions: each cell the top token read from that layer's residual, coloured by its probability.
+    """Positions x layers: each cell the top token read from that layer's residual, coloured by its probability.
 
-    top_tokens `[layer + 1][W]` strings, top_probs `[layer + 1, W]`; row 0 is the embeddings.
+    top_tokens `[layer + 1][W]` strings, top_probs `[layer + 1, W]`; layer row 0 is the embeddings.
+    Drawn with positions down the page and layers across, so that the cell labels stay readable.
     """
-    n_rows = len(top_tokens)
-    y = ["embeddings"] + [f"after block {i}" for i in range(n_rows - 1)]
-    x = labels(tokens, start)
-    text = [[show(t) for t in row] for row in top_tokens]
-    fig = go.Figure(go.Heatmap(z=np.round(top_probs.astype(np.float32), 3), x=x, y=y, text=text, texttemplate="%{text}",
-                               textfont=dict(size=12), colorscale="YlGnBu", zmin=0, zmax=1,
+    n_layers = len(top_tokens)
+    x = ["embeddings"] + [f"block {i}" for i in range(n_layers - 1)]
+    y = labels(tokens, start)
+    text = [[show(top_tokens[layer][w]) for layer in range(n_layers)] for w in range(len(tokens))]
+    custom = [[show(next_tokens[w]) if next_tokens else ""] * n_layers for w in range(len(tokens))]
+    fig = go.Figure(go.Heatmap(z=f32(np.asarray(top_probs).T, 3), x=x, y=y, text=text, texttemplate="%{text}",
+                               textfont=dict(size=13), colorscale="YlGnBu", zmin=0, zmax=1, customdata=custom,
                                colorbar=dict(title="probability"),
-                               hovertemplate="reading %{x}<br>%{y}<br>top guess %{text} (%{z:.1%})<extra></extra>"))
-    fig.update_xaxes(type="category", tickangle=-60, title="position (the token being read)")
-    fig.update_yaxes(type="category", title="layer")
-    if next_tokens is not None:
-        fig.add_trace(go.Scatter(x=x, y=[y[-1]] * len(x), mode="markers", marker=dict(opacity=0), showlegend=False,
-                                 customdata=[show(t) for t in next_tokens],
-                                 hovertemplate="actual next token: %{customdata}<extra></extra>"))
-    return _layout(fig, title, height=max(380, 34 * n_rows + 180))
+                               hovertemplate="reading %{y}<br>%{x}: top guess %{text} (%{z:.1%})"
+                                             "<br>actual next token: %{customdata}<extra></extra>"))
+    fig.update_xaxes(type="category", side="top", title="layer (read through the final layer norm and unembedding)")
+    fig.update_yaxes(type="category", autorange="reversed", title="position (the token being read)")
+    return _layout(fig, title, height=max(380, 30 * len(tokens) + 160))
 
 
 def embedding_figure(embed: np.ndarray, pos_embed: np.ndarray, title: str) -> go.Figure:
     """The token embedding and position embedding of one token, dimension by dimension `[d_model]`."""
     dims = np.arange(embed.shape[0])
     fig = go.Figure()
-    fig.add_scatter(x=dims, y=np.round(embed.astype(np.float32), 3), name="token embedding", mode="lines", line=dict(color=BLUE))
-    fig.add_scatter(x=dims, y=np.round(pos_embed.astype(np.float32), 3), name="position embedding", mode="lines", line=dict(color=ORANGE))
+    fig.add_scatter(x=dims, y=f32(embed, 3), name="token embedding", mode="lines", line=dict(color=BLUE))
+    fig.add_scatter(x=dims, y=f32(pos_embed, 3), name="position embedding", mode="lines", line=dict(color=ORANGE))
     fig.update_xaxes(title="dimension")
     fig.update_yaxes(title="value")
     fig.update_layout(legend=dict(orientation="h", y=-0.25))
@@ -143,7 +159,7 @@ def embedding_figure(embed: np.ndarray, pos_embed: np.ndarray, title: str) -> go
 def resid_norm_figure(norms: np.ndarray, title: str) -> go.Figure:
     """Length of the residual stream `[layer + 1]` after the embeddings and each block."""
     x = ["embeddings"] + [f"block {i}" for i in range(len(norms) - 1)]
-    fig = go.Figure(go.Scatter(x=x, y=np.round(norms.astype(np.float32), 3), mode="lines+markers", line=dict(color=BLUE),
+    fig = go.Figure(go.Scatter(x=x, y=f32(norms, 3), mode="lines+markers", line=dict(color=BLUE),
                                hovertemplate="%{x}<br>norm %{y:.2f}<extra></extra>"))
     fig.update_xaxes(type="category")
     fig.update_yaxes(title="length (L2 norm)", rangemode="tozero")
@@ -168,7 +184,7 @@ def trajectory_figure(resid: np.ndarray, nearest: list[str], title: str) -> go.F
     coords, ratio = pca_2d(resid)
     names = ["embeddings"] + [f"block {i}" for i in range(len(resid) - 1)]
     fig = go.Figure(go.Scatter(
-        x=np.round(coords[:, 0], 3), y=np.round(coords[:, 1], 3), mode="lines+markers+text",
+        x=f32(coords[:, 0]), y=f32(coords[:, 1]), mode="lines+markers+text",
         text=[f"{i}: {show(t)}" for i, t in enumerate(nearest)], textposition="top center",
         marker=dict(size=10, color=np.arange(len(coords)), colorscale="Viridis", showscale=False),
         line=dict(color=GREY), customdata=names,
