@@ -84,7 +84,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                     max_new = gr.Slider(1, 200, value=30, step=1, label="Max new tokens", elem_id="max_new")
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (same seed, same text)", elem_id="seed")
                 with gr.Accordion("Choose the next token yourself", open=True):
-                    pick = gr.Dropdown(choices=[], label="The model's candidates for the next token", elem_id="pick")
+                    pick = gr.Dropdown(choices=[], label="The model's candidates for the next token", elem_id="pick",
+                                       allow_custom_value=True)
                     pick_btn = gr.Button("Use this token", elem_id="pick_btn")
                     typed = gr.Textbox(label="...or type a token (e.g. ' Paris' with its space, or #464 for an id)", elem_id="typed")
                     typed_btn = gr.Button("Use typed token", elem_id="typed_btn")
@@ -304,9 +305,11 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         stop_btn.click(on_stop, state, status, cancels=[gen_event], api_name="stop").then(**after)
 
         def on_pick(st, name, text, token_id, *ctrl):
-            if token_id is None or isinstance(token_id, bool) or not isinstance(token_id, (int, float)):
+            if isinstance(token_id, str) and token_id.strip().isdigit():
+                token_id = int(token_id)
+            if not isinstance(token_id, int) or isinstance(token_id, bool):
                 return st, gr.skip(), gr.skip(), refuse("Pick one of the candidates first.")
-            return with_entry(force_handler(lambda e: int(token_id)))(st, name, text, *ctrl)
+            return with_entry(force_handler(lambda e: token_id))(st, name, text, *ctrl)
 
         def on_typed(st, name, text, typed_text, *ctrl):
             return with_entry(force_handler(lambda e: c.parse_forced_token(models.tokenizer, typed_text)))(st, name, text, *ctrl)

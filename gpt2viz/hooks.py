@@ -5,10 +5,14 @@ module. Its name comes from the module tree (`blocks.3.attn.pattern`), so names 
 found, never declared twice. A hook is a function `fn(activation, hook) -> tensor | None`;
 returning a tensor replaces the activation (ablation, patching). Hooks are only ever
 attached inside a `with model.hooks(...)` block and removed in `finally`.
+
+Hooks belong to the thread that attached them: a model shared by several users (web
+server threads) runs each user's hooks only in that user's forward passes.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -37,16 +41,34 @@ LAYER_HOOK_TEMPLATES = {
 }
 
 
+_local = threading.local()
+
+
+def _thread_hooks() -> dict[int, list[HookFn]]:
+    """This thread's hooks: {id(hook point): [fn, ...]}."""
+    hooks = getattr(_local, "hooks", None)
+    if hooks is None:
+        hooks = _local.hooks = {}
+    return hooks
+
+
 class HookPoint(nn.Module):
-    """Identity module that runs the hooks attached to it. `name` is set by the model."""
+    """Identity module that runs the hooks attached to it (in this thread). `name` is set by the model."""
 
     def __init__(self) -> None:
         super().__init__()
         self.name: str = ""
-        self.fns: list[HookFn] = []
+
+    @property
+    def fns(self) -> list[HookFn]:
+        """The hooks attached here by the current thread (a live list)."""
+        return _thread_hooks().setdefault(id(self), [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for fn in self.fns:
+        fns = _thread_hooks().get(id(self))
+        if not fns:
+            return x
+        for fn in list(fns):
             out = fn(x, self)
             if out is not None:
                 if not isinstance(out, torch.Tensor) or out.shape != x.shape:
@@ -60,7 +82,7 @@ class HookPoint(nn.Module):
 
     @property
     def observed(self) -> bool:
-        return bool(self.fns)
+        return bool(_thread_hooks().get(id(self)))
 
     def __repr__(self) -> str:
         return f"HookPoint({self.name!r})"

@@ -85,3 +85,52 @@ def tokenizer():
 
 def read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    """`python app.py` as a user runs it, with no Hub: it must fall back to the bundled model."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path_factory.mktemp("hf-empty")),
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    env.pop("GPT2VIZ_MODEL", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"app did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    # Gradio itself logs the input it refuses (out-of-range sliders); our own code must never fail.
+    import re
+
+    text = log.read_text()
+    ours = re.findall(r'File ".*(?:app\.py|gpt2viz/[a-z_]+\.py)".*', text) + re.findall(r"ERROR:gpt2viz.*", text)
+    assert not ours, f"the app's own code failed:\n{text[-4000:]}"

@@ -136,3 +136,27 @@ def test_patching_replaces_an_activation(small_model):
     with torch.no_grad(), small_model.hooks([(("resid_post", -1), lambda x, h: other_cache["resid_post", -1])]):
         patched = small_model(TOKENS)
     torch.testing.assert_close(patched, other_logits)
+
+
+def test_hooks_belong_to_the_thread_that_attached_them(small_model):
+    """A model shared by web-server threads: one user's hooks never run in another's forward pass."""
+    import threading
+
+    seen_main, seen_other = [], []
+    barrier = threading.Barrier(2)
+
+    def other_user():
+        with small_model.hooks([(("pattern", 0), lambda x, h: seen_other.append(x.shape))]):
+            barrier.wait()
+            small_model(TOKENS[:, :3])
+            barrier.wait()
+
+    t = threading.Thread(target=other_user)
+    t.start()
+    with small_model.hooks([(("pattern", 0), lambda x, h: seen_main.append(x.shape))]):
+        barrier.wait()
+        small_model(TOKENS[:, :5])
+        barrier.wait()
+    t.join()
+    assert seen_main == [(1, small_model.cfg.n_head, 5, 5)]
+    assert seen_other == [(1, small_model.cfg.n_head, 3, 3)]
