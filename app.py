@@ -51,7 +51,7 @@ vector's path through the layers onto two dimensions (PCA), labelled with the to
 MAX_POSITIONS, MAX_LAYERS, MAX_HEADS = 1023, 47, 24
 
 CSS = """
-#strip .textspan { border: 1px solid #8a949e; border-radius: 4px; margin: 1px; padding: 1px 2px; cursor: pointer; }
+#strip .token { border: 1px solid #8a949e; border-radius: 4px; margin: 1px; cursor: pointer; }
 .explain { font-size: 0.95rem; }
 """
 

@@ -297,7 +297,8 @@ def prob_category(logprob: float) -> str:
 def token_strip(session: GenerationSession) -> list[tuple[str, str]]:
     """The text as `(token text, category)` pairs: the prompt, then each generated token by the
     probability the model gave it."""
-    strings = token_strings(session.tokenizer, session.ids)
+    # Newlines shown as a visible mark so that every token stays one box.
+    strings = [t.replace("\n", "↵").replace("\t", "⇥") for t in token_strings(session.tokenizer, session.ids)]
     logprobs = session.records.logprobs
     n_prompt = len(session.prompt_ids)
     out = []

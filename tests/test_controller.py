@@ -96,7 +96,7 @@ def test_views_show_the_recorded_numbers(small_model, tokenizer):
     assert len(session.records) == n
 
     strip = c.token_strip(session)
-    assert [t for t, _ in strip] == tr.token_strings
+    assert [t for t, _ in strip] == [t.replace("\n", "↵") for t in tr.token_strings]
     n_prompt = len(session.prompt_ids)
     assert all(cat == "prompt" for _, cat in strip[:n_prompt])
     for i in range(n_prompt, n):
