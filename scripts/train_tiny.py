@@ -107,6 +107,13 @@ def unigram_loss(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
     return float(-logp[val[1:]].mean())
 
 
+def write_unigram(train: np.ndarray, out: Path) -> None:
+    """Token counts of the training split: the unigram baseline, and the training vocabulary, for the tests."""
+    ids, counts = np.unique(train, return_counts=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "unigram.json").write_text(json.dumps({"n_tokens": int(len(train)), "ids": ids.tolist(), "counts": counts.tolist()}) + "\n")
+
+
 def progress(step: int, total: int, loss: float, started: float) -> None:
     done = step / total
     elapsed = time.time() - started
@@ -129,6 +136,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--stats-only", action="store_true", help="only write the corpus statistics (unigram.json) to --out")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -138,6 +146,9 @@ def main() -> None:
     train_works = {k: v for k, v in works.items() if k not in VALIDATION_WORKS}
     train, val = tokenize(train_works), tokenize(val_works)
     print(f"{len(train_works)} training works ({len(train):,} tokens), {len(val_works)} validation works ({len(val):,} tokens)")
+    write_unigram(train, args.out)
+    if args.stats_only:
+        return
 
     cfg = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_positions=args.ctx)
     model = init_weights(GPT2(cfg), seed=args.seed).to(device).train()

@@ -1,0 +1,290 @@
+"""gpt2viz against Hugging Face transformers, measured side by side in one run on random weights.
+
+    python bench/run.py              # gpt2 and gpt2-medium shapes, 5 repeats (about 15 minutes on 2 cores)
+    python bench/run.py --quick      # a smoke run on a tiny shape, one repeat (what CI runs)
+
+Prints a table of medians and ratios; `--json FILE` also writes the raw figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gpt2viz import GenerationSession, GPT2, GPT2Config, SamplingConfig, load_tokenizer, save_checkpoint, trace  # noqa: E402
+from gpt2viz.loading import to_hub_state_dict  # noqa: E402
+from gpt2viz.model import init_weights  # noqa: E402
+
+SHAPES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, n_positions=1024),
+}
+QUICK_SHAPES = {"tiny": dict(n_layer=2, n_head=4, n_embd=64, n_positions=1024)}
+PROMPT = "The quick brown fox jumps over the lazy"
+
+
+class PeakRSS:
+    """Peak resident memory above the starting point, sampled from /proc while a block runs."""
+
+    def __enter__(self):
+        self.base = self.peak = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(median seconds, peak extra MiB) over `repeats` runs after one warm-up."""
+    fn()
+    times, peak = [], 0.0
+    for _ in range(repeats):
+        with PeakRSS() as mem:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        peak = max(peak, mem.mib)
+    return statistics.median(times), peak
+
+
+def build(shape: dict):
+    import transformers
+
+    cfg = GPT2Config(**shape)
+    ours = init_weights(GPT2(cfg), seed=0).eval()
+    hf_cfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+                                     n_layer=cfg.n_layer, n_head=cfg.n_head)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    missing, unexpected = hf.load_state_dict(to_hub_state_dict(ours), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    hf.tie_weights()
+    hf.set_attn_implementation("sdpa")
+    return ours, hf
+
+
+def decode_benchmarks(ours, hf, tok, n_new: int, repeats: int) -> dict:
+    prompt = tok.encode(PROMPT)
+    x = torch.tensor([prompt])
+    mask = torch.ones_like(x)
+
+    @torch.no_grad()
+    def ours_plain():
+        kv = ours.new_kv_cache()
+        logits = ours(x, kv_cache=kv, last_only=True)
+        for _ in range(n_new - 1):
+            logits = ours(logits[:, -1].argmax(-1, keepdim=True), kv_cache=kv, last_only=True)
+
+    def ours_capture():
+        cfg = SamplingConfig(temperature=0, max_new_tokens=n_new, stop_at_eos=False)
+        session = GenerationSession(ours, tok, prompt, cfg, record=True)
+        assert len(list(session.run())) == n_new
+
+    @torch.no_grad()
+    def hf_plain():
+        hf.set_attn_implementation("sdpa")
+        out = hf.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=50256)
+        assert out.shape[1] == len(prompt) + n_new
+
+    @torch.no_grad()
+    def hf_capture():
+        hf.set_attn_implementation("eager")
+        hf.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=50256,
+                    output_attentions=True, output_hidden_states=True, return_dict_in_generate=True)
+        hf.set_attn_implementation("sdpa")
+
+    out = {}
+    for name, fn in [("gpt2viz, no capture", ours_plain), ("gpt2viz, full capture", ours_capture),
+                     ("transformers generate", hf_plain), ("transformers + attentions + hidden states", hf_capture)]:
+        seconds, mib = timed(fn, repeats)
+        out[name] = {"tokens_per_s": n_new / seconds, "peak_mib": mib}
+    return out
+
+
+def prefill_benchmarks(ours, hf, tok, lengths: list[int], repeats: int) -> dict:
+    out = {}
+    for T in lengths:
+        ids = torch.randint(0, 50257, (1, T), generator=torch.Generator().manual_seed(T))
+        id_list = ids[0].tolist()
+
+        @torch.no_grad()
+        def ours_plain():
+            ours(ids)
+
+        def ours_capture():
+            session = GenerationSession(ours, tok, id_list[:-1] if T == ours.cfg.n_positions else id_list, SamplingConfig(), record=True)
+            session.peek()
+
+        def ours_trace():
+            trace(ours, tok, id_list)
+
+        @torch.no_grad()
+        def hf_eager_attn():
+            hf.set_attn_implementation("eager")
+            hf(ids, output_attentions=True)
+            hf.set_attn_implementation("sdpa")
+
+        row = {}
+        for name, fn in [("gpt2viz, no capture", ours_plain), ("gpt2viz, app capture", ours_capture),
+                         ("gpt2viz trace (with logit lens at every position)", ours_trace),
+                         ("transformers eager + attentions", hf_eager_attn)]:
+            seconds, mib = timed(fn, repeats)
+            row[name] = {"seconds": seconds, "peak_mib": mib}
+        out[T] = row
+    return out
+
+
+def trace_size(ours, tok, T: int) -> float:
+    ids = torch.randint(0, 50257, (T,), generator=torch.Generator().manual_seed(1)).tolist()
+    return trace(ours, tok, ids).nbytes / 2**20
+
+
+def app_path(shape: dict, n_prompt_tokens: int, n_steps: int) -> dict:
+    """Launch the app on a random checkpoint of this shape; time to first token and bytes per streamed step."""
+    import httpx
+
+    from tests.conftest import free_port
+
+    tok = load_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = init_weights(GPT2(GPT2Config(**shape)), seed=0)
+        save_checkpoint(model, tmp)
+        del model
+        port = free_port()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", tmp, "--port", str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 180
+            while True:
+                try:
+                    config = httpx.get(f"{base}/config", timeout=2).json()
+                    break
+                except (httpx.HTTPError, ValueError):
+                    if time.time() > deadline or proc.poll() is not None:
+                        raise RuntimeError("app did not start")
+                    time.sleep(0.5)
+            fn_index = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == "generate")
+            model_name = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "model")["props"]["value"]
+            words = ("the cat sat on a mat and " * 200).split()
+            prompt = tok.decode(tok.encode(" ".join(words))[:n_prompt_tokens])
+            data = [None, model_name, prompt, 1.0, 0, 1.0, 1.0, n_steps, 0]
+            session = "bench" + str(port)
+            with httpx.Client(timeout=120) as client:
+                start = time.perf_counter()
+                client.post(f"{base}/gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
+                                                                  "event_data": None, "trigger_id": None}).raise_for_status()
+                sizes, first = [], None
+                with client.stream("GET", f"{base}/gradio_api/queue/data", params={"session_hash": session}) as stream:
+                    for line in stream.iter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        msg = json.loads(line[5:])
+                        if msg.get("msg") == "process_generating":
+                            if first is None:
+                                first = time.perf_counter() - start
+                            sizes.append(len(line.encode()))
+                        if msg.get("msg") == "process_completed":
+                            break
+            return {"first_token_s": first, "bytes_per_step_median": statistics.median(sizes), "bytes_per_step_max": max(sizes),
+                    "steps": len(sizes), "prompt_tokens": n_prompt_tokens}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shape, one repeat: a smoke run")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--skip-app", action="store_true")
+    args = ap.parse_args()
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    repeats = 1 if args.quick else args.repeats
+    n_new = 8 if args.quick else args.new_tokens
+    lengths = [32, 128] if args.quick else [128, 512, 1024]
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    import transformers
+
+    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+               "date": time.strftime("%Y-%m-%d"), "repeats": repeats, "shapes": {}}
+    for name, shape in shapes.items():
+        ours, hf = build(shape)
+        r = results["shapes"][name] = {}
+        r["decode"] = decode_benchmarks(ours, hf, tok, n_new, repeats)
+        r["prefill"] = prefill_benchmarks(ours, hf, tok, lengths, repeats)
+        r["trace_mib"] = {T: trace_size(ours, tok, T) for T in lengths[-1:]}
+        del ours, hf
+        if not args.skip_app:
+            r["app"] = app_path(shape, 120 if not args.quick else 20, 10 if not args.quick else 3)
+        print_shape(name, r)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"\n{results['machine']}; torch {results['torch']}, transformers {results['transformers']}, "
+          f"{results['threads']} threads, {results['date']}, median of {repeats}")
+
+
+def print_shape(name: str, r: dict) -> None:
+    d = r["decode"]
+    ref = d["transformers generate"]["tokens_per_s"]
+    print(f"\n## {name}: decode after a {len(PROMPT.split())}-word prompt")
+    print("| | tokens/s | × transformers generate | peak extra MiB |\n|---|---:|---:|---:|")
+    for k, v in d.items():
+        print(f"| {k} | {v['tokens_per_s']:.1f} | {v['tokens_per_s'] / ref:.2f} | {v['peak_mib']:.0f} |")
+    print(f"\n## {name}: prefill latency (s)")
+    cols = list(next(iter(r["prefill"].values())))
+    print("| tokens | " + " | ".join(cols) + " | app capture ÷ transformers eager+attn |")
+    print("|---:|" + "---:|" * (len(cols) + 1))
+    for T, row in r["prefill"].items():
+        ratio = row["gpt2viz, app capture"]["seconds"] / row["transformers eager + attentions"]["seconds"]
+        print(f"| {T} | " + " | ".join(f"{row[c]['seconds']:.3f} ({row[c]['peak_mib']:.0f} MiB)" for c in cols) + f" | {ratio:.2f} |")
+    for T, mib in r["trace_mib"].items():
+        print(f"\nfull trace of {T} tokens: {mib:.1f} MiB")
+    if "app" in r:
+        a = r["app"]
+        print(f"app: first streamed token after {a['first_token_s']:.2f} s; per step {a['bytes_per_step_median'] / 1024:.1f} KiB "
+              f"median, {a['bytes_per_step_max'] / 1024:.1f} KiB max ({a['prompt_tokens']}-token prompt, {a['steps']} steps)")
+
+
+if __name__ == "__main__":
+    main()

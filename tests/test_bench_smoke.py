@@ -1,0 +1,23 @@
+"""The benchmark runs end to end on a tiny shape (one repeat) so that it cannot rot; no timing is asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "bench/run.py", "--quick", "--json", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "× transformers generate" in result.stdout
+    data = json.loads(out.read_text())
+    tiny = data["shapes"]["tiny"]
+    assert set(tiny["decode"]) == {"gpt2viz, no capture", "gpt2viz, full capture", "transformers generate",
+                                   "transformers + attentions + hidden states"}
+    assert all(v["tokens_per_s"] > 0 for v in tiny["decode"].values())
+    assert set(map(int, tiny["prefill"])) == {32, 128}
+    assert tiny["app"]["steps"] == 3 and tiny["app"]["bytes_per_step_median"] > 0
