@@ -335,7 +335,6 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         strip.select(on_select, None, position, api_visibility="private").then(on_view, view_inputs, views, api_visibility="private")
         example.change(on_example, example, [prompt, example_text], api_visibility="private")
         model_name.change(on_model, model_name, [state, strip, next_plot, status], api_name="set_model")
-        demo.unload(lambda: None)
     return demo
 
 

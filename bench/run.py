@@ -222,11 +222,43 @@ def app_path(shape: dict, n_prompt_tokens: int, n_steps: int) -> dict:
                             sizes.append(len(line.encode()))
                         if msg.get("msg") == "process_completed":
                             break
-            return {"first_token_s": first, "bytes_per_step_median": statistics.median(sizes), "bytes_per_step_max": max(sizes),
-                    "steps": len(sizes), "prompt_tokens": n_prompt_tokens}
+            result = {"first_token_s": first, "bytes_per_step_median": statistics.median(sizes), "bytes_per_step_max": max(sizes),
+                      "steps": len(sizes), "prompt_tokens": n_prompt_tokens}
+            result.update(browser_view_latency(base + "/", prompt))
+            return result
         finally:
             proc.terminate()
             proc.wait(timeout=20)
+
+
+def browser_view_latency(url: str, prompt: str, repeats: int = 3) -> dict:
+    """In Debian's chromium: from pressing Step to the new token in the strip, and from there to the
+    attention views redrawn for it (median over `repeats` steps)."""
+    from playwright.sync_api import sync_playwright
+
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    to_token, to_views = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+        page = browser.new_page(viewport={"width": 1440, "height": 1100})
+        page.goto(url)
+        page.wait_for_selector("#generate")
+        page.locator("#prompt textarea").fill(prompt)
+        page.get_by_role("tab", name="Attention").click()
+        for _ in range(repeats + 1):
+            n = page.locator("#strip span.token").count()
+            start = time.perf_counter()
+            page.click("#step")
+            page.wait_for_function(f"() => document.querySelectorAll('#strip span.token').length > {max(n, 1)}", timeout=120_000)
+            arrived = time.perf_counter()
+            last = page.locator("#strip span.token").count() - 1
+            page.wait_for_function(
+                f"() => (document.querySelector('#row_plot .gtitle') || {{}}).textContent?.includes('What token {last} (')",
+                timeout=120_000)
+            to_token.append(arrived - start)
+            to_views.append(time.perf_counter() - arrived)
+        browser.close()
+    return {"step_to_token_s": statistics.median(to_token[1:]), "token_to_views_s": statistics.median(to_views[1:])}
 
 
 def main() -> None:
@@ -283,7 +315,8 @@ def print_shape(name: str, r: dict) -> None:
     if "app" in r:
         a = r["app"]
         print(f"app: first streamed token after {a['first_token_s']:.2f} s; per step {a['bytes_per_step_median'] / 1024:.1f} KiB "
-              f"median, {a['bytes_per_step_max'] / 1024:.1f} KiB max ({a['prompt_tokens']}-token prompt, {a['steps']} steps)")
+              f"median, {a['bytes_per_step_max'] / 1024:.1f} KiB max ({a['prompt_tokens']}-token prompt, {a['steps']} steps); "
+              f"in chromium, Step to new token {a['step_to_token_s']:.2f} s, then views redrawn {a['token_to_views_s']:.2f} s")
 
 
 if __name__ == "__main__":

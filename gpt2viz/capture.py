@@ -41,6 +41,20 @@ def stacked_captures(model: GPT2, store: dict) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
+def read_position(model: GPT2, resid: torch.Tensor, final_normed: torch.Tensor, top_n: int):
+    """One position's next-token logits and its logit lens, with a single pass over the unembedding.
+
+    resid `[layer + 1, d_model]` (after the embeddings and each block), final_normed `[d_model]`
+    (the model's own final layer norm output). Returns logits `[vocab]` (exactly the model's
+    output row), lens ids `[layer + 1, top_n]` and lens probabilities `[layer + 1, top_n]`.
+    """
+    normed = torch.cat([model.ln_f(resid[:-1]), final_normed[None]])
+    logits = model.unembed(normed).float()  # [layer + 1, vocab]; the last row is the model's output
+    top = torch.topk(torch.softmax(logits, dim=-1), top_n, dim=-1)
+    return logits[-1], top.indices, top.values
+
+
+@torch.no_grad()
 def logit_lens(model: GPT2, resid: torch.Tensor, top_n: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Read residual vectors `[..., d_model]` through the final layer norm and the unembedding.
 

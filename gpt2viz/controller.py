@@ -125,7 +125,6 @@ class Models:
         if name not in self.extra and name not in HUB_MODELS and name not in BUNDLED_MODELS:
             raise UserError(f"unknown model {name!r}")
         model = load_model(self.extra.get(name, name), local_files_only=not self.online)
-        torch.set_grad_enabled(False)
         with self._lock:
             self._models[name] = model
             while len(self._models) > self.max_loaded:

@@ -19,7 +19,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from .capture import capture_hooks, logit_lens, stacked_captures
+from .capture import capture_hooks, read_position, stacked_captures
 from .model import GPT2, ContextLengthError
 from .sampling import SamplingConfig, distributions, draw, entropy, rank_of, step_generator
 from .tokenizer import ENDOFTEXT_ID, encode, token_strings
@@ -174,14 +174,15 @@ class GenerationSession:
         store: dict = {}
         rows = slice(None) if self.record else slice(-1, None)
         with model.hooks(capture_hooks(model, store, rows=rows)):
-            all_logits = model(new, kv_cache=self._kv, last_only=not self.record)[0]
+            normed = model(new, kv_cache=self._kv, last_only=not self.record, unembed=False)[0]  # [rows, d_model]
         attention, resid = stacked_captures(model, store)  # [layer, head, rows, key], [layer + 1, rows, d_model]
+        logits, lens_ids, lens_probs = read_position(model, resid[:, -1], normed[-1], self.top_n)
         if self.record:
-            self.records.add(start, ids, attention, resid, store["embed"], store["pos_embed"], all_logits)
-        lens_ids, lens_probs = logit_lens(model, resid[:, -1], self.top_n)
+            earlier = model.unembed(normed[:-1]) if normed.shape[0] > 1 else None  # prompt tokens' logits
+            self.records.add(start, ids, attention, resid, store["embed"], store["pos_embed"], earlier)
         self._pending = _Pending(
             position=len(ids) - 1,
-            logits=all_logits[-1],
+            logits=logits,
             attention=attention[:, :, -1].float().cpu().numpy().astype(np.float16),
             resid=resid[:, -1].float().cpu().numpy().astype(np.float16),
             lens_ids=lens_ids.cpu().numpy().astype(np.int32),
@@ -302,7 +303,8 @@ class Records:
         return len(self.resid)
 
     def add(self, start, ids, attention, resid, embed, pos_embed, logits) -> None:
-        """Store rows for positions start..start+T-1 from one forward pass."""
+        """Store rows for positions start..start+T-1 from one forward pass; `logits` `[T - 1, vocab]`
+        are those of all but the last row (None when T = 1)."""
         T = resid.shape[1]
         att = attention.float().cpu().numpy().astype(np.float16)
         res = resid.float().cpu().numpy()
@@ -314,8 +316,8 @@ class Records:
             self.pos_embed.append(pos_embed[r].float().cpu().numpy())
         if start == 0:
             self.logprobs = [float("nan")]
-        if T > 1:  # tokens already in the text (the prompt): their log-probabilities from this pass
-            logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+        if logits is not None:  # tokens already in the text (the prompt): their log-probabilities from this pass
+            logp = torch.log_softmax(logits.float(), dim=-1)
             known = torch.tensor(ids[start + 1:start + T], device=logp.device)
             self.logprobs += logp.gather(1, known[:, None])[:, 0].tolist()
 

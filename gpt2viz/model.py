@@ -246,11 +246,14 @@ class GPT2(nn.Module):
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layer)
 
-    def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, kv_cache: KVCache | None = None, last_only: bool = False, unembed: bool = True
+    ) -> torch.Tensor:
         """tokens `[batch, pos]` (ids) -> logits `[batch, pos, vocab]` (`[batch, 1, vocab]` if last_only).
 
         With a `kv_cache`, `tokens` are the positions after those already in the cache, and
-        the cache is extended by them.
+        the cache is extended by them. `unembed=False` stops after the final layer norm and
+        returns `[batch, pos, d_model]` (for callers that unembed several rows at once).
         """
         tokens = self._check_tokens(tokens)
         past = kv_cache.length if kv_cache is not None else 0
@@ -268,7 +271,11 @@ class GPT2(nn.Module):
         x = self.ln_final(self.ln_f(x))
         if last_only:
             x = x[:, -1:]
-        return self.logits(F.linear(x, self.wte.weight))
+        return self.logits(self.unembed(x)) if unembed else x
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-layer-normed residual `[..., d_model]` -> logits `[..., vocab]` (tied to the token embedding)."""
+        return F.linear(x, self.wte.weight)
 
     def _check_tokens(self, tokens) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):
