@@ -93,7 +93,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                     rewind_to = gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Keep this many generated tokens", elem_id="rewind_to")
                     rewind_btn = gr.Button("Rewind", elem_id="rewind_btn")
             with gr.Column(scale=2):
-                strip = gr.HighlightedText(label="Tokens (colour: how likely the model found each one; click one to inspect it)",
+                strip = gr.HighlightedText(label="Tokens, coloured by how likely the model found each one given the text before it (click a token to inspect it)",
                                            color_map=c.STRIP_COLORS, show_legend=True, show_inline_category=False,
                                            elem_id="strip", interactive=False)
                 position = gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Selected token", elem_id="position")

@@ -280,7 +280,7 @@ def parse_forced_token(tokenizer, typed: str) -> int:
 
 PROB_BINS = [(0.5, "likely (>50%)"), (0.1, "plausible (10-50%)"), (0.01, "unlikely (1-10%)"), (0.0, "surprising (<1%)")]
 STRIP_COLORS = {
-    "prompt": "#d9dde3",
+    "start": "#d9dde3",
     "likely (>50%)": "#2e9e5b",
     "plausible (10-50%)": "#9ccc65",
     "unlikely (1-10%)": "#f6b44b",
@@ -289,21 +289,20 @@ STRIP_COLORS = {
 
 
 def prob_category(logprob: float) -> str:
-    p = float(np.exp(logprob))
+    p = float(np.exp(logprob)) if np.isfinite(logprob) else 0.0
     return next(label for threshold, label in PROB_BINS if p >= threshold)
 
 
 def token_strip(session: GenerationSession) -> list[tuple[str, str]]:
-    """The text as `(token text, category)` pairs: the prompt, then each generated token by the
-    probability the model gave it."""
+    """The text as `(token text, category)` pairs, every token (prompt included) by the probability
+    the model gave it given the tokens before it; the first token has none ("start")."""
     # Newlines shown as a visible mark so that every token stays one box.
     strings = [t.replace("\n", "↵").replace("\t", "⇥") for t in token_strings(session.tokenizer, session.ids)]
     logprobs = session.records.logprobs
-    n_prompt = len(session.prompt_ids)
     out = []
     for i, text in enumerate(strings):
-        if i < n_prompt or i >= len(logprobs) or not np.isfinite(logprobs[i]):
-            out.append((text, "prompt" if i < n_prompt else "surprising (<1%)"))
+        if i == 0 or i >= len(logprobs) or np.isnan(logprobs[i]):
+            out.append((text, "start"))
         else:
             out.append((text, prob_category(logprobs[i])))
     return out
