@@ -9,6 +9,7 @@ heavy generation session (KV cache, captures) and can always be rebuilt from `st
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -157,14 +158,31 @@ class Sessions:
     user's state (token ids) the next time it is needed.
     """
 
-    def __init__(self, models: Models, max_sessions: int = 16) -> None:
+    def __init__(self, models: Models, max_sessions: int = 16, max_bytes: int | None = None) -> None:
         self.models = models
         self.max_sessions = max_sessions
+        self.max_bytes = max_bytes if max_bytes is not None else int(os.environ.get("GPT2VIZ_SESSIONS_MAX_BYTES", 4 << 30))
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.session.nbytes for e in list(self._entries.values()))
+
+    def _evict(self, keep: Entry) -> None:
+        """Drop least recently used sessions (never `keep`) while over the count or memory budget."""
+        with self._lock:
+            while len(self._entries) > 1 and (len(self._entries) > self.max_sessions or self.nbytes > self.max_bytes):
+                key, oldest = next(iter(self._entries.items()))
+                if oldest is keep:
+                    self._entries.move_to_end(key)
+                    key, oldest = next(iter(self._entries.items()))
+                    if oldest is keep:
+                        break
+                del self._entries[key]
 
     def drop(self, key: str | None) -> None:
         with self._lock:
@@ -184,8 +202,7 @@ class Sessions:
         entry = Entry(session, model_name, threading.Lock(), last_used=time.time())
         with self._lock:
             self._entries[key] = entry
-            while len(self._entries) > self.max_sessions:
-                self._entries.popitem(last=False)
+        self._evict(keep=entry)
         return key, entry
 
     def get(self, state: dict, config: SamplingConfig) -> Entry:
@@ -207,6 +224,7 @@ class Sessions:
             state["key"] = key or new_key
         entry.session.config = config
         entry.last_used = time.time()
+        self._evict(keep=entry)
         return entry
 
 

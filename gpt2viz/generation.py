@@ -147,6 +147,11 @@ class GenerationSession:
         return decode_complete(self.tokenizer, self._state.ids)
 
     @property
+    def nbytes(self) -> int:
+        """Memory held by this session's KV cache and records."""
+        return self._kv.nbytes + self.records.nbytes
+
+    @property
     def room_left(self) -> int:
         """Tokens that can still be generated before the context is full."""
         return self.model.cfg.n_positions - len(self._state.ids)
@@ -302,6 +307,10 @@ class Records:
     def __len__(self) -> int:
         return len(self.resid)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for rows in (self.attention, self.resid, self.embed, self.pos_embed) for a in rows)
+
     def add(self, start, ids, attention, resid, embed, pos_embed, logits) -> None:
         """Store rows for positions start..start+T-1 from one forward pass; `logits` `[T - 1, vocab]`
         are those of all but the last row (None when T = 1)."""
@@ -310,7 +319,7 @@ class Records:
         res = resid.float().cpu().numpy()
         for r in range(T):
             p = start + r
-            self.attention.append(att[:, :, r, : p + 1])
+            self.attention.append(att[:, :, r, : p + 1].copy())  # a copy: keep only the causal half
             self.resid.append(res[:, r])
             self.embed.append(embed[r].float().cpu().numpy())
             self.pos_embed.append(pos_embed[r].float().cpu().numpy())

@@ -141,3 +141,22 @@ def test_next_token_view_marks_the_chosen_token(small_model, tokenizer):
     assert float(fig.data[0].x[marked[0]]) == pytest.approx(step.prob, abs=1e-4)
     choices = c.candidate_choices(session)
     assert len(choices) >= 10 and all(isinstance(v, int) for _, v in choices)
+
+
+def test_sessions_stay_within_a_memory_budget(models):
+    cfg = SamplingConfig(seed=1)
+    probe_key, probe = c.Sessions(models).create("test", [464, 2068, 318], cfg)
+    probe.session.peek()
+    one = probe.session.nbytes
+    assert one > 0
+    store = c.Sessions(models, max_sessions=100, max_bytes=int(2.5 * one))
+    keys = []
+    for _ in range(5):
+        key, entry = store.create("test", [464, 2068, 318], cfg)
+        entry.session.peek()  # memory grows when the session reads its text
+        keys.append(key)
+    store.get({"key": keys[-1]}, cfg)  # the next request enforces the budget
+    assert len(store) == 2 and store.nbytes <= store.max_bytes
+    # The newest survive; an evicted user's text is rebuilt from their state when they come back.
+    rebuilt = store.get({"key": keys[0], "model": "test", "prompt_len": 3, "ids": [464, 2068, 318]}, cfg)
+    assert rebuilt.session.ids == [464, 2068, 318] and len(store) <= 2
