@@ -107,6 +107,19 @@ def unigram_loss(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
     return float(-logp[val[1:]].mean())
 
 
+def sinusoids(n_positions: int, width: int, norm: float) -> torch.Tensor:
+    """`[n_positions, width]` sine/cosine position codes (Vaswani et al. 2017), each row scaled to `norm`.
+
+    Position t+1's code is a fixed rotation of position t's, so attention to the previous token
+    is one linear map away from the start of training.
+    """
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    freq = 10000 ** (-torch.arange(0, width, 2, dtype=torch.float32) / width)
+    codes = torch.zeros(n_positions, width)
+    codes[:, 0::2], codes[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    return codes * norm / codes.norm(dim=-1, keepdim=True)
+
+
 def write_unigram(train: np.ndarray, out: Path) -> None:
     """Token counts of the training split: the unigram baseline, and the training vocabulary, for the tests."""
     ids, counts = np.unique(train, return_counts=True)
@@ -126,7 +139,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "assets" / "tiny-shakespeare")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gpt2viz-train")
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--n-layer", type=int, default=4)
@@ -134,7 +147,13 @@ def main() -> None:
     ap.add_argument("--n-embd", type=int, default=192)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--pos-init", choices=["normal", "sinusoidal"], default="normal",
+                    help="initial position embeddings: GPT-2's normal(0, 0.02), or sinusoids (the original Transformer's)")
+    ap.add_argument("--pos-norm", type=float, default=1.0, help="norm of each sinusoidal position embedding at init")
+    ap.add_argument("--qk-init", type=float, default=None,
+                    help="std of the attention input weights (c_attn) times sqrt(n_embd); default: GPT-2's 0.02")
+    ap.add_argument("--no-decay-wpe", action="store_true", help="exclude the position embeddings from weight decay")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stats-only", action="store_true", help="only write the corpus statistics (unigram.json) to --out")
     args = ap.parse_args()
@@ -151,9 +170,20 @@ def main() -> None:
         return
 
     cfg = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_positions=args.ctx)
-    model = init_weights(GPT2(cfg), seed=args.seed).to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    model = init_weights(GPT2(cfg), seed=args.seed)
+    if args.qk_init is not None:
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(args.seed + 1)
+            for block in model.blocks:
+                w = block.attn.c_attn.weight
+                w.copy_(torch.randn(w.shape, generator=gen) * args.qk_init / math.sqrt(cfg.n_embd))
+    if args.pos_init == "sinusoidal":
+        with torch.no_grad():
+            model.wpe.weight.copy_(sinusoids(cfg.n_positions, cfg.n_embd, args.pos_norm))
+    model = model.to(device).train()
+    excluded = {"wpe.weight"} if args.no_decay_wpe else set()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n not in excluded]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n in excluded]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
     step, best, history = 0, float("inf"), []
