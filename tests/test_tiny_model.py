@@ -65,19 +65,6 @@ def test_heldout_loss_is_far_below_the_unigram_baseline(tiny, heldout):
     assert model_loss <= baseline - 1.5, (model_loss, baseline)
 
 
-def test_a_head_attends_to_the_previous_token(tiny, heldout):
-    best = 0.0
-    for x in windows(heldout, tiny.cfg.n_positions):
-        if x.shape[1] < 64:
-            continue
-        _, cache = tiny.run_with_cache(x, names=["pattern"])
-        T = x.shape[1]
-        idx = torch.arange(1, T)
-        prev = torch.stack([cache["pattern", layer][0][:, idx, idx - 1].mean(-1) for layer in range(tiny.cfg.n_layer)])
-        best = max(best, float(prev.max()))
-    assert best >= 0.5, f"strongest previous-token head: {best:.2f}"
-
-
 def test_greedy_continuation_is_words_not_noise(tiny, tokenizer):
     stats = json.loads((ASSET / "unigram.json").read_text())
     vocab = set(stats["ids"])
