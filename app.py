@@ -129,12 +129,12 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             gr.Warning(message)
             return f"⚠️ {message}"
 
-        def entry_for(st, name, text, ctrl, fresh=False):
-            """The user's session: continue it, or start from the prompt if it changed or `fresh`."""
+        def entry_for(st, name, text, ctrl):
+            """The user's session: continue it, or start anew from the prompt if the prompt or model changed."""
             config = c.sampling_config(*ctrl)
             ids = c.check_prompt(models, name, text)
             st = dict(st or c.new_state(name))
-            if not fresh and st.get("ids") and st.get("model") == name and st["ids"][: st["prompt_len"]] == ids:
+            if st.get("ids") and st.get("model") == name and st["ids"][: st["prompt_len"]] == ids:
                 entry = sessions.get(st, config)
                 return st, entry
             sessions.drop(st.get("key"))
@@ -217,8 +217,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                 entry.session.step(force=get_token(entry))
             return action
 
-        def on_settle(st, name, text, pos, lay, hd, *ctrl):
-            """After a change: the candidate picker, sliders and every view, for the selected token."""
+        def on_settle(st, lay, hd, *ctrl):
+            """After a change: the candidate picker, the sliders and every view, for the newest token."""
             try:
                 entry = sessions.get(st, c.sampling_config(*ctrl)) if (st or {}).get("ids") else None
             except (c.UserError, ValueError) as e:
@@ -289,7 +289,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
 
         # --- wiring -------------------------------------------------------------------------------
         inputs = [state, model_name, prompt] + controls
-        settle_inputs = [state, model_name, prompt, position, layer, head] + controls
+        settle_inputs = [state, layer, head] + controls
         after = dict(fn=on_settle, inputs=settle_inputs, outputs=settle, api_visibility="private")
         gen_event = generate_btn.click(on_generate, inputs, live, api_name="generate", concurrency_limit=2)
         gen_event.then(**after)

@@ -98,7 +98,7 @@ def trace_bytes(model: GPT2, n_tokens: int, top_n: int = 10) -> int:
         + T * top_n * 8 + T * 4  # next-token top-N, logprobs
         + (c.n_layer + 1) * T * top_n * 6  # logit lens
     )
-    work = c.n_layer * c.n_head * T * T * 4  # patterns held in float32 during the pass
+    work = 2 * c.n_head * T * T * 4  # one layer's float32 scores and pattern during the pass
     return stored + work
 
 
@@ -126,14 +126,10 @@ def trace(
         )
     tokens = torch.tensor([ids], device=model.device)
     store: dict = {}
-    with model.hooks(capture_hooks(model, store)):
+    with model.hooks(capture_hooks(model, store, pack=True)):
         logits = model(tokens)[0]  # [T, vocab]
-    attention, resid = stacked_captures(model, store)  # [L, H, T, T], [L + 1, T, C]
-    rows, cols = torch.tril_indices(T, T)
-    packed = attention[:, :, rows, cols].to(torch.float16).cpu().numpy()
-    del attention
-    for key in [k for k in store if k.endswith("attn.pattern")]:
-        del store[key]  # free the float32 patterns once packed
+    attention, resid = stacked_captures(model, store)  # [L, H, T*(T+1)/2] float16, [L + 1, T, C]
+    packed = attention.cpu().numpy()
     logp = torch.log_softmax(logits.float(), dim=-1)
     top = torch.topk(logp, top_n, dim=-1)
     token_logprobs = torch.full((T,), float("nan"))
