@@ -64,6 +64,17 @@ def read_position(model: GPT2, resid: torch.Tensor, final_normed: torch.Tensor, 
 
 
 @torch.no_grad()
+def next_token_logprobs(model: GPT2, normed: torch.Tensor, next_ids: list[int], chunk: int = 256) -> list[float]:
+    """log p(next_ids[i] | position i) from final-layer-normed rows `[n, d_model]`, a chunk of rows at a time."""
+    out: list[float] = []
+    for start in range(0, normed.shape[0], chunk):
+        logp = torch.log_softmax(model.unembed(normed[start:start + chunk]).float(), dim=-1)
+        targets = torch.tensor(next_ids[start:start + chunk], device=logp.device)
+        out += logp.gather(1, targets[:, None])[:, 0].tolist()
+    return out
+
+
+@torch.no_grad()
 def logit_lens(model: GPT2, resid: torch.Tensor, top_n: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Read residual vectors `[..., d_model]` through the final layer norm and the unembedding.
 

@@ -19,7 +19,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from .capture import capture_hooks, read_position, stacked_captures
+from .capture import capture_hooks, next_token_logprobs, read_position, stacked_captures
 from .model import GPT2, ContextLengthError
 from .sampling import SamplingConfig, distributions, draw, entropy, rank_of, step_generator
 from .tokenizer import ENDOFTEXT_ID, encode, token_strings
@@ -183,8 +183,9 @@ class GenerationSession:
         attention, resid = stacked_captures(model, store)  # [layer, head, rows, key], [layer + 1, rows, d_model]
         logits, lens_ids, lens_probs = read_position(model, resid[:, -1], normed[-1], self.top_n)
         if self.record:
-            earlier = model.unembed(normed[:-1]) if normed.shape[0] > 1 else None  # prompt tokens' logits
-            self.records.add(start, ids, attention, resid, store["embed"], store["pos_embed"], earlier)
+            # the log-probabilities of the tokens this pass read after its first (the prompt's)
+            known = next_token_logprobs(model, normed[:-1], ids[start + 1:]) if normed.shape[0] > 1 else []
+            self.records.add(start, attention, resid, store["embed"], store["pos_embed"], known)
         self._pending = _Pending(
             position=len(ids) - 1,
             logits=logits,
@@ -311,11 +312,11 @@ class Records:
     def nbytes(self) -> int:
         return sum(a.nbytes for rows in (self.attention, self.resid, self.embed, self.pos_embed) for a in rows)
 
-    def add(self, start, ids, attention, resid, embed, pos_embed, logits) -> None:
-        """Store rows for positions start..start+T-1 from one forward pass; `logits` `[T - 1, vocab]`
-        are those of all but the last row (None when T = 1)."""
+    def add(self, start, attention, resid, embed, pos_embed, known_logprobs: list[float]) -> None:
+        """Store rows for positions start..start+T-1 from one forward pass, and the log-probabilities
+        of the tokens at start+1..start+T-1 (already in the text when the pass ran)."""
         T = resid.shape[1]
-        att = attention.float().cpu().numpy().astype(np.float16)
+        att = attention.cpu().numpy()  # float16
         res = resid.float().cpu().numpy()
         for r in range(T):
             p = start + r
@@ -325,10 +326,7 @@ class Records:
             self.pos_embed.append(pos_embed[r].float().cpu().numpy())
         if start == 0:
             self.logprobs = [float("nan")]
-        if logits is not None:  # tokens already in the text (the prompt): their log-probabilities from this pass
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            known = torch.tensor(ids[start + 1:start + T], device=logp.device)
-            self.logprobs += logp.gather(1, known[:, None])[:, 0].tolist()
+        self.logprobs += known_logprobs
 
     def truncate(self, n_positions: int, n_tokens: int) -> None:
         for rows in (self.attention, self.resid, self.embed, self.pos_embed):
