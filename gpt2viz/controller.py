@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -148,7 +147,6 @@ class Entry:
     model_name: str
     lock: threading.Lock
     generating: object | None = None  # the running generation's token; cleared by Stop
-    last_used: float = 0.0
 
 
 class Sessions:
@@ -199,7 +197,7 @@ class Sessions:
         model = self.models.get(model_name)
         session = GenerationSession(model, self.models.tokenizer, prompt_ids, config, top_n=TOP_N, record=True)
         key = uuid.uuid4().hex
-        entry = Entry(session, model_name, threading.Lock(), last_used=time.time())
+        entry = Entry(session, model_name, threading.Lock())
         with self._lock:
             self._entries[key] = entry
         self._evict(keep=entry)
@@ -223,7 +221,6 @@ class Sessions:
                 self._entries[key or new_key] = self._entries.pop(new_key)
             state["key"] = key or new_key
         entry.session.config = config
-        entry.last_used = time.time()
         self._evict(keep=entry)
         return entry
 
@@ -335,15 +332,6 @@ def window(selected: int, n: int, size: int) -> tuple[int, int]:
 
 def crop_note(start: int, end: int, n: int) -> str:
     return "" if (start, end) == (0, n) else f"<br><sup>showing tokens {start}–{end - 1} of {n}</sup>"
-
-
-def clamp_position(session: GenerationSession, position) -> int:
-    n = len(session.records)
-    try:
-        p = int(position)
-    except (TypeError, ValueError):
-        p = n - 1
-    return max(0, min(n - 1, p if p >= 0 else n + p))
 
 
 def step_summary(step: Step | None, tokenizer) -> str:
