@@ -51,8 +51,9 @@ def load_model(
     `name_or_path`: a Hub name (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2`),
     a bundled name (`tiny-shakespeare`), a folder holding `config.json` and `model.safetensors`
     (or `pytorch_model.bin`), or a `.safetensors` / `.bin` file with `config.json` beside it.
+    `local_files_only`: use the Hugging Face cache and never ask the Hub.
     """
-    config_path, weights_path = resolve_checkpoint(name_or_path)
+    config_path, weights_path = resolve_checkpoint(name_or_path, local_files_only)
     cfg = read_config(config_path)
     state = convert_state_dict(read_weights(weights_path), cfg)
     model = GPT2(cfg)

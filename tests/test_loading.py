@@ -181,3 +181,26 @@ def test_unreachable_hub_with_empty_cache_says_what_to_do(tmp_path):
     assert "distilbert/distilgpt2" in result.stdout
     assert "not in the local cache" in result.stdout
     assert "point at a local checkpoint" in result.stdout
+
+
+def test_local_files_only_never_touches_the_network(tmp_path, monkeypatch):
+    """What the app does when the Hub is unreachable: look in the cache only, and fail at once."""
+    import socket
+
+    from gpt2viz import HubUnavailableError
+
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(HubUnavailableError, match="not in the local cache"):
+        load_model("gpt2", local_files_only=True)
+    assert attempts == []
