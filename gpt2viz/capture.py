@@ -7,7 +7,6 @@ both show the same numbers.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .model import GPT2
 
@@ -22,12 +21,13 @@ def capture_hooks(model: GPT2, store: dict, rows: slice | None = None, pack: boo
     exists at a time.
     """
     rows = rows if rows is not None else slice(None)
+    causal: list[torch.Tensor] = []  # the lower-triangle indices, computed once for all layers
 
     def save_pattern(x, hook):
         if pack:
-            T = x.shape[-1]
-            q, k = torch.tril_indices(T, T, device=x.device)
-            store[hook.name] = x[0][:, q, k].to(torch.float16)
+            if not causal:
+                causal.extend(torch.tril_indices(x.shape[-1], x.shape[-1], device=x.device))
+            store[hook.name] = x[0][:, causal[0], causal[1]].to(torch.float16)
         else:
             store[hook.name] = x[0, :, rows].to(torch.float16)
 
@@ -86,7 +86,7 @@ def logit_lens(model: GPT2, resid: torch.Tensor, top_n: int, chunk: int = 256) -
     ids, probs = [], []
     for start in range(0, flat.shape[0], chunk):
         x = model.ln_f(flat[start:start + chunk])
-        p = torch.softmax(F.linear(x, model.wte.weight).float(), dim=-1)
+        p = torch.softmax(model.unembed(x).float(), dim=-1)
         top = torch.topk(p, top_n, dim=-1)
         ids.append(top.indices)
         probs.append(top.values)
