@@ -36,6 +36,10 @@ SHAPES = {
 }
 QUICK_SHAPES = {"tiny": dict(n_layer=2, n_head=4, n_embd=64, n_positions=1024)}
 PROMPT = "The quick brown fox jumps over the lazy"
+DECODE_CONTENDERS = ("gpt2viz, no capture", "gpt2viz, full capture", "transformers generate",
+                     "transformers + attentions + hidden states")
+PREFILL_CONTENDERS = ("gpt2viz, no capture", "gpt2viz, app capture", "gpt2viz trace (with logit lens at every position)",
+                      "transformers eager + attentions")
 
 
 class PeakRSS:
@@ -70,17 +74,15 @@ def rss() -> int:
     return 0
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(median seconds, peak extra MiB) over `repeats` runs after one warm-up."""
+def timed(fn, repeats: int) -> float:
+    """Median seconds over `repeats` runs after one warm-up."""
     fn()
-    times, peak = [], 0.0
+    times = []
     for _ in range(repeats):
-        with PeakRSS() as mem:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        peak = max(peak, mem.mib)
-    return statistics.median(times), peak
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def build(shape: dict):
@@ -98,7 +100,8 @@ def build(shape: dict):
     return ours, hf
 
 
-def decode_benchmarks(ours, hf, tok, n_new: int, repeats: int) -> dict:
+def decode_contenders(ours, hf, tok, n_new: int) -> dict:
+    """name -> a function that decodes `n_new` tokens greedily after PROMPT."""
     prompt = tok.encode(PROMPT)
     x = torch.tensor([prompt])
     mask = torch.ones_like(x)
@@ -128,45 +131,70 @@ def decode_benchmarks(ours, hf, tok, n_new: int, repeats: int) -> dict:
                     output_attentions=True, output_hidden_states=True, return_dict_in_generate=True)
         hf.set_attn_implementation("sdpa")
 
-    out = {}
-    for name, fn in [("gpt2viz, no capture", ours_plain), ("gpt2viz, full capture", ours_capture),
-                     ("transformers generate", hf_plain), ("transformers + attentions + hidden states", hf_capture)]:
-        seconds, mib = timed(fn, repeats)
-        out[name] = {"tokens_per_s": n_new / seconds, "peak_mib": mib}
-    return out
+    return dict(zip(DECODE_CONTENDERS, (ours_plain, ours_capture, hf_plain, hf_capture)))
+
+
+def prefill_contenders(ours, hf, tok, T: int) -> dict:
+    """name -> a function that reads T random tokens."""
+    ids = torch.randint(0, 50257, (1, T), generator=torch.Generator().manual_seed(T))
+    id_list = ids[0].tolist()
+
+    @torch.no_grad()
+    def ours_plain():
+        ours(ids)
+
+    def ours_capture():
+        session = GenerationSession(ours, tok, id_list[:-1] if T == ours.cfg.n_positions else id_list, SamplingConfig(), record=True)
+        session.peek()
+
+    def ours_trace():
+        trace(ours, tok, id_list)
+
+    @torch.no_grad()
+    def hf_eager_attn():
+        hf.set_attn_implementation("eager")
+        hf(ids, output_attentions=True)
+        hf.set_attn_implementation("sdpa")
+
+    return dict(zip(PREFILL_CONTENDERS, (ours_plain, ours_capture, ours_trace, hf_eager_attn)))
+
+
+def decode_benchmarks(ours, hf, tok, n_new: int, repeats: int) -> dict:
+    return {name: {"tokens_per_s": n_new / timed(fn, repeats)}
+            for name, fn in decode_contenders(ours, hf, tok, n_new).items()}
 
 
 def prefill_benchmarks(ours, hf, tok, lengths: list[int], repeats: int) -> dict:
-    out = {}
-    for T in lengths:
-        ids = torch.randint(0, 50257, (1, T), generator=torch.Generator().manual_seed(T))
-        id_list = ids[0].tolist()
+    return {T: {name: {"seconds": timed(fn, repeats)} for name, fn in prefill_contenders(ours, hf, tok, T).items()}
+            for T in lengths}
 
-        @torch.no_grad()
-        def ours_plain():
-            ours(ids)
 
-        def ours_capture():
-            session = GenerationSession(ours, tok, id_list[:-1] if T == ours.cfg.n_positions else id_list, SamplingConfig(), record=True)
-            session.peek()
+def peak_memory(shape_name: str, quick: bool, kind: str, arg: int, name: str) -> float:
+    """Peak resident memory (MiB) that one contender adds above its loaded models, measured in a
+    fresh process so that no earlier run's allocations hide it."""
+    spec = json.dumps({"shape": shape_name, "quick": quick, "kind": kind, "arg": arg, "name": name})
+    out = subprocess.run([sys.executable, __file__, "--memory-probe", spec], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
-        def ours_trace():
-            trace(ours, tok, id_list)
 
-        @torch.no_grad()
-        def hf_eager_attn():
-            hf.set_attn_implementation("eager")
-            hf(ids, output_attentions=True)
-            hf.set_attn_implementation("sdpa")
+def memory_probe(spec: str) -> None:
+    """Child side of `peak_memory`: build the models, run the contender once, print the peak extra MiB."""
+    import gc
 
-        row = {}
-        for name, fn in [("gpt2viz, no capture", ours_plain), ("gpt2viz, app capture", ours_capture),
-                         ("gpt2viz trace (with logit lens at every position)", ours_trace),
-                         ("transformers eager + attentions", hf_eager_attn)]:
-            seconds, mib = timed(fn, repeats)
-            row[name] = {"seconds": seconds, "peak_mib": mib}
-        out[T] = row
-    return out
+    s = json.loads(spec)
+    ours, hf = build((QUICK_SHAPES if s["quick"] else SHAPES)[s["shape"]])
+    tok = load_tokenizer()
+    contenders = (decode_contenders if s["kind"] == "decode" else prefill_contenders)(ours, hf, tok, s["arg"])
+    gc.collect()
+    with PeakRSS() as mem:
+        contenders[s["name"]]()
+    print(f"{mem.mib:.1f}")
+
+
+def memory_benchmarks(shape_name: str, quick: bool, n_new: int, T: int) -> dict:
+    """Peak extra MiB of every decode contender and every prefill contender at T tokens, each in its own process."""
+    return {"decode": {n: peak_memory(shape_name, quick, "decode", n_new, n) for n in DECODE_CONTENDERS},
+            f"prefill {T}": {n: peak_memory(shape_name, quick, "prefill", T, n) for n in PREFILL_CONTENDERS}}
 
 
 def trace_size(ours, tok, T: int) -> float:
@@ -268,7 +296,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--skip-app", action="store_true")
+    ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_probe:
+        return memory_probe(args.memory_probe)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = 1 if args.quick else args.repeats
     n_new = 8 if args.quick else args.new_tokens
@@ -287,6 +318,7 @@ def main() -> None:
         r["prefill"] = prefill_benchmarks(ours, hf, tok, lengths, repeats)
         r["trace_mib"] = {T: trace_size(ours, tok, T) for T in lengths[-1:]}
         del ours, hf
+        r["memory_mib"] = memory_benchmarks(name, args.quick, n_new, lengths[-1])
         if not args.skip_app:
             r["app"] = app_path(shape, 120 if not args.quick else 20, 10 if not args.quick else 3)
         print_shape(name, r)
@@ -300,16 +332,21 @@ def print_shape(name: str, r: dict) -> None:
     d = r["decode"]
     ref = d["transformers generate"]["tokens_per_s"]
     print(f"\n## {name}: decode after a {len(PROMPT.split())}-word prompt")
-    print("| | tokens/s | × transformers generate | peak extra MiB |\n|---|---:|---:|---:|")
+    mem = r["memory_mib"]["decode"]
+    print("| | tokens/s | × transformers generate | peak extra MiB (own process) |\n|---|---:|---:|---:|")
     for k, v in d.items():
-        print(f"| {k} | {v['tokens_per_s']:.1f} | {v['tokens_per_s'] / ref:.2f} | {v['peak_mib']:.0f} |")
+        print(f"| {k} | {v['tokens_per_s']:.1f} | {v['tokens_per_s'] / ref:.2f} | {mem[k]:.0f} |")
     print(f"\n## {name}: prefill latency (s)")
     cols = list(next(iter(r["prefill"].values())))
     print("| tokens | " + " | ".join(cols) + " | app capture ÷ transformers eager+attn |")
     print("|---:|" + "---:|" * (len(cols) + 1))
     for T, row in r["prefill"].items():
         ratio = row["gpt2viz, app capture"]["seconds"] / row["transformers eager + attentions"]["seconds"]
-        print(f"| {T} | " + " | ".join(f"{row[c]['seconds']:.3f} ({row[c]['peak_mib']:.0f} MiB)" for c in cols) + f" | {ratio:.2f} |")
+        print(f"| {T} | " + " | ".join(f"{row[c]['seconds']:.3f}" for c in cols) + f" | {ratio:.2f} |")
+    for kind, row in r["memory_mib"].items():
+        if kind != "decode":
+            print(f"\npeak extra MiB, {kind} tokens, each in its own process: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in row.items()))
     for T, mib in r["trace_mib"].items():
         print(f"\nfull trace of {T} tokens: {mib:.1f} MiB")
     if "app" in r:

@@ -6,30 +6,47 @@ both show the same numbers.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .model import GPT2
 
+ATTENTION_LEVELS = 255  # uint8 code q stands for probability q / 255
 
-def capture_hooks(model: GPT2, store: dict, rows: slice | None = None, pack: bool = False) -> list:
+
+def quantize_attention(pattern: torch.Tensor) -> torch.Tensor:
+    """Probabilities in [0, 1] (any shape) -> uint8 codes round(p * 255)."""
+    return torch.round(pattern * ATTENTION_LEVELS).to(torch.uint8)
+
+
+def dequantize_attention(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes -> float32 probabilities (within 1/510 of the originals)."""
+    return codes.astype(np.float32) * np.float32(1 / ATTENTION_LEVELS)
+
+
+def capture_hooks(
+    model: GPT2, store: dict, rows: slice | None = None, pack: bool = False, attention_dtype: torch.dtype = torch.float16
+) -> list:
     """Hooks that save, for the positions in `rows` (all if None), batch item 0 of:
 
     each layer's attention pattern `[head, query, key]` as float16 (with `pack`, only its causal
-    half, `[head, T*(T+1)/2]`, row by row), the residual stream after the embeddings and after
+    half, `[head, T*(T+1)/2]`, row by row; `attention_dtype=torch.uint8` stores the 8-bit codes
+    of `quantize_attention`), the residual stream after the embeddings and after
     each block `[pos, d_model]`, and the token and position embeddings `[pos, d_model]`.
     Patterns are reduced as each layer computes them, so only one layer's float32 pattern
     exists at a time.
     """
     rows = rows if rows is not None else slice(None)
+    reduce = quantize_attention if attention_dtype == torch.uint8 else (lambda x: x.to(attention_dtype))
     causal: list[torch.Tensor] = []  # the lower-triangle indices, computed once for all layers
 
     def save_pattern(x, hook):
         if pack:
             if not causal:
                 causal.extend(torch.tril_indices(x.shape[-1], x.shape[-1], device=x.device))
-            store[hook.name] = x[0][:, causal[0], causal[1]].to(torch.float16)
+            store[hook.name] = reduce(x[0][:, causal[0], causal[1]])
         else:
-            store[hook.name] = x[0, :, rows].to(torch.float16)
+            store[hook.name] = reduce(x[0, :, rows])
 
     def save_resid(x, hook):
         store[hook.name] = x[0, rows]

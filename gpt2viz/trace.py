@@ -1,7 +1,8 @@
 """Whole-text traces: everything gpt2viz shows about a text, from one forward pass, as numpy arrays.
 
-Attention is stored packed: only the causal half (query >= key), float16. A memory budget
-is checked before anything large is allocated.
+Attention is stored packed: only the causal half (query >= key), as 8-bit fixed point
+(probability x 255, rounded: within 1/510 of the float32 value, finer than any colour scale
+or two-decimal label shows). A memory budget is checked before anything large is allocated.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ import numpy as np
 import tiktoken
 import torch
 
-from .capture import capture_hooks, logit_lens, stacked_captures
+from .capture import capture_hooks, dequantize_attention, logit_lens, stacked_captures
 from .model import GPT2, ContextLengthError
 from .tokenizer import encode, token_strings
 
 DEFAULT_MAX_TRACE_BYTES = int(os.environ.get("GPT2VIZ_MAX_TRACE_BYTES", 1 << 30))
-
 
 class TraceBudgetError(MemoryError):
     """A trace would need more memory than the configured budget."""
@@ -33,7 +33,7 @@ class Trace:
 
     tokens: np.ndarray  # [T] int64
     token_strings: list[str]
-    attention_packed: np.ndarray  # [L, H, T*(T+1)/2] float16: row q holds keys 0..q
+    attention_packed: np.ndarray  # [L, H, T*(T+1)/2] uint8 codes (see dequantize_attention): row q holds keys 0..q
     resid: np.ndarray  # [L + 1, T, C] float16: after the embeddings, then after each block
     embed: np.ndarray  # [T, C] float16 token embedding
     pos_embed: np.ndarray  # [T, C] float16 position embedding
@@ -61,12 +61,12 @@ class Trace:
 
     def pattern(self, layer: int, head: int) -> np.ndarray:
         """Attention of one head `[query, key]` float32, zeros above the diagonal."""
-        return unpack_causal(self.attention_packed[layer, head], len(self))
+        return unpack_causal(dequantize_attention(self.attention_packed[layer, head]), len(self))
 
     def attention_row(self, position: int) -> np.ndarray:
         """Attention of `position` over keys 0..position, all layers and heads: `[L, H, position + 1]`."""
         start = position * (position + 1) // 2
-        return self.attention_packed[:, :, start:start + position + 1].astype(np.float32)
+        return dequantize_attention(self.attention_packed[:, :, start:start + position + 1])
 
     @property
     def attention(self) -> np.ndarray:
@@ -74,7 +74,7 @@ class Trace:
         T = len(self)
         out = np.zeros((self.n_layer, self.n_head, T, T), dtype=np.float32)
         rows, cols = np.tril_indices(T)
-        out[:, :, rows, cols] = self.attention_packed
+        out[:, :, rows, cols] = dequantize_attention(self.attention_packed)
         return out
 
     @property
@@ -93,7 +93,7 @@ def trace_bytes(model: GPT2, n_tokens: int, top_n: int = 10) -> int:
     """Bytes a trace of `n_tokens` holds, plus the float32 work space of the largest layer's pattern."""
     c, T = model.cfg, n_tokens
     stored = (
-        c.n_layer * c.n_head * T * (T + 1) // 2 * 2  # attention, float16
+        c.n_layer * c.n_head * T * (T + 1) // 2  # attention, uint8
         + (c.n_layer + 3) * T * c.n_embd * 2  # resid, embed, pos_embed
         + T * top_n * 8 + T * 4  # next-token top-N, logprobs
         + (c.n_layer + 1) * T * top_n * 6  # logit lens
@@ -126,9 +126,9 @@ def trace(
         )
     tokens = torch.tensor([ids], device=model.device)
     store: dict = {}
-    with model.hooks(capture_hooks(model, store, pack=True)):
+    with model.hooks(capture_hooks(model, store, pack=True, attention_dtype=torch.uint8)):
         logits = model(tokens)[0]  # [T, vocab]
-    attention, resid = stacked_captures(model, store)  # [L, H, T*(T+1)/2] float16, [L + 1, T, C]
+    attention, resid = stacked_captures(model, store)  # [L, H, T*(T+1)/2] uint8, [L + 1, T, C]
     packed = attention.cpu().numpy()
     logp = torch.log_softmax(logits.float(), dim=-1)
     top = torch.topk(logp, top_n, dim=-1)

@@ -76,6 +76,48 @@ def tokenize(works: dict[str, str]) -> np.ndarray:
     return np.array(ids, dtype=np.int64)
 
 
+class CorpusVocab:
+    """The training split's tokens as a compact vocabulary, plus one shared row for every other GPT-2 token.
+
+    Training softmaxes over |corpus| + 1 classes instead of 50,257 (2.6x cheaper for the
+    19k tokens of Shakespeare), and stays exact: the last class stands for the
+    `n_rest` tokens never seen in training, which all share one embedding row, so its
+    logit carries `+ log(n_rest)`. `expand` writes that row into each of them, and the
+    full 50,257-way softmax of the exported model equals the compact one.
+    """
+
+    def __init__(self, train: np.ndarray, vocab_size: int):
+        self.ids = np.unique(train)
+        self.full_size = vocab_size
+        self.rest = len(self.ids)  # compact index of the shared row
+        self.n_rest = vocab_size - len(self.ids)
+        self.to_compact = np.full(vocab_size, self.rest, dtype=np.int64)
+        self.to_compact[self.ids] = np.arange(len(self.ids))
+
+    @property
+    def size(self) -> int:
+        return len(self.ids) + 1
+
+    def compact(self, data: np.ndarray) -> np.ndarray:
+        return self.to_compact[data]
+
+    def logit_bias(self) -> torch.Tensor:
+        bias = torch.zeros(self.size)
+        bias[self.rest] = math.log(self.n_rest)
+        return bias
+
+    def expand(self, model: GPT2) -> GPT2:
+        """The compact model as a full-vocabulary GPT-2 (same weights; unseen tokens share the rest row)."""
+        cfg = GPT2Config(**{**model.cfg.__dict__, "vocab_size": self.full_size})
+        full = GPT2(cfg)
+        state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+        compact_wte = state.pop("wte.weight")
+        wte = compact_wte[self.rest].repeat(self.full_size, 1)
+        wte[torch.from_numpy(self.ids)] = compact_wte[: self.rest]
+        full.load_state_dict({**state, "wte.weight": wte}, strict=False)
+        return full.eval()
+
+
 def batches(data: np.ndarray, batch: int, ctx: int, gen: np.random.Generator):
     while True:
         starts = gen.integers(0, len(data) - ctx - 1, size=batch)
@@ -84,20 +126,49 @@ def batches(data: np.ndarray, batch: int, ctx: int, gen: np.random.Generator):
         yield torch.from_numpy(x), torch.from_numpy(y)
 
 
+def next_token_loss(model: GPT2, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Per-token cross-entropy `[batch * pos]`; `bias` is added to the logits (the compact vocabulary's rest class)."""
+    logits = model(x)
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+
+
 @torch.no_grad()
-def evaluate(model: GPT2, data: np.ndarray, ctx: int) -> float:
-    """Mean next-token loss (nats) over the whole split, in non-overlapping windows."""
+def evaluate(model: GPT2, data: np.ndarray, ctx: int, vocab: CorpusVocab | None = None) -> float:
+    """Mean next-token loss (nats) over the whole split, in non-overlapping windows, as the full-vocabulary model.
+
+    With a compact `vocab`, `data` is in compact ids, and a target outside the corpus
+    vocabulary costs the extra `log(n_rest)` of picking one token out of the rest class.
+    """
     model.eval()
     total, count = 0.0, 0
+    bias = vocab.logit_bias().to(model.wte.weight.device) if vocab else None
     for s in range(0, len(data) - 1, ctx):
-        x = torch.from_numpy(data[s:s + ctx][None])
-        y = torch.from_numpy(data[s + 1:s + ctx + 1][None])
+        x = torch.from_numpy(data[s:s + ctx][None]).to(model.wte.weight.device)
+        y = torch.from_numpy(data[s + 1:s + ctx + 1][None]).to(x.device)
         x = x[:, : y.shape[1]]
-        logits = model(x)
-        total += F.cross_entropy(logits[0].float(), y[0], reduction="sum").item()
-        count += y.shape[1]
+        losses = next_token_loss(model, x, y, bias).float()
+        if vocab:
+            losses = losses + (y.reshape(-1) == vocab.rest) * math.log(vocab.n_rest)
+        total += losses.sum().item()
+        count += y.numel()
     model.train()
     return total / count
+
+
+@torch.no_grad()
+def previous_token_scores(model: GPT2, data: np.ndarray, ctx: int, windows: int = 8) -> torch.Tensor:
+    """`[layer, head]` mean attention from each position t >= 1 to t - 1 over the first `windows` windows of `data`."""
+    model.eval()
+    total = torch.zeros(model.cfg.n_layer, model.cfg.n_head)
+    for w in range(windows):
+        x = torch.from_numpy(data[w * ctx:(w + 1) * ctx][None]).to(model.wte.weight.device)
+        _, cache = model.run_with_cache(x, names=["pattern"])
+        pattern = cache.stack("pattern")[:, 0].float().cpu()  # [layer, head, query, key]
+        total += pattern.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1)
+    model.train()
+    return total / windows
 
 
 def unigram_loss(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
@@ -154,6 +225,9 @@ def main() -> None:
     ap.add_argument("--qk-init", type=float, default=None,
                     help="std of the attention input weights (c_attn) times sqrt(n_embd); default: GPT-2's 0.02")
     ap.add_argument("--no-decay-wpe", action="store_true", help="exclude the position embeddings from weight decay")
+    ap.add_argument("--vocab", choices=["corpus", "full"], default="corpus",
+                    help="softmax over the training split's tokens + one shared rest class (exact, 2.6x cheaper), or all 50,257")
+    ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stats-only", action="store_true", help="only write the corpus statistics (unigram.json) to --out")
     args = ap.parse_args()
@@ -169,7 +243,12 @@ def main() -> None:
     if args.stats_only:
         return
 
-    cfg = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_positions=args.ctx)
+    vocab = CorpusVocab(train, GPT2Config().vocab_size) if args.vocab == "corpus" else None
+    if vocab:
+        train, val = vocab.compact(train), vocab.compact(val)
+        print(f"corpus vocabulary: {vocab.size - 1:,} tokens + 1 shared row for the other {vocab.n_rest:,}")
+    cfg = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_positions=args.ctx,
+                     vocab_size=vocab.size if vocab else GPT2Config().vocab_size)
     model = init_weights(GPT2(cfg), seed=args.seed)
     if args.qk_init is not None:
         with torch.no_grad():
@@ -197,7 +276,8 @@ def main() -> None:
         torch.set_rng_state(st["torch_rng"])
         print(f"resumed at step {step}")
     data = batches(train, args.batch, args.ctx, gen)
-    warmup = 100
+    warmup = args.warmup
+    bias = vocab.logit_bias().to(device) if vocab else None
     started, loss_avg = time.time(), None
     amp = torch.autocast(device, dtype=torch.bfloat16)
     while step < args.steps:
@@ -207,9 +287,8 @@ def main() -> None:
         x, y = next(data)
         x, y = x.to(device), y.to(device)
         with amp:
-            logits = model(x)
-        # cross-entropy on the bf16 logits directly: 2.5x faster on CPU than upcasting the 50,257-way softmax
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            # cross-entropy on the bf16 logits directly: 2.5x faster on CPU than upcasting the softmax
+            loss = next_token_loss(model, x, y, bias).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -218,12 +297,16 @@ def main() -> None:
         loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
         progress(step, args.steps, loss_avg, started)
         if step % args.eval_every == 0 or step == args.steps:
-            val_loss = evaluate(model, val, args.ctx)
-            history.append({"step": step, "train_loss": round(loss_avg, 4), "val_loss": round(val_loss, 4)})
-            print(f"\nstep {step}: val loss {val_loss:.4f}")
+            val_loss = evaluate(model, val, args.ctx, vocab)
+            prev = previous_token_scores(model, val, args.ctx)
+            history.append({"step": step, "train_loss": round(loss_avg, 4), "val_loss": round(val_loss, 4),
+                            "previous_token_head": round(prev.max().item(), 4)})
+            layer, head = divmod(prev.argmax().item(), cfg.n_head)
+            print(f"\nstep {step}: val loss {val_loss:.4f}; strongest previous-token head {layer}.{head} "
+                  f"({prev.max():.2f} of its attention on t-1)")
             if val_loss < best:
                 best = val_loss
-                save_checkpoint(model.float().cpu(), args.work / "best")
+                save_checkpoint(vocab.expand(model) if vocab else model.float().cpu(), args.work / "best")
                 model.to(device)
             args.work.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
@@ -233,11 +316,17 @@ def main() -> None:
 
     best_model = load_model(args.work / "best")
     save_checkpoint(best_model, args.out, dtype=torch.float16)
-    final = evaluate(load_model(args.out), val, args.ctx)  # as shipped: float16 weights
+    full_val = tokenize(val_works)
+    shipped = load_model(args.out)  # as shipped: float16 weights, full vocabulary
+    final = evaluate(shipped, full_val, args.ctx)
+    prev = previous_token_scores(shipped, full_val, args.ctx, windows=len(full_val) // args.ctx)
     report = {
         "validation_works": list(VALIDATION_WORKS), "train_tokens": int(len(train)), "val_tokens": int(len(val)),
         "steps": args.steps, "batch": args.batch, "ctx": args.ctx, "lr": args.lr, "seed": args.seed,
-        "val_loss": round(final, 4), "unigram_val_loss": round(unigram_loss(train, val, cfg.vocab_size), 4),
+        "val_loss": round(final, 4), "unigram_val_loss": round(unigram_loss(tokenize(train_works), full_val, GPT2Config().vocab_size), 4),
+        "previous_token_heads": [[round(v, 4) for v in row] for row in prev.tolist()],
+        "vocab": args.vocab, "warmup": args.warmup, "pos_init": args.pos_init, "n_layer": args.n_layer,
+        "n_head": args.n_head, "n_embd": args.n_embd,
         "train_minutes": round((time.time() - started) / 60, 1), "device": device, "history": history,
     }
     (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -21,3 +21,8 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     assert all(v["tokens_per_s"] > 0 for v in tiny["decode"].values())
     assert set(map(int, tiny["prefill"])) == {32, 128}
     assert tiny["app"]["steps"] == 3 and tiny["app"]["bytes_per_step_median"] > 0
+    memory = tiny["memory_mib"]
+    assert set(memory) == {"decode", "prefill 128"}
+    assert set(memory["decode"]) == set(tiny["decode"]) and len(memory["prefill 128"]) == 4
+    # each contender measured in its own process: a full capture of 128 positions holds something
+    assert memory["prefill 128"]["gpt2viz trace (with logit lens at every position)"] > 0

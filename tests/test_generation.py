@@ -58,7 +58,8 @@ def test_step_captures_equal_the_trace_of_the_final_sequence(small_model, tokeni
     assert len(tr) == len(session.ids)
     for s in steps:
         p = s.position
-        np.testing.assert_allclose(s.attention.astype(np.float32), tr.attention_row(p), atol=2e-3)
+        # steps keep float16 rows; traces keep 8-bit codes (within 1/510)
+        np.testing.assert_allclose(s.attention.astype(np.float32), tr.attention_row(p), atol=1 / 510 + 1e-3)
         np.testing.assert_allclose(s.resid.astype(np.float32), tr.resid[:, p].astype(np.float32), atol=2e-3, rtol=2e-3)
         np.testing.assert_array_equal(s.lens_ids, tr.lens_ids[:, p])
         np.testing.assert_allclose(s.lens_probs.astype(np.float32), tr.lens_probs[:, p].astype(np.float32), atol=2e-3)
@@ -80,13 +81,14 @@ def test_trace_against_transformers(hf_checkpoints, small_model, tokenizer):
     np.testing.assert_allclose(tr.surprisal[1:], -expected, atol=1e-4)
     np.testing.assert_array_equal(tr.top_ids[:, 0], ref.logits[0].argmax(-1).numpy())
     attn = torch.stack(ref.attentions)[:, 0].numpy()  # [layer, head, query, key]
-    np.testing.assert_allclose(tr.attention, attn, atol=1e-3)
-    np.testing.assert_allclose(tr.pattern(1, 2), attn[1, 2], atol=1e-3)
+    np.testing.assert_allclose(tr.attention, attn, atol=1 / 510 + 1e-5)  # 8-bit codes: p rounded to k/255
+    np.testing.assert_allclose(tr.pattern(1, 2), attn[1, 2], atol=1 / 510 + 1e-5)
+    assert np.abs(tr.attention - attn).max() > 1e-4  # it is the 8-bit store being read, not a float copy
     for layer in range(small_model.cfg.n_layer):
         np.testing.assert_allclose(tr.resid[layer].astype(np.float32), ref.hidden_states[layer][0].numpy(), atol=5e-3, rtol=5e-3)
     np.testing.assert_allclose(tr.embed.astype(np.float32) + tr.pos_embed.astype(np.float32), ref.hidden_states[0][0].numpy(), atol=5e-3)
     assert tr.token_strings[:3] == ["To", " be", ","]
-    assert tr.attention_packed.dtype == np.float16 and tr.resid.dtype == np.float16
+    assert tr.attention_packed.dtype == np.uint8 and tr.resid.dtype == np.float16
 
 
 def test_forcing_any_token(small_model, tokenizer):
@@ -197,7 +199,7 @@ def test_recording_session_keeps_every_position_like_a_trace(small_model, tokeni
     assert len(rec.logprobs) == len(ids)
     tr = trace(small_model, tokenizer, ids)
     for p in range(len(rec)):
-        np.testing.assert_allclose(rec.attention[p].astype(np.float32), tr.attention_row(p), atol=2e-3)
+        np.testing.assert_allclose(rec.attention[p].astype(np.float32), tr.attention_row(p), atol=1 / 510 + 1e-3)
         np.testing.assert_allclose(rec.resid[p], tr.resid[:, p].astype(np.float32), atol=2e-3, rtol=2e-3)
         np.testing.assert_allclose(rec.embed[p] + rec.pos_embed[p], tr.resid[0, p].astype(np.float32), atol=2e-3)
     np.testing.assert_allclose(np.array(rec.logprobs[1:]), tr.logprobs[1:], atol=1e-4)
@@ -220,3 +222,14 @@ def test_peek_shows_the_next_distribution_without_choosing(small_model, tokenize
     session.config = SamplingConfig(temperature=0)  # controls can change between steps
     greedy = session.peek()
     assert [c.prob_final for c in greedy.candidates].count(1.0) == 1
+
+
+def test_attention_codes_are_within_half_a_step_of_the_probabilities():
+    from gpt2viz.capture import dequantize_attention, quantize_attention
+
+    p = torch.softmax(torch.randn(4, 50, 50) * 3, dim=-1)
+    p = torch.cat([p.flatten(), torch.tensor([0.0, 1.0, 0.5 / 255, 254.5 / 255])])
+    codes = quantize_attention(p)
+    assert codes.dtype == torch.uint8 and codes[-4:-2].tolist() == [0, 255]
+    back = dequantize_attention(codes.numpy())
+    assert np.abs(back - p.numpy()).max() <= 1 / 510 + 1e-7
