@@ -57,12 +57,13 @@ def capture_hooks(
     return hooks
 
 
-def stacked_captures(model: GPT2, store: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """From a filled store: attention `[layer, head, query, key]` and residual `[layer + 1, pos, d_model]`."""
+def stacked_captures(model: GPT2, store: dict, stack_attention: bool = True) -> tuple:
+    """From a filled store: attention `[layer, head, query, key]` (a list of `[head, query, key]` per layer
+    if not `stack_attention`: no copy of a long prompt's patterns) and residual `[layer + 1, pos, d_model]`."""
     n = model.cfg.n_layer
-    attention = torch.stack([store[f"blocks.{i}.attn.pattern"] for i in range(n)])
+    attention = [store[f"blocks.{i}.attn.pattern"] for i in range(n)]
     resid = torch.stack([store["blocks.0.resid_pre"]] + [store[f"blocks.{i}.resid_post"] for i in range(n)])
-    return attention, resid
+    return (torch.stack(attention) if stack_attention else attention), resid
 
 
 @torch.no_grad()
@@ -74,10 +75,17 @@ def read_position(model: GPT2, resid: torch.Tensor, final_normed: torch.Tensor, 
     output row), lens ids `[layer + 1, top_n]` and lens probabilities `[layer + 1, top_n]`.
     """
     normed = torch.cat([model.ln_f(resid[:-1]), final_normed[None]])
-    # W @ x.T rather than F.linear: for a dozen rows the latter takes a slow GEMM path (2.5x slower here).
-    logits = torch.mm(model.wte.weight, normed.T).T.float()  # [layer + 1, vocab]; the last row is the model's output
+    logits = model.unembed(normed).float()  # [layer + 1, vocab]; the last row is the model's output
+    ids, probs = top_probabilities(logits, top_n)
+    return logits[-1], ids, probs
+
+
+def top_probabilities(logits: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits `[rows, vocab]` -> the top-n ids `[rows, top_n]` and their softmax probabilities.
+
+    (A full softmax then topk: on CPU, torch.logsumexp is 2-3x slower than softmax.)"""
     top = torch.topk(torch.softmax(logits, dim=-1), top_n, dim=-1)
-    return logits[-1], top.indices, top.values
+    return top.indices, top.values
 
 
 @torch.no_grad()
@@ -85,9 +93,9 @@ def next_token_logprobs(model: GPT2, normed: torch.Tensor, next_ids: list[int], 
     """log p(next_ids[i] | position i) from final-layer-normed rows `[n, d_model]`, a chunk of rows at a time."""
     out: list[float] = []
     for start in range(0, normed.shape[0], chunk):
-        logp = torch.log_softmax(model.unembed(normed[start:start + chunk]).float(), dim=-1)
-        targets = torch.tensor(next_ids[start:start + chunk], device=logp.device)
-        out += logp.gather(1, targets[:, None])[:, 0].tolist()
+        logits = model.unembed(normed[start:start + chunk]).float()
+        targets = torch.tensor(next_ids[start:start + chunk], device=logits.device)
+        out += torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].tolist()
     return out
 
 
@@ -102,9 +110,7 @@ def logit_lens(model: GPT2, resid: torch.Tensor, top_n: int, chunk: int = 256) -
     flat = resid.reshape(-1, resid.shape[-1])
     ids, probs = [], []
     for start in range(0, flat.shape[0], chunk):
-        x = model.ln_f(flat[start:start + chunk])
-        p = torch.softmax(model.unembed(x).float(), dim=-1)
-        top = torch.topk(p, top_n, dim=-1)
-        ids.append(top.indices)
-        probs.append(top.values)
+        top_ids, top_probs = top_probabilities(model.unembed(model.ln_f(flat[start:start + chunk])).float(), top_n)
+        ids.append(top_ids)
+        probs.append(top_probs)
     return torch.cat(ids).reshape(*lead, top_n), torch.cat(probs).reshape(*lead, top_n)

@@ -180,16 +180,16 @@ class GenerationSession:
         rows = slice(None) if self.record else slice(-1, None)
         with model.hooks(capture_hooks(model, store, rows=rows)):
             normed = model(new, kv_cache=self._kv, last_only=not self.record, unembed=False)[0]  # [rows, d_model]
-        attention, resid = stacked_captures(model, store)  # [layer, head, rows, key], [layer + 1, rows, d_model]
+        layers, resid = stacked_captures(model, store, stack_attention=False)  # [head, rows, key] per layer, [layer + 1, rows, d_model]
         logits, lens_ids, lens_probs = read_position(model, resid[:, -1], normed[-1], self.top_n)
         if self.record:
             # the log-probabilities of the tokens this pass read after its first (the prompt's)
             known = next_token_logprobs(model, normed[:-1], ids[start + 1:]) if normed.shape[0] > 1 else []
-            self.records.add(start, attention, resid, store["embed"], store["pos_embed"], known)
+            self.records.add(start, layers, resid, store["embed"], store["pos_embed"], known)
         self._pending = _Pending(
             position=len(ids) - 1,
             logits=logits,
-            attention=attention[:, :, -1].float().cpu().numpy().astype(np.float16),
+            attention=torch.stack([a[:, -1] for a in layers]).cpu().numpy(),  # float16
             resid=resid[:, -1].float().cpu().numpy().astype(np.float16),
             lens_ids=lens_ids.cpu().numpy().astype(np.int32),
             lens_probs=lens_probs.cpu().numpy().astype(np.float16),
@@ -312,15 +312,16 @@ class Records:
     def nbytes(self) -> int:
         return sum(a.nbytes for rows in (self.attention, self.resid, self.embed, self.pos_embed) for a in rows)
 
-    def add(self, start, attention, resid, embed, pos_embed, known_logprobs: list[float]) -> None:
-        """Store rows for positions start..start+T-1 from one forward pass, and the log-probabilities
-        of the tokens at start+1..start+T-1 (already in the text when the pass ran)."""
+    def add(self, start, attention: list, resid, embed, pos_embed, known_logprobs: list[float]) -> None:
+        """Store rows for positions start..start+T-1 from one forward pass (attention: one float16
+        `[head, T, key]` per layer), and the log-probabilities of the tokens at start+1..start+T-1
+        (already in the text when the pass ran)."""
         T = resid.shape[1]
-        att = attention.cpu().numpy()  # float16
+        att = [a.cpu().numpy() for a in attention]
         res = resid.float().cpu().numpy()
         for r in range(T):
             p = start + r
-            self.attention.append(att[:, :, r, : p + 1].copy())  # a copy: keep only the causal half
+            self.attention.append(np.stack([a[:, r, : p + 1] for a in att]))  # a new array: only the causal half
             self.resid.append(res[:, r])
             self.embed.append(embed[r].float().cpu().numpy())
             self.pos_embed.append(pos_embed[r].float().cpu().numpy())

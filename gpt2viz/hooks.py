@@ -80,6 +80,9 @@ class HookPoint(nn.Module):
                 x = out
         return x
 
+    # Called a dozen times per layer: skip nn.Module's call machinery (torch's own module hooks are not used).
+    __call__ = forward
+
     @property
     def observed(self) -> bool:
         return bool(_thread_hooks().get(id(self)))

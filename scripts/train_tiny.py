@@ -191,6 +191,49 @@ def sinusoids(n_positions: int, width: int, norm: float) -> torch.Tensor:
     return codes * norm / codes.norm(dim=-1, keepdim=True)
 
 
+def previous_token_prior(model: GPT2, head: int, gain: float) -> None:
+    """Initialise one layer-0 head to attend to the previous position (needs sinusoidal position embeddings).
+
+    The head's queries read d_head/2 sine/cosine pairs of the position code, and its keys read
+    the same pairs rotated by one position, so q_t . k_s = gain^2 * sum_f cos(w_f (t - 1 - s)):
+    largest at s = t - 1. Only the starting point is set; training may keep, sharpen or erase it.
+    """
+    cfg = model.cfg
+    d, C = cfg.d_head, cfg.n_embd
+    pairs = torch.arange(d // 2)  # the fastest frequencies: the sharpest peak at one position
+    freq = 10000 ** (-2 * pairs.float() / C)
+    w = model.blocks[0].attn.c_attn.weight  # [3C, C]: rows for q, then k, then v
+    with torch.no_grad():
+        q = torch.zeros(d, C)
+        k = torch.zeros(d, C)
+        for i, (j, om) in enumerate(zip(pairs.tolist(), freq.tolist())):
+            sin_dim, cos_dim = 2 * j, 2 * j + 1
+            q[2 * i, sin_dim] = q[2 * i + 1, cos_dim] = gain
+            # k reads (sin w(s+1), cos w(s+1)) = rotation of (sin ws, cos ws) by w
+            k[2 * i, sin_dim], k[2 * i, cos_dim] = gain * math.cos(om), gain * math.sin(om)
+            k[2 * i + 1, sin_dim], k[2 * i + 1, cos_dim] = -gain * math.sin(om), gain * math.cos(om)
+        w[head * d:(head + 1) * d] = q
+        w[C + head * d:C + (head + 1) * d] = k
+        model.blocks[0].attn.c_attn.bias[head * d:(head + 1) * d] = 0
+        model.blocks[0].attn.c_attn.bias[C + head * d:C + (head + 1) * d] = 0
+
+
+def prior_rows(model: GPT2, head: int) -> list[tuple[torch.Tensor, slice, torch.Tensor]]:
+    """(parameter, rows, saved value) for the query and key weights and biases of one layer-0 head."""
+    d, C = model.cfg.d_head, model.cfg.n_embd
+    attn = model.blocks[0].attn.c_attn
+    rows = [slice(head * d, (head + 1) * d), slice(C + head * d, C + (head + 1) * d)]
+    return [(p, r, p.detach()[r].clone()) for p in (attn.weight, attn.bias) for r in rows]
+
+
+def dropout_hooks(p: float) -> list:
+    """Training-time dropout where GPT-2 has it (embeddings, attention output, MLP output), through hook points."""
+    if p == 0:
+        return []
+    drop = lambda x, hook: F.dropout(x, p, training=True)  # noqa: E731
+    return [("blocks.0.resid_pre", drop), (lambda name: name.endswith(("attn_out", "mlp_out")), drop)]
+
+
 def write_unigram(train: np.ndarray, out: Path) -> None:
     """Token counts of the training split: the unigram baseline, and the training vocabulary, for the tests."""
     ids, counts = np.unique(train, return_counts=True)
@@ -224,10 +267,16 @@ def main() -> None:
     ap.add_argument("--pos-norm", type=float, default=1.0, help="norm of each sinusoidal position embedding at init")
     ap.add_argument("--qk-init", type=float, default=None,
                     help="std of the attention input weights (c_attn) times sqrt(n_embd); default: GPT-2's 0.02")
+    ap.add_argument("--prev-token-prior", type=float, default=None, metavar="GAIN",
+                    help="initialise head 0.0 as a previous-token head with this gain (needs --pos-init sinusoidal)")
+    ap.add_argument("--prior-steps", type=int, default=1500,
+                    help="hold head 0.0's query and key weights at the prior for this many steps, while the rest learns to use it")
     ap.add_argument("--no-decay-wpe", action="store_true", help="exclude the position embeddings from weight decay")
     ap.add_argument("--vocab", choices=["corpus", "full"], default="corpus",
                     help="softmax over the training split's tokens + one shared rest class (exact, 2.6x cheaper), or all 50,257")
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="dropout on the embeddings and on each attention and MLP output (GPT-2's resid_pdrop), via hooks")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stats-only", action="store_true", help="only write the corpus statistics (unigram.json) to --out")
     args = ap.parse_args()
@@ -259,7 +308,13 @@ def main() -> None:
     if args.pos_init == "sinusoidal":
         with torch.no_grad():
             model.wpe.weight.copy_(sinusoids(cfg.n_positions, cfg.n_embd, args.pos_norm))
+    if args.prev_token_prior is not None:
+        if args.pos_init != "sinusoidal":
+            ap.error("--prev-token-prior needs --pos-init sinusoidal")
+        previous_token_prior(model, head=0, gain=args.prev_token_prior)
+        print(f"head 0.0 starts with {previous_token_scores(model, val, args.ctx)[0, 0]:.2f} of its attention on t-1")
     model = model.to(device).train()
+    held = prior_rows(model, head=0) if args.prev_token_prior is not None else []
     excluded = {"wpe.weight"} if args.no_decay_wpe else set()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n not in excluded]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n in excluded]
@@ -286,13 +341,17 @@ def main() -> None:
             g["lr"] = lr
         x, y = next(data)
         x, y = x.to(device), y.to(device)
-        with amp:
+        with amp, model.hooks(dropout_hooks(args.dropout)):
             # cross-entropy on the bf16 logits directly: 2.5x faster on CPU than upcasting the softmax
             loss = next_token_loss(model, x, y, bias).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if step < args.prior_steps:
+            with torch.no_grad():  # undo this step's change (gradient and weight decay) to the prior's q/k rows
+                for param, rows, value in held:
+                    param[rows] = value
         step += 1
         loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
         progress(step, args.steps, loss_avg, started)
@@ -325,7 +384,10 @@ def main() -> None:
         "steps": args.steps, "batch": args.batch, "ctx": args.ctx, "lr": args.lr, "seed": args.seed,
         "val_loss": round(final, 4), "unigram_val_loss": round(unigram_loss(tokenize(train_works), full_val, GPT2Config().vocab_size), 4),
         "previous_token_heads": [[round(v, 4) for v in row] for row in prev.tolist()],
-        "vocab": args.vocab, "warmup": args.warmup, "pos_init": args.pos_init, "n_layer": args.n_layer,
+        "vocab": args.vocab, "warmup": args.warmup, "pos_init": args.pos_init, "pos_norm": args.pos_norm,
+        "decay_wpe": not args.no_decay_wpe, "prev_token_prior": args.prev_token_prior,
+        "prior_steps": args.prior_steps if args.prev_token_prior is not None else 0, "dropout": args.dropout,
+        "n_layer": args.n_layer,
         "n_head": args.n_head, "n_embd": args.n_embd,
         "train_minutes": round((time.time() - started) / 60, 1), "device": device, "history": history,
     }

@@ -94,3 +94,19 @@ def test_bad_token_ids_are_refused(small_model):
         small_model(torch.tensor([[1, 50257]]))
     with pytest.raises(ValueError, match="empty"):
         small_model(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_unembedding_follows_the_embedding_and_autograd(hf_checkpoints):
+    """The unembedding uses a cached transposed copy outside autograd; it must never go stale."""
+    model = load_model(hf_checkpoints["small"][1])
+    x = torch.randn(3, model.cfg.n_embd, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = model.unembed(x)
+        torch.testing.assert_close(before, x @ model.wte.weight.T, atol=1e-5, rtol=0)
+        model.wte.weight[7] += 1.0  # an in-place change, as an optimiser step or a weight edit makes
+        after = model.unembed(x)
+    assert torch.equal(after[:, :7], before[:, :7]) and not torch.allclose(after[:, 7], before[:, 7])
+    torch.testing.assert_close(after, x @ model.wte.weight.T, atol=1e-5, rtol=0)
+    model.wte.weight.requires_grad_(True)
+    model.unembed(x).sum().backward()  # with autograd, gradients reach the embedding
+    torch.testing.assert_close(model.wte.weight.grad, x.sum(0).expand_as(model.wte.weight), atol=1e-5, rtol=0)
