@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .model import GPT2
+from .model import GPT2, causal_bias
 
 ATTENTION_LEVELS = 255  # uint8 code q stands for probability q / 255
 
@@ -25,7 +26,8 @@ def dequantize_attention(codes: np.ndarray) -> np.ndarray:
 
 
 def capture_hooks(
-    model: GPT2, store: dict, rows: slice | None = None, pack: bool = False, attention_dtype: torch.dtype = torch.float16
+    model: GPT2, store: dict, rows: slice | None = None, pack: bool = False, attention_dtype: torch.dtype = torch.float16,
+    patterns: bool = True,
 ) -> list:
     """Hooks that save, for the positions in `rows` (all if None), batch item 0 of:
 
@@ -33,6 +35,7 @@ def capture_hooks(
     half, `[head, T*(T+1)/2]`, row by row; `attention_dtype=torch.uint8` stores the 8-bit codes
     of `quantize_attention`), the residual stream after the embeddings and after
     each block `[pos, d_model]`, and the token and position embeddings `[pos, d_model]`.
+    `patterns=False` leaves the attention to the fast fused kernel (see `attention_from_keys`).
     Patterns are reduced as each layer computes them, so only one layer's float32 pattern
     exists at a time.
     """
@@ -51,19 +54,39 @@ def capture_hooks(
     def save_resid(x, hook):
         store[hook.name] = x[0, rows]
 
-    hooks = [(("pattern", i), save_pattern) for i in range(model.cfg.n_layer)]
+    hooks = [(("pattern", i), save_pattern) for i in range(model.cfg.n_layer)] if patterns else []
     hooks += [("blocks.0.resid_pre", save_resid), ("embed", save_resid), ("pos_embed", save_resid)]
     hooks += [(("resid_post", i), save_resid) for i in range(model.cfg.n_layer)]
     return hooks
 
 
-def stacked_captures(model: GPT2, store: dict, stack_attention: bool = True) -> tuple:
-    """From a filled store: attention `[layer, head, query, key]` (a list of `[head, query, key]` per layer
-    if not `stack_attention`: no copy of a long prompt's patterns) and residual `[layer + 1, pos, d_model]`."""
+@torch.no_grad()
+def attention_from_keys(model: GPT2, layer: int, resid_pre: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
+    """One layer's attention for the queries at positions start..start+n-1, recomputed exactly as the
+    forward pass computes it: softmax(q k^T / sqrt(d_head)) over keys 0..position.
+
+    resid_pre `[n, d_model]`: the residual stream entering the layer at those positions; keys
+    `[head, >= start + n, d_head]`: the layer's cached keys. Returns `[head, n, start + n]`
+    (zero above the causal diagonal). Nothing of the pattern has to be stored: the keys are in
+    the KV cache anyway, and the residual stream is captured.
+    """
+    attn = model.blocks[layer].attn
+    n, C = resid_pre.shape
+    H, D = attn.n_head, attn.d_head
+    q = F.linear(model.blocks[layer].ln_1(resid_pre), attn.c_attn.weight[:C], attn.c_attn.bias[:C])
+    q = q.view(n, H, D).transpose(0, 1)  # [head, n, d_head]
+    S = start + n
+    scores = torch.baddbmm(causal_bias(n, S, q.device, q.dtype).expand(H, n, S), q, keys[:, :S].transpose(1, 2), alpha=D**-0.5)
+    return torch.softmax(scores, dim=-1)
+
+
+def stacked_captures(model: GPT2, store: dict, with_attention: bool = True) -> tuple:
+    """From a filled store: attention `[layer, head, query, key]` (None without `with_attention`)
+    and residual `[layer + 1, pos, d_model]`."""
     n = model.cfg.n_layer
-    attention = [store[f"blocks.{i}.attn.pattern"] for i in range(n)]
+    attention = torch.stack([store[f"blocks.{i}.attn.pattern"] for i in range(n)]) if with_attention else None
     resid = torch.stack([store["blocks.0.resid_pre"]] + [store[f"blocks.{i}.resid_post"] for i in range(n)])
-    return (torch.stack(attention) if stack_attention else attention), resid
+    return attention, resid
 
 
 @torch.no_grad()

@@ -362,17 +362,14 @@ def candidate_choices(session: GenerationSession) -> list[tuple[str, int]]:
 
 def attention_views(session: GenerationSession, position: int, layer: int, head: int):
     """(one head's heatmap, all heads of the layer, the selected token's attention row)."""
-    rec, cfg = session.records, session.model.cfg
-    n = len(rec)
+    cfg = session.model.cfg
+    n = len(session.records)
     layer = int(np.clip(layer, 0, cfg.n_layer - 1))
     head = int(np.clip(head, 0, cfg.n_head - 1))
     strings = token_strings(session.tokenizer, session.ids[:n])
 
     def square(start, end, heads):
-        out = np.zeros((len(heads), end - start, end - start), dtype=np.float32)
-        for q in range(start, end):
-            out[:, q - start, : q - start + 1] = rec.attention[q][layer, heads, start: q + 1]
-        return out
+        return session.attention_pattern(layer, start, end)[heads][:, :, start:end]  # [head, query, key] in the window
 
     s, e = window(position, n, WINDOW_ATTENTION)
     one = plots.attention_heatmap(square(s, e, [head])[0], strings[s:e], s,
@@ -380,7 +377,7 @@ def attention_views(session: GenerationSession, position: int, layer: int, head:
     gs, ge = window(position, n, WINDOW_GRID)
     grid = plots.heads_grid(square(gs, ge, list(range(cfg.n_head))), strings[gs:ge], gs,
                             f"All {cfg.n_head} heads of layer {layer}{crop_note(gs, ge, n)}")
-    row = rec.attention[position][layer].astype(np.float32)  # [head, key 0..position]
+    row = session.attention_pattern(layer, position, position + 1)[:, 0]  # [head, key 0..position]
     rs = max(0, position + 1 - WINDOW_ATTENTION)
     row_fig = plots.attention_row_figure(row[:, rs:], strings[rs: position + 1], rs,
                                          f"What token {position} ({plots.show(strings[position])}) attends to in layer {layer}"

@@ -19,7 +19,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from .capture import capture_hooks, next_token_logprobs, read_position, stacked_captures
+from .capture import attention_from_keys, capture_hooks, next_token_logprobs, read_position, stacked_captures
 from .model import GPT2, ContextLengthError
 from .sampling import SamplingConfig, distributions, draw, entropy, rank_of, step_generator
 from .tokenizer import ENDOFTEXT_ID, encode, token_strings
@@ -178,23 +178,55 @@ class GenerationSession:
         new = torch.tensor([ids[start:]], device=model.device)
         store: dict = {}
         rows = slice(None) if self.record else slice(-1, None)
-        with model.hooks(capture_hooks(model, store, rows=rows)):
+        # One new token: its attention row comes straight from the forward pass. A prompt: the
+        # fused attention kernel runs, and the last row is recomputed from the cached keys.
+        read_one = new.shape[1] == 1
+        with model.hooks(capture_hooks(model, store, rows=rows, patterns=read_one)):
             normed = model(new, kv_cache=self._kv, last_only=not self.record, unembed=False)[0]  # [rows, d_model]
-        layers, resid = stacked_captures(model, store, stack_attention=False)  # [head, rows, key] per layer, [layer + 1, rows, d_model]
+        layers, resid = stacked_captures(model, store, with_attention=read_one)  # [layer, head, 1, key], [layer + 1, rows, d_model]
+        if read_one:
+            attention = layers[:, :, -1]
+        else:
+            attention = torch.stack([self._attention_of(layer, resid[layer, -1:], len(ids) - 1)[:, 0]
+                                     for layer in range(model.cfg.n_layer)]).to(torch.float16)
         logits, lens_ids, lens_probs = read_position(model, resid[:, -1], normed[-1], self.top_n)
         if self.record:
             # the log-probabilities of the tokens this pass read after its first (the prompt's)
             known = next_token_logprobs(model, normed[:-1], ids[start + 1:]) if normed.shape[0] > 1 else []
-            self.records.add(start, layers, resid, store["embed"], store["pos_embed"], known)
+            self.records.add(start, resid, store["embed"], store["pos_embed"], known)
         self._pending = _Pending(
             position=len(ids) - 1,
             logits=logits,
-            attention=torch.stack([a[:, -1] for a in layers]).cpu().numpy(),  # float16
+            attention=attention.cpu().numpy(),  # float16
             resid=resid[:, -1].float().cpu().numpy().astype(np.float16),
             lens_ids=lens_ids.cpu().numpy().astype(np.int32),
             lens_probs=lens_probs.cpu().numpy().astype(np.float16),
         )
         return self._pending
+
+    def _attention_of(self, layer: int, resid_pre: torch.Tensor, start: int) -> torch.Tensor:
+        """`[head, n, start + n]` attention of positions start.. in `layer`, from their residual stream and the cached keys."""
+        return attention_from_keys(self.model, layer, resid_pre, self._kv.keys(layer)[0], start)
+
+    def attention_pattern(self, layer: int, start: int, end: int) -> np.ndarray:
+        """Attention in `layer` of the queries start..end-1 over keys 0..end-1: `[head, end - start, end]`
+        float32, zeros above the diagonal (needs `record=True`; positions already read).
+
+        Recomputed from the recorded residual stream and the KV cache: exactly the forward pass's
+        softmax, without storing a pattern per position.
+        """
+        n = len(self.records)
+        if not self.record or not 0 <= start < end <= n:
+            raise ValueError(f"attention_pattern needs a recording session and 0 <= start < end <= {n}, got {start}, {end}")
+        if not 0 <= layer < self.model.cfg.n_layer:
+            raise ValueError(f"layer must be in [0, {self.model.cfg.n_layer}), got {layer}")
+        resid = torch.from_numpy(np.stack([self.records.resid[p][layer] for p in range(start, end)]))
+        resid = resid.to(self.model.device, self.model.wte.weight.dtype)
+        return self._attention_of(layer, resid, start).float().cpu().numpy()
+
+    def attention_row(self, position: int) -> np.ndarray:
+        """`[layer, head, position + 1]` float32: what `position` attends to in every layer (see attention_pattern)."""
+        return np.stack([self.attention_pattern(layer, position, position + 1)[:, 0] for layer in range(self.model.cfg.n_layer)])
 
     def _check_room(self) -> None:
         if self.room_left <= 0:
@@ -293,13 +325,13 @@ class GenerationSession:
 class Records:
     """Per-position captures kept by a recording session (index = position).
 
-    attention[p] `[layer, head, p + 1]` float16, resid[p] `[layer + 1, d_model]` float32,
+    resid[p] `[layer + 1, d_model]` float32 (with the KV cache, enough to recompute every attention
+    pattern: `GenerationSession.attention_pattern`),
     embed[p] / pos_embed[p] `[d_model]` float32, logprobs[t] = log p(token t | tokens < t)
     (NaN for t = 0), one per token of the text.
     """
 
     def __init__(self) -> None:
-        self.attention: list[np.ndarray] = []
         self.resid: list[np.ndarray] = []
         self.embed: list[np.ndarray] = []
         self.pos_embed: list[np.ndarray] = []
@@ -310,18 +342,14 @@ class Records:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for rows in (self.attention, self.resid, self.embed, self.pos_embed) for a in rows)
+        return sum(a.nbytes for rows in (self.resid, self.embed, self.pos_embed) for a in rows)
 
-    def add(self, start, attention: list, resid, embed, pos_embed, known_logprobs: list[float]) -> None:
-        """Store rows for positions start..start+T-1 from one forward pass (attention: one float16
-        `[head, T, key]` per layer), and the log-probabilities of the tokens at start+1..start+T-1
-        (already in the text when the pass ran)."""
+    def add(self, start, resid, embed, pos_embed, known_logprobs: list[float]) -> None:
+        """Store rows for positions start..start+T-1 from one forward pass, and the log-probabilities
+        of the tokens at start+1..start+T-1 (already in the text when the pass ran)."""
         T = resid.shape[1]
-        att = [a.cpu().numpy() for a in attention]
         res = resid.float().cpu().numpy()
         for r in range(T):
-            p = start + r
-            self.attention.append(np.stack([a[:, r, : p + 1] for a in att]))  # a new array: only the causal half
             self.resid.append(res[:, r])
             self.embed.append(embed[r].float().cpu().numpy())
             self.pos_embed.append(pos_embed[r].float().cpu().numpy())
@@ -330,7 +358,7 @@ class Records:
         self.logprobs += known_logprobs
 
     def truncate(self, n_positions: int, n_tokens: int) -> None:
-        for rows in (self.attention, self.resid, self.embed, self.pos_embed):
+        for rows in (self.resid, self.embed, self.pos_embed):
             del rows[n_positions:]
         del self.logprobs[n_tokens if n_positions else 0:]
 

@@ -153,6 +153,12 @@ class KVCache:
         buf_v[:, :, start:end] = v
         return buf_k[:, :, :end], buf_v[:, :, :end]
 
+    def keys(self, layer: int) -> torch.Tensor:
+        """The cached keys of one layer, `[batch, head, length, d_head]`."""
+        if self._k[layer] is None:
+            raise ValueError("the cache is empty")
+        return self._k[layer][:, :, : self.length]
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._k + self._v if t is not None)
