@@ -348,11 +348,11 @@ class Records:
         """Store rows for positions start..start+T-1 from one forward pass, and the log-probabilities
         of the tokens at start+1..start+T-1 (already in the text when the pass ran)."""
         T = resid.shape[1]
-        res = resid.float().cpu().numpy()
+        res, emb, pos = (t.float().cpu().numpy() for t in (resid, embed, pos_embed))
         for r in range(T):
             self.resid.append(res[:, r])
-            self.embed.append(embed[r].float().cpu().numpy())
-            self.pos_embed.append(pos_embed[r].float().cpu().numpy())
+            self.embed.append(emb[r])
+            self.pos_embed.append(pos[r])
         if start == 0:
             self.logprobs = [float("nan")]
         self.logprobs += known_logprobs
