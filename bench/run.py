@@ -169,6 +169,17 @@ def prefill_benchmarks(ours, hf, tok, lengths: list[int], repeats: int) -> dict:
             for T in lengths}
 
 
+def view_recompute(ours, tok, T: int, repeats: int, window: int = 64) -> dict:
+    """After an app-capture prefill of T tokens: seconds to recompute, from the cached keys, what the
+    attention views show for the last position (its row in every layer, and one layer's window of rows)."""
+    ids = torch.randint(0, 50257, (T,), generator=torch.Generator().manual_seed(T)).tolist()[: min(T, ours.cfg.n_positions - 1)]
+    session = GenerationSession(ours, tok, ids, SamplingConfig(), record=True)
+    session.peek()
+    n = len(session.records)
+    return {"row_all_layers_s": timed(lambda: session.attention_row(n - 1), repeats),
+            f"window_{window}_one_layer_s": timed(lambda: session.attention_pattern(0, max(0, n - window), n), repeats)}
+
+
 def peak_memory(shape_name: str, quick: bool, kind: str, arg: int, name: str) -> float:
     """Peak resident memory (MiB) that one contender adds above its loaded models, measured in a
     fresh process so that no earlier run's allocations hide it."""
@@ -317,6 +328,7 @@ def main() -> None:
         r["decode"] = decode_benchmarks(ours, hf, tok, n_new, repeats)
         r["prefill"] = prefill_benchmarks(ours, hf, tok, lengths, repeats)
         r["trace_mib"] = {T: trace_size(ours, tok, T) for T in lengths[-1:]}
+        r["view_recompute"] = view_recompute(ours, tok, lengths[-1], repeats)
         del ours, hf
         r["memory_mib"] = memory_benchmarks(name, args.quick, n_new, lengths[-1])
         if not args.skip_app:
@@ -347,6 +359,9 @@ def print_shape(name: str, r: dict) -> None:
         if kind != "decode":
             print(f"\npeak extra MiB, {kind} tokens, each in its own process: "
                   + ", ".join(f"{k} {v:.0f}" for k, v in row.items()))
+    v = r["view_recompute"]
+    print("\nrecomputing attention views from the cache after the longest prefill: "
+          + ", ".join(f"{k} {val * 1000:.1f} ms" for k, val in v.items()))
     for T, mib in r["trace_mib"].items():
         print(f"\nfull trace of {T} tokens: {mib:.1f} MiB")
     if "app" in r:

@@ -21,6 +21,7 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     assert all(v["tokens_per_s"] > 0 for v in tiny["decode"].values())
     assert set(map(int, tiny["prefill"])) == {32, 128}
     assert tiny["app"]["steps"] == 3 and tiny["app"]["bytes_per_step_median"] > 0
+    assert all(v > 0 for v in tiny["view_recompute"].values())
     memory = tiny["memory_mib"]
     assert set(memory) == {"decode", "prefill 128"}
     assert set(memory["decode"]) == set(tiny["decode"]) and len(memory["prefill 128"]) == 4
