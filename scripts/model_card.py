@@ -79,7 +79,8 @@ def main() -> None:
     size_mb = (FOLDER / "model.safetensors").stat().st_size / 1e6
     n_params = cfg["vocab_size"] * cfg["n_embd"] + cfg["n_positions"] * cfg["n_embd"] + 2 * cfg["n_embd"] + cfg["n_layer"] * (
         12 * cfg["n_embd"] ** 2 + 13 * cfg["n_embd"])
-    history = "\n".join(f"| {h['step']} | {h['train_loss']:.3f} | {h['val_loss']:.3f} | {h.get('previous_token_head', float('nan')):.2f} |"
+    history = "\n".join(f"| {h['step']} | {h['train_loss']:.3f} | {h['val_loss']:.3f} | "
+                        + (f"{h['previous_token_head']:.2f} |" if "previous_token_head" in h else "not measured |")
                         for h in t["history"])
     structure, prev_score, prev_head = structure_report()
     n_seen = len(json.loads((FOLDER / "unigram.json").read_text())["ids"])
