@@ -197,6 +197,12 @@ def memory_probe(spec: str) -> None:
     tok = load_tokenizer()
     contenders = (decode_contenders if s["kind"] == "decode" else prefill_contenders)(ours, hf, tok, s["arg"])
     gc.collect()
+    try:  # hand freed heap back to the OS, so that reused free lists do not hide what the contender allocates
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     with PeakRSS() as mem:
         contenders[s["name"]]()
     print(f"{mem.mib:.1f}")
