@@ -79,9 +79,11 @@ def main() -> None:
     size_mb = (FOLDER / "model.safetensors").stat().st_size / 1e6
     n_params = cfg["vocab_size"] * cfg["n_embd"] + cfg["n_positions"] * cfg["n_embd"] + 2 * cfg["n_embd"] + cfg["n_layer"] * (
         12 * cfg["n_embd"] ** 2 + 13 * cfg["n_embd"])
-    history = "\n".join(f"| {h['step']} | {h['train_loss']:.3f} | {h['val_loss']:.3f} | "
-                        + (f"{h['previous_token_head']:.2f} |" if "previous_token_head" in h else "not measured |")
-                        for h in t["history"])
+    measured = all("previous_token_head" in h for h in t["history"])  # older runs did not measure it
+    history = "\n".join(f"| {h['step']} | {h['train_loss']:.3f} | {h['val_loss']:.3f} |"
+                        + (f" {h['previous_token_head']:.2f} |" if measured else "") for h in t["history"])
+    history_head = ("| step | train loss (smoothed) | validation loss |" + (" strongest previous-token head |" if measured else "")
+                    + "\n| ---: | ---: | ---: |" + (" ---: |" if measured else ""))
     structure, prev_score, prev_head = structure_report()
     n_seen = len(json.loads((FOLDER / "unigram.json").read_text())["ids"])
     recipe = []
@@ -102,13 +104,16 @@ def main() -> None:
     if t.get("dropout"):
         recipe.append(f"Dropout {t['dropout']} on the embeddings and on each attention and MLP output (GPT-2's own places), "
                       "applied through gpt2viz's hook points.")
-    extra = " ".join(recipe)
+    extra = " ".join(recipe + [t.get("notes", "")]).strip()
     if prev_score >= 0.5:
         prev_sentence = (f"Head {prev_head} is a clear previous-token head ({prev_score:.2f} of its attention on the token "
                          "just before), the structure to look for first in the attention view; it was given a head start (see Training).")
     else:
         prev_sentence = (f"It has **no sharp previous-token head** (the strongest, {prev_head}, puts {prev_score:.2f} of its attention "
                          "on the token just before): gpt2viz's goal of one with at least half is not met by this model.")
+    unseen = ("the tokens that never occur in the training split share one embedding (they are interchangeable "
+              "to this model)." if t.get("vocab") == "corpus" else
+              "tokens that never occur in Shakespeare have untrained embeddings (only pushed down by the softmax).")
     card = f"""---
 license: other
 license_name: public-domain-texts
@@ -152,8 +157,7 @@ passes over the training split), bfloat16 autocast with gradient clipping at 1.0
 validation loss is kept. Trained in {t['train_minutes']:.0f} minutes of wall-clock time on {t['device'].upper()} (a 2-core
 x86-64 machine). {extra}
 
-| step | train loss (smoothed) | validation loss | strongest previous-token head |
-| ---: | ---: | ---: | ---: |
+{history_head}
 {history}
 
 ## Results
@@ -171,8 +175,7 @@ x86-64 machine). {extra}
   plausible speaker names and line breaks, but loses the thread within a sentence or two, and knows nothing else.
 - With {cfg['n_layer']} layers and a {cfg['n_embd']}-wide residual stream it is far smaller than GPT-2 (124 M parameters, 12 layers);
   most of its parameters are the token embedding. Its attention is simple (see the table above). {prev_sentence}
-- The 50,257-token vocabulary is GPT-2's; the tokens that never occur in the training split share one embedding
-  (they are interchangeable to this model).
+- The 50,257-token vocabulary is GPT-2's; {unseen}
 """
     (FOLDER / "README.md").write_text(card)
     print(f"wrote {FOLDER / 'README.md'}")
