@@ -233,3 +233,19 @@ def test_attention_codes_are_within_half_a_step_of_the_probabilities():
     assert codes.dtype == torch.uint8 and codes[-4:-2].tolist() == [0, 255]
     back = dequantize_attention(codes.numpy())
     assert np.abs(back - p.numpy()).max() <= 1 / 510 + 1e-7
+
+
+def test_attention_pattern_refuses_what_it_cannot_show(small_model, tokenizer):
+    plain = GenerationSession(small_model, tokenizer, PROMPT)
+    plain.step()
+    with pytest.raises(ValueError, match="needs a recording session"):
+        plain.attention_pattern(0, 0, 2)
+    session = GenerationSession(small_model, tokenizer, PROMPT, record=True)
+    session.step()
+    n = len(session.records)
+    assert session.attention_pattern(1, 0, n).shape == (small_model.cfg.n_head, n, n)
+    for bad in [(0, n, n + 1), (0, 3, 3), (0, -1, 2)]:
+        with pytest.raises(ValueError, match=r"0 <= start < end <= "):
+            session.attention_pattern(*bad)
+    with pytest.raises(ValueError, match="layer must be in"):
+        session.attention_pattern(small_model.cfg.n_layer, 0, 2)
