@@ -76,3 +76,19 @@ def test_greedy_continuation_is_words_not_noise(tiny, tokenizer):
     assert all(ch in string.printable for ch in text), text
     words = [w.strip(string.punctuation) for w in text.split()]
     assert sum(w.isalpha() for w in words if w) / max(1, len([w for w in words if w])) >= 0.8, text
+
+
+def test_a_head_attends_mainly_to_the_previous_token(tiny, heldout):
+    """A structure a class can find in the attention view: some head puts at least half its attention on t-1."""
+    L, H = tiny.cfg.n_layer, tiny.cfg.n_head
+    on_previous, count = torch.zeros(L, H), 0
+    for x in windows(heldout, tiny.cfg.n_positions):
+        _, cache = tiny.run_with_cache(x, names=["pattern"])
+        pattern = cache.stack("pattern")[:, 0]  # [layer, head, query, key]
+        on_previous += pattern.diagonal(offset=-1, dim1=-2, dim2=-1).sum(-1)
+        count += x.shape[1] - 1
+    on_previous /= count
+    assert count > 1500
+    assert on_previous.max() >= 0.5, on_previous
+    # and not every head does it: the structure is specific to some heads
+    assert (on_previous < 0.3).sum() >= L * H // 2, on_previous
