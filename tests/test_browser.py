@@ -72,22 +72,22 @@ def test_a_class_session(page):
     set_number(page, "max_new", 12)
     set_number(page, "seed", 7)
 
-    # Generate streams: the token count grows while the request runs.
+    # Generate streams: the token count grows while the request runs. The page records every count it
+    # renders (a MutationObserver), so the check does not depend on how fast this test can poll.
+    page.evaluate("""() => {
+        window.__counts = [];
+        new MutationObserver(() => window.__counts.push(document.querySelectorAll('#strip span.token').length))
+            .observe(document.body, {childList: true, subtree: true, characterData: true});
+    }""")
     page.click("#generate")
-    counts = []
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        counts.append(len(strip_tokens(page)))
-        if "Last token" in page.locator("#status").inner_text() and counts[-1] >= max(counts):
-            if len(set(counts)) >= 3 and page.locator("#pick input").input_value():
-                break
-        time.sleep(0.05)
+    expect(page.locator("#status")).to_contain_text("Last token", timeout=60_000)
     wait_idle(page)
     from gpt2viz import load_tokenizer
 
     n_prompt = len(load_tokenizer().encode(PROMPT))
     assert len(strip_tokens(page)) == n_prompt + 12, strip_tokens(page)
-    assert len(set(c for c in counts if c > 0)) >= 3, f"no streaming seen: {counts}"
+    counts = page.evaluate("window.__counts")
+    assert len(set(c for c in counts if c > 0)) >= 3, f"no streaming seen: {sorted(set(counts))}"
     assert "".join(strip_tokens(page)).startswith(PROMPT.replace("\n", "↵"))
     assert "How token" in plot_title(page, "next_plot")
     expect(page.locator("#next_plot")).to_contain_text("after your settings")
