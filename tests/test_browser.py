@@ -79,12 +79,12 @@ def test_a_class_session(page):
         new MutationObserver(() => window.__counts.push(document.querySelectorAll('#strip span.token').length))
             .observe(document.body, {childList: true, subtree: true, characterData: true});
     }""")
-    page.click("#generate")
-    expect(page.locator("#status")).to_contain_text("Last token", timeout=60_000)
-    wait_idle(page)
     from gpt2viz import load_tokenizer
 
     n_prompt = len(load_tokenizer().encode(PROMPT))
+    page.click("#generate")
+    expect(page.locator("#strip span.token")).to_have_count(n_prompt + 12, timeout=60_000)
+    wait_idle(page)
     assert len(strip_tokens(page)) == n_prompt + 12, strip_tokens(page)
     counts = page.evaluate("window.__counts")
     assert len(set(c for c in counts if c > 0)) >= 3, f"no streaming seen: {sorted(set(counts))}"
