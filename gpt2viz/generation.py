@@ -183,9 +183,9 @@ class GenerationSession:
         read_one = new.shape[1] == 1
         with model.hooks(capture_hooks(model, store, rows=rows, patterns=read_one)):
             normed = model(new, kv_cache=self._kv, last_only=not self.record, unembed=False)[0]  # [rows, d_model]
-        layers, resid = stacked_captures(model, store, with_attention=read_one)  # [layer, head, 1, key], [layer + 1, rows, d_model]
+        patterns, resid = stacked_captures(model, store, with_attention=read_one)  # [layer, head, 1, key], [layer + 1, rows, d_model]
         if read_one:
-            attention = layers[:, :, -1]
+            attention = patterns[:, :, -1]
         else:
             attention = torch.stack([self._attention_of(layer, resid[layer, -1:], len(ids) - 1)[:, 0]
                                      for layer in range(model.cfg.n_layer)]).to(torch.float16)

@@ -203,7 +203,7 @@ class Attention(nn.Module):
         elif past == 0:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, x.device))
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_bias(T, S, x.device, q.dtype))
         z = self.z(z)  # (B, H, T, D)
         return self.c_proj(z.transpose(1, 2).reshape(B, T, C))
 
@@ -212,12 +212,6 @@ class Attention(nn.Module):
 def causal_bias(n_query: int, n_key: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """`[query, key]`: 0 where the query (the last n_query positions) may attend, -inf where it may not."""
     return torch.full((n_query, n_key), float("-inf"), device=device, dtype=dtype).triu_(n_key - n_query + 1)
-
-
-def causal_mask(n_query: int, n_key: int, device: torch.device) -> torch.Tensor:
-    """Boolean `[query, key]`: True where the query (the last n_query positions) may attend."""
-    offset = n_key - n_query
-    return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(diagonal=offset)
 
 
 class MLP(nn.Module):

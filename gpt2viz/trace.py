@@ -20,6 +20,7 @@ from .tokenizer import encode, token_strings
 
 DEFAULT_MAX_TRACE_BYTES = int(os.environ.get("GPT2VIZ_MAX_TRACE_BYTES", 1 << 30))
 
+
 class TraceBudgetError(MemoryError):
     """A trace would need more memory than the configured budget."""
 
