@@ -36,8 +36,13 @@ SHAPES = {
 }
 QUICK_SHAPES = {"tiny": dict(n_layer=2, n_head=4, n_embd=64, n_positions=1024)}
 PROMPT = "The quick brown fox jumps over the lazy"
-DECODE_CONTENDERS = ("gpt2viz, no capture", "gpt2viz, full capture", "transformers generate",
-                     "transformers + attentions + hidden states")
+# "app capture": what the app keeps at every step (residual stream of every layer and the embeddings
+# for every position, each token's log-probability, the top-N candidates at every sampling stage);
+# attention rows and the logit lens are recomputed exactly from it when a view shows them.
+# "eager attention + logit lens": GenerationSession without recording, whose every step also carries
+# its attention row (every layer and head) and the logit lens of every layer, computed at once.
+DECODE_CONTENDERS = ("gpt2viz, no capture", "gpt2viz, app capture", "gpt2viz, eager attention + logit lens every step",
+                     "transformers generate", "transformers + attentions + hidden states")
 PREFILL_CONTENDERS = ("gpt2viz, no capture", "gpt2viz, app capture", "gpt2viz trace (with logit lens at every position)",
                       "transformers eager + attentions")
 
@@ -113,10 +118,11 @@ def decode_contenders(ours, hf, tok, n_new: int) -> dict:
         for _ in range(n_new - 1):
             logits = ours(logits[:, -1].argmax(-1, keepdim=True), kv_cache=kv, last_only=True)
 
-    def ours_capture():
+    def ours_capture(record: bool):
         cfg = SamplingConfig(temperature=0, max_new_tokens=n_new, stop_at_eos=False)
-        session = GenerationSession(ours, tok, prompt, cfg, record=True)
-        assert len(list(session.run())) == n_new
+        session = GenerationSession(ours, tok, prompt, cfg, record=record)
+        steps = list(session.run())
+        assert len(steps) == n_new and (steps[-1].lens_ids is None) == record
 
     @torch.no_grad()
     def hf_plain():
@@ -131,7 +137,7 @@ def decode_contenders(ours, hf, tok, n_new: int) -> dict:
                     output_attentions=True, output_hidden_states=True, return_dict_in_generate=True)
         hf.set_attn_implementation("sdpa")
 
-    return dict(zip(DECODE_CONTENDERS, (ours_plain, ours_capture, hf_plain, hf_capture)))
+    return dict(zip(DECODE_CONTENDERS, (ours_plain, lambda: ours_capture(True), lambda: ours_capture(False), hf_plain, hf_capture)))
 
 
 def prefill_contenders(ours, hf, tok, T: int) -> dict:
@@ -169,15 +175,18 @@ def prefill_benchmarks(ours, hf, tok, lengths: list[int], repeats: int) -> dict:
             for T in lengths}
 
 
-def view_recompute(ours, tok, T: int, repeats: int, window: int = 64) -> dict:
-    """After an app-capture prefill of T tokens: seconds to recompute, from the cached keys, what the
-    attention views show for the last position (its row in every layer, and one layer's window of rows)."""
+def view_recompute(ours, tok, T: int, repeats: int, window: int = 64, lens_window: int = 16) -> dict:
+    """After an app-capture prefill of T tokens: seconds to recompute what the views show for the last
+    position: its attention row in every layer and one layer's window of rows (from the cached keys),
+    and the logit lens of every layer for it alone and for a window of positions (from the residual stream)."""
     ids = torch.randint(0, 50257, (T,), generator=torch.Generator().manual_seed(T)).tolist()[: min(T, ours.cfg.n_positions - 1)]
     session = GenerationSession(ours, tok, ids, SamplingConfig(), record=True)
     session.peek()
     n = len(session.records)
     return {"row_all_layers_s": timed(lambda: session.attention_row(n - 1), repeats),
-            f"window_{window}_one_layer_s": timed(lambda: session.attention_pattern(0, max(0, n - window), n), repeats)}
+            f"window_{window}_one_layer_s": timed(lambda: session.attention_pattern(0, max(0, n - window), n), repeats),
+            "lens_one_position_s": timed(lambda: session.logit_lens(n - 1, n), repeats),
+            f"lens_window_{lens_window}_s": timed(lambda: session.logit_lens(max(0, n - lens_window), n), repeats)}
 
 
 def peak_memory(shape_name: str, quick: bool, kind: str, arg: int, name: str) -> float:
@@ -366,7 +375,7 @@ def print_shape(name: str, r: dict) -> None:
             print(f"\npeak extra MiB, {kind} tokens, each in its own process: "
                   + ", ".join(f"{k} {v:.0f}" for k, v in row.items()))
     v = r["view_recompute"]
-    print("\nrecomputing attention views from the cache after the longest prefill: "
+    print("\nrecomputing views (attention from the cache, lens from the residual stream) after the longest prefill: "
           + ", ".join(f"{k} {val * 1000:.1f} ms" for k, val in v.items()))
     for T, mib in r["trace_mib"].items():
         print(f"\nfull trace of {T} tokens: {mib:.1f} MiB")

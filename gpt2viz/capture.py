@@ -112,28 +112,46 @@ def top_probabilities(logits: torch.Tensor, top_n: int) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def next_token_logprobs(model: GPT2, normed: torch.Tensor, next_ids: list[int], chunk: int = 256) -> list[float]:
-    """log p(next_ids[i] | position i) from final-layer-normed rows `[n, d_model]`, a chunk of rows at a time."""
+def unembedded_blocks(model: GPT2, normed: torch.Tensor, chunk: int = 512, block: int = 32):
+    """Yield `(start, logits)` for final-layer-normed rows `[n, d_model]`, `logits` `[<= block, vocab]`
+    float32 for rows start..start+block-1.
+
+    One GEMM per `chunk` rows into one reused buffer, handed out a cache-sized block at a time:
+    on this kind of CPU a softmax over 32 rows of 50k logits runs about 3x faster than over 256
+    (the rows stay in cache), and the reused buffer spares a fresh page-faulted 100 MB per chunk.
+    A block is only valid until the next one is yielded.
+    """
+    n = normed.shape[0]
+    buf = torch.empty(min(chunk, n), model.cfg.vocab_size, dtype=normed.dtype, device=normed.device)
+    for c in range(0, n, chunk):
+        rows = normed[c:c + chunk]
+        logits = model.unembed(rows, out=buf[: rows.shape[0]])
+        for b in range(0, rows.shape[0], block):
+            yield c + b, logits[b:b + block].float()
+
+
+@torch.no_grad()
+def next_token_logprobs(model: GPT2, normed: torch.Tensor, next_ids: list[int]) -> list[float]:
+    """log p(next_ids[i] | position i) from final-layer-normed rows `[n, d_model]`."""
+    targets = torch.tensor(next_ids, device=normed.device)[:, None]
     out: list[float] = []
-    for start in range(0, normed.shape[0], chunk):
-        logits = model.unembed(normed[start:start + chunk]).float()
-        targets = torch.tensor(next_ids[start:start + chunk], device=logits.device)
-        out += torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].tolist()
+    for start, logits in unembedded_blocks(model, normed):
+        out += torch.log_softmax(logits, dim=-1).gather(1, targets[start:start + logits.shape[0]])[:, 0].tolist()
     return out
 
 
 @torch.no_grad()
-def logit_lens(model: GPT2, resid: torch.Tensor, top_n: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def logit_lens(model: GPT2, resid: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Read residual vectors `[..., d_model]` through the final layer norm and the unembedding.
 
     Returns the top-n token ids `[..., top_n]` (int64) and their probabilities `[..., top_n]`.
     Read from the last block's output this is exactly the model's next-token distribution.
     """
     lead = resid.shape[:-1]
-    flat = resid.reshape(-1, resid.shape[-1])
+    flat = model.ln_f(resid.reshape(-1, resid.shape[-1]))
     ids, probs = [], []
-    for start in range(0, flat.shape[0], chunk):
-        top_ids, top_probs = top_probabilities(model.unembed(model.ln_f(flat[start:start + chunk])).float(), top_n)
+    for _, logits in unembedded_blocks(model, flat):
+        top_ids, top_probs = top_probabilities(logits, top_n)
         ids.append(top_ids)
         probs.append(top_probs)
     return torch.cat(ids).reshape(*lead, top_n), torch.cat(probs).reshape(*lead, top_n)

@@ -16,10 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from . import plots
-from .capture import logit_lens
 from .generation import GenerationSession, Step
 from .loading import BUNDLED_MODELS, HUB_MODELS, CheckpointError, HubUnavailableError, hub_reachable, load_model, resolve_checkpoint
 from .model import GPT2, ContextLengthError
@@ -389,11 +387,10 @@ def logit_lens_view(session: GenerationSession, position: int):
     rec = session.records
     n = len(rec)
     s, e = window(position, n, WINDOW_LENS)
-    resid = torch.from_numpy(np.stack([rec.resid[p] for p in range(s, e)], axis=1))  # [layer + 1, W, C]
-    ids, probs = logit_lens(session.model, resid.to(session.model.wte.weight.dtype), 1)
+    ids, probs = session.logit_lens(s, e)  # [layer + 1, W, 1]
     top = [token_strings(session.tokenizer, row.tolist()) for row in ids[..., 0]]
     strings = token_strings(session.tokenizer, session.ids[s: e + 1])
-    return plots.logit_lens_figure(top, probs[..., 0].numpy(), strings[: e - s], s,
+    return plots.logit_lens_figure(top, probs[..., 0], strings[: e - s], s,
                                    f"Logit lens: each layer's top guess for the next token{crop_note(s, e, n)}",
                                    next_tokens=strings[1:] + [""] * (e - s + 1 - len(strings)))
 
@@ -405,7 +402,7 @@ def embedding_views(session: GenerationSession, position: int):
                                  f"Token {position} ({token}): token embedding and position embedding")
     resid = rec.resid[position]  # [layer + 1, C]
     norms = plots.resid_norm_figure(np.linalg.norm(resid, axis=-1), f"Length of token {position}'s residual stream, layer by layer")
-    ids, _ = logit_lens(session.model, torch.from_numpy(resid).to(session.model.wte.weight.dtype), 1)
-    nearest = token_strings(session.tokenizer, ids[:, 0].tolist())
+    ids, _ = session.logit_lens(position, position + 1)  # [layer + 1, 1, 1]
+    nearest = token_strings(session.tokenizer, ids[:, 0, 0].tolist())
     traj = plots.trajectory_figure(resid, nearest, f"Token {position}'s path through the layers (PCA), labelled with the nearest token")
     return emb, norms, traj

@@ -19,7 +19,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from .capture import attention_from_keys, capture_hooks, next_token_logprobs, read_position, stacked_captures
+from .capture import attention_from_keys, capture_hooks, logit_lens, next_token_logprobs, read_position, stacked_captures
 from .model import GPT2, ContextLengthError
 from .sampling import SamplingConfig, distributions, draw, entropy, rank_of, step_generator
 from .tokenizer import ENDOFTEXT_ID, encode, token_strings
@@ -60,10 +60,12 @@ class Step:
     entropy: float  # nats, raw distribution
     entropy_final: float
     candidates: list[Candidate]
-    attention: np.ndarray  # [layer, head, key] float16, key = 0..position
+    # In a recording session (`record=True`) attention and the lens are None: the session
+    # recomputes them exactly on demand (`attention_row`, `logit_lens`).
+    attention: np.ndarray | None  # [layer, head, key] float16, key = 0..position
     resid: np.ndarray  # [layer + 1, d_model] float16: after the embeddings, after each block
-    lens_ids: np.ndarray  # [layer + 1, top_n] int32: logit lens top tokens read from each resid row
-    lens_probs: np.ndarray  # [layer + 1, top_n] float16
+    lens_ids: np.ndarray | None  # [layer + 1, top_n] int32: logit lens top tokens read from each resid row
+    lens_probs: np.ndarray | None  # [layer + 1, top_n] float16
     finish_reason: str | None = None  # "eos", "max_new_tokens" or "context" when generation ends here
     message: str = ""
 
@@ -84,10 +86,10 @@ class _Pending:
 
     position: int
     logits: torch.Tensor  # [vocab]
-    attention: np.ndarray  # [layer, head, key] float16
+    attention: np.ndarray | None  # [layer, head, key] float16
     resid: np.ndarray  # [layer + 1, d_model] float16
-    lens_ids: np.ndarray
-    lens_probs: np.ndarray
+    lens_ids: np.ndarray | None
+    lens_probs: np.ndarray | None
 
 
 @dataclass
@@ -108,8 +110,9 @@ class GenerationSession:
         top_n: int = 10,
         record: bool = False,
     ) -> None:
-        """`record=True` keeps, for every position read, its attention row, residual stream,
-        embeddings and the log-probability of each token (what a UI needs for the whole text)."""
+        """`record=True` keeps, for every position read, its residual stream, embeddings and the
+        log-probability of each token: with the KV cache, everything a UI shows for the whole text
+        (attention and the logit lens are recomputed from them exactly, on demand)."""
         if isinstance(top_n, bool) or not isinstance(top_n, int) or not 10 <= top_n <= 1000:
             raise ValueError(f"top_n must be an integer in [10, 1000], got {top_n!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -178,18 +181,26 @@ class GenerationSession:
         new = torch.tensor([ids[start:]], device=model.device)
         store: dict = {}
         rows = slice(None) if self.record else slice(-1, None)
-        # One new token: its attention row comes straight from the forward pass. A prompt: the
-        # fused attention kernel runs, and the last row is recomputed from the cached keys.
+        # A recording session keeps the residual stream of every position, from which (with the
+        # KV cache) `attention_pattern` and `logit_lens` recompute exactly what a view shows; it
+        # computes neither per step. Otherwise each step carries its attention row and lens: for
+        # one new token the row comes straight from the forward pass; for a prompt the fused
+        # attention kernel runs and the last row is recomputed from the cached keys.
+        eager = not self.record
         read_one = new.shape[1] == 1
-        with model.hooks(capture_hooks(model, store, rows=rows, patterns=read_one)):
+        with model.hooks(capture_hooks(model, store, rows=rows, patterns=eager and read_one)):
             normed = model(new, kv_cache=self._kv, last_only=not self.record, unembed=False)[0]  # [rows, d_model]
-        patterns, resid = stacked_captures(model, store, with_attention=read_one)  # [layer, head, 1, key], [layer + 1, rows, d_model]
-        if read_one:
-            attention = patterns[:, :, -1]
+        patterns, resid = stacked_captures(model, store, with_attention=eager and read_one)  # [layer, head, 1, key], [layer + 1, rows, d_model]
+        attention = lens_ids = lens_probs = None
+        if eager:
+            if read_one:
+                attention = patterns[:, :, -1]
+            else:
+                attention = torch.stack([self._attention_of(layer, resid[layer, -1:], len(ids) - 1)[:, 0]
+                                         for layer in range(model.cfg.n_layer)]).to(torch.float16)
+            logits, lens_ids, lens_probs = read_position(model, resid[:, -1], normed[-1], self.top_n)
         else:
-            attention = torch.stack([self._attention_of(layer, resid[layer, -1:], len(ids) - 1)[:, 0]
-                                     for layer in range(model.cfg.n_layer)]).to(torch.float16)
-        logits, lens_ids, lens_probs = read_position(model, resid[:, -1], normed[-1], self.top_n)
+            logits = model.unembed(normed[-1]).float()
         if self.record:
             # the log-probabilities of the tokens this pass read after its first (the prompt's)
             known = next_token_logprobs(model, normed[:-1], ids[start + 1:]) if normed.shape[0] > 1 else []
@@ -197,10 +208,10 @@ class GenerationSession:
         self._pending = _Pending(
             position=len(ids) - 1,
             logits=logits,
-            attention=attention.cpu().numpy(),  # float16
+            attention=None if attention is None else attention.cpu().numpy(),  # float16
             resid=resid[:, -1].float().cpu().numpy().astype(np.float16),
-            lens_ids=lens_ids.cpu().numpy().astype(np.int32),
-            lens_probs=lens_probs.cpu().numpy().astype(np.float16),
+            lens_ids=None if lens_ids is None else lens_ids.cpu().numpy().astype(np.int32),
+            lens_probs=None if lens_probs is None else lens_probs.cpu().numpy().astype(np.float16),
         )
         return self._pending
 
@@ -227,6 +238,22 @@ class GenerationSession:
     def attention_row(self, position: int) -> np.ndarray:
         """`[layer, head, position + 1]` float32: what `position` attends to in every layer (see attention_pattern)."""
         return np.stack([self.attention_pattern(layer, position, position + 1)[:, 0] for layer in range(self.model.cfg.n_layer)])
+
+    def logit_lens(self, start: int, end: int, top_n: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The logit lens of positions start..end-1 (needs `record=True`): what each layer's residual
+        stream, read through the final layer norm and the unembedding, predicts next.
+
+        Returns top-n ids `[layer + 1, end - start, top_n]` int64 and probabilities (float32); row 0
+        reads the embeddings, the last row is the model's own next-token distribution.
+        """
+        n = len(self.records)
+        if not self.record or not 0 <= start < end <= n:
+            raise ValueError(f"logit_lens needs a recording session and 0 <= start < end <= {n}, got {start}, {end}")
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or not 1 <= top_n <= self.model.cfg.vocab_size:
+            raise ValueError(f"top_n must be an integer in [1, {self.model.cfg.vocab_size}], got {top_n!r}")
+        resid = torch.from_numpy(np.stack(self.records.resid[start:end], axis=1))  # [layer + 1, n, d_model]
+        ids, probs = logit_lens(self.model, resid.to(self.model.device, self.model.wte.weight.dtype), top_n)
+        return ids.cpu().numpy(), probs.float().cpu().numpy()
 
     def _check_room(self) -> None:
         if self.room_left <= 0:

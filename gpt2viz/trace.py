@@ -14,7 +14,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from .capture import capture_hooks, dequantize_attention, logit_lens, stacked_captures
+from .capture import capture_hooks, dequantize_attention, logit_lens, stacked_captures, unembedded_blocks
 from .model import GPT2, ContextLengthError
 from .tokenizer import encode, token_strings
 
@@ -128,13 +128,19 @@ def trace(
     tokens = torch.tensor([ids], device=model.device)
     store: dict = {}
     with model.hooks(capture_hooks(model, store, pack=True, attention_dtype=torch.uint8)):
-        logits = model(tokens)[0]  # [T, vocab]
+        normed = model(tokens, unembed=False)[0]  # [T, d_model]
     attention, resid = stacked_captures(model, store)  # [L, H, T*(T+1)/2] uint8, [L + 1, T, C]
     packed = attention.cpu().numpy()
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top = torch.topk(logp, top_n, dim=-1)
-    token_logprobs = torch.full((T,), float("nan"))
-    token_logprobs[1:] = logp[:-1].gather(1, tokens[0, 1:, None])[:, 0].cpu()
+    top_ids, top_logp = torch.empty(T, top_n, dtype=torch.long), torch.empty(T, top_n)
+    token_logprobs = torch.full((T + 1,), float("nan"))  # [t + 1] = log p(token t + 1 | ..t); the last is unknown
+    next_ids = torch.cat([tokens[0, 1:], tokens.new_zeros(1)]).cpu()[:, None]
+    for start, logits in unembedded_blocks(model, normed):
+        rows = slice(start, start + logits.shape[0])
+        logp = torch.log_softmax(logits, dim=-1).cpu()
+        top = torch.topk(logp, top_n, dim=-1)
+        top_ids[rows], top_logp[rows] = top.indices, top.values
+        token_logprobs[start + 1: rows.stop + 1] = logp.gather(1, next_ids[rows])[:, 0]
+    token_logprobs = token_logprobs[:T]
     lens_ids, lens_probs = logit_lens(model, resid, top_n)
     half = lambda t: t.float().cpu().numpy().astype(np.float16)  # noqa: E731
     return Trace(
@@ -144,8 +150,8 @@ def trace(
         resid=half(resid),
         embed=half(store["embed"]),
         pos_embed=half(store["pos_embed"]),
-        top_ids=top.indices.cpu().numpy().astype(np.int32),
-        top_probs=top.values.exp().cpu().numpy().astype(np.float32),
+        top_ids=top_ids.numpy().astype(np.int32),
+        top_probs=top_logp.exp().numpy().astype(np.float32),
         logprobs=token_logprobs.numpy().astype(np.float32),
         lens_ids=lens_ids.cpu().numpy().astype(np.int32),
         lens_probs=half(lens_probs),

@@ -16,12 +16,12 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     assert "× transformers generate" in result.stdout
     data = json.loads(out.read_text())
     tiny = data["shapes"]["tiny"]
-    assert set(tiny["decode"]) == {"gpt2viz, no capture", "gpt2viz, full capture", "transformers generate",
-                                   "transformers + attentions + hidden states"}
+    assert set(tiny["decode"]) == {"gpt2viz, no capture", "gpt2viz, app capture", "gpt2viz, eager attention + logit lens every step",
+                                   "transformers generate", "transformers + attentions + hidden states"}
     assert all(v["tokens_per_s"] > 0 for v in tiny["decode"].values())
     assert set(map(int, tiny["prefill"])) == {32, 128}
     assert tiny["app"]["steps"] == 3 and tiny["app"]["bytes_per_step_median"] > 0
-    assert all(v > 0 for v in tiny["view_recompute"].values())
+    assert all(v > 0 for v in tiny["view_recompute"].values()) and "lens_one_position_s" in tiny["view_recompute"]
     memory = tiny["memory_mib"]
     assert set(memory) == {"decode", "prefill 128"}
     assert set(memory["decode"]) == set(tiny["decode"]) and len(memory["prefill 128"]) == 4

@@ -249,3 +249,43 @@ def test_attention_pattern_refuses_what_it_cannot_show(small_model, tokenizer):
             session.attention_pattern(*bad)
     with pytest.raises(ValueError, match="layer must be in"):
         session.attention_pattern(small_model.cfg.n_layer, 0, 2)
+
+
+def test_recording_session_logit_lens_is_transformers_hidden_states_through_the_head(hf_checkpoints, small_model, tokenizer):
+    hf_model = hf_checkpoints["small"][0]
+    session = GenerationSession(small_model, tokenizer, PROMPT, SamplingConfig(seed=3, max_new_tokens=5), record=True)
+    steps = list(session.run())
+    assert all(s.attention is None and s.lens_ids is None and s.lens_probs is None for s in steps)  # recomputed on demand
+    n = len(session.records)
+    ids, probs = session.logit_lens(0, n, top_n=4)
+    assert ids.shape == probs.shape == (small_model.cfg.n_layer + 1, n, 4)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([session.ids[:n]]), output_hidden_states=True)
+        # hidden_states[-1] already went through ln_f in transformers; the earlier ones did not
+        hidden = [hf_model.transformer.ln_f(h[0]) for h in ref.hidden_states[:-1]] + [ref.hidden_states[-1][0]]
+        expected = torch.softmax(torch.stack([hf_model.lm_head(h) for h in hidden]), dim=-1)  # [layer + 1, n, vocab]
+    top = torch.topk(expected, 4, dim=-1)
+    np.testing.assert_array_equal(ids, top.indices.numpy())
+    np.testing.assert_allclose(probs, top.values.numpy(), atol=1e-5)
+    # the last row is the model's own next-token distribution, as the steps reported it
+    for s in steps:
+        assert ids[-1, s.position, 0] == max(s.candidates, key=lambda c: c.prob).token_id
+    with pytest.raises(ValueError, match=r"0 <= start < end"):
+        session.logit_lens(2, 2)
+    with pytest.raises(ValueError, match="top_n"):
+        session.logit_lens(0, 1, top_n=0)
+    with pytest.raises(ValueError, match="needs a recording session"):
+        GenerationSession(small_model, tokenizer, PROMPT).logit_lens(0, 1)
+
+
+def test_unembedded_blocks_cover_every_row_once_across_chunk_boundaries(small_model):
+    from gpt2viz.capture import unembedded_blocks
+
+    normed = torch.randn(23, small_model.cfg.n_embd)
+    expected = normed @ small_model.wte.weight.detach().T
+    seen = torch.full_like(expected, float("nan"))
+    for start, logits in unembedded_blocks(small_model, normed, chunk=10, block=4):
+        assert logits.shape[0] <= 4
+        assert torch.isnan(seen[start:start + logits.shape[0]]).all()  # no row handed out twice
+        seen[start:start + logits.shape[0]] = logits
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=1e-5)
