@@ -180,8 +180,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D)
         q, k, v = self.q(q), self.k(k), self.v(v)
         past = 0
         if kv_cache is not None:
