@@ -244,14 +244,28 @@ class GenerationSession:
         stream, read through the final layer norm and the unembedding, predicts next.
 
         Returns top-n ids `[layer + 1, end - start, top_n]` int64 and probabilities (float32); row 0
-        reads the embeddings, the last row is the model's own next-token distribution.
+        reads the embeddings, the last row is the model's own next-token distribution. Positions
+        are read once and kept (up to the top `Records.LENS_TOP`), so a view that slides by one
+        token after a step reads only the new position.
         """
         n = len(self.records)
         if not self.record or not 0 <= start < end <= n:
             raise ValueError(f"logit_lens needs a recording session and 0 <= start < end <= {n}, got {start}, {end}")
         if isinstance(top_n, bool) or not isinstance(top_n, int) or not 1 <= top_n <= self.model.cfg.vocab_size:
             raise ValueError(f"top_n must be an integer in [1, {self.model.cfg.vocab_size}], got {top_n!r}")
-        resid = torch.from_numpy(np.stack(self.records.resid[start:end], axis=1))  # [layer + 1, n, d_model]
+        rec = self.records
+        if top_n > rec.LENS_TOP:
+            return self._read_lens(list(range(start, end)), top_n)
+        missing = [p for p in range(start, end) if p not in rec.lens]
+        if missing:
+            ids, probs = self._read_lens(missing, rec.LENS_TOP)
+            for i, p in enumerate(missing):
+                rec.lens[p] = (ids[:, i], probs[:, i])
+        rows = [rec.lens[p] for p in range(start, end)]
+        return (np.stack([r[0] for r in rows], axis=1)[..., :top_n], np.stack([r[1] for r in rows], axis=1)[..., :top_n])
+
+    def _read_lens(self, positions: list[int], top_n: int) -> tuple[np.ndarray, np.ndarray]:
+        resid = torch.from_numpy(np.stack([self.records.resid[p] for p in positions], axis=1))  # [layer + 1, n, d_model]
         ids, probs = logit_lens(self.model, resid.to(self.model.device, self.model.wte.weight.dtype), top_n)
         return ids.cpu().numpy(), probs.float().cpu().numpy()
 
@@ -355,21 +369,26 @@ class Records:
     resid[p] `[layer + 1, d_model]` float32 (with the KV cache, enough to recompute every attention
     pattern: `GenerationSession.attention_pattern`),
     embed[p] / pos_embed[p] `[d_model]` float32, logprobs[t] = log p(token t | tokens < t)
-    (NaN for t = 0), one per token of the text.
+    (NaN for t = 0), one per token of the text; lens[p]: the logit lens of position p once read,
+    (ids, probs) `[layer + 1, LENS_TOP]` (`GenerationSession.logit_lens`).
     """
+
+    LENS_TOP = 10
 
     def __init__(self) -> None:
         self.resid: list[np.ndarray] = []
         self.embed: list[np.ndarray] = []
         self.pos_embed: list[np.ndarray] = []
         self.logprobs: list[float] = []
+        self.lens: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.resid)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for rows in (self.resid, self.embed, self.pos_embed) for a in rows)
+        return (sum(a.nbytes for rows in (self.resid, self.embed, self.pos_embed) for a in rows)
+                + sum(ids.nbytes + probs.nbytes for ids, probs in self.lens.values()))
 
     def add(self, start, resid, embed, pos_embed, known_logprobs: list[float]) -> None:
         """Store rows for positions start..start+T-1 from one forward pass, and the log-probabilities
@@ -387,6 +406,7 @@ class Records:
     def truncate(self, n_positions: int, n_tokens: int) -> None:
         for rows in (self.resid, self.embed, self.pos_embed):
             del rows[n_positions:]
+        self.lens = {p: v for p, v in self.lens.items() if p < n_positions}
         del self.logprobs[n_tokens if n_positions else 0:]
 
 

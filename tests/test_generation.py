@@ -251,6 +251,16 @@ def test_attention_pattern_refuses_what_it_cannot_show(small_model, tokenizer):
         session.attention_pattern(small_model.cfg.n_layer, 0, 2)
 
 
+def hf_logit_lens(hf_model, ids: list[int], top_n: int):
+    """transformers' hidden states through its final layer norm and head: top-n ids and probs `[layer + 1, pos, n]`."""
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids]), output_hidden_states=True)
+        # hidden_states[-1] already went through ln_f in transformers; the earlier ones did not
+        hidden = [hf_model.transformer.ln_f(h[0]) for h in ref.hidden_states[:-1]] + [ref.hidden_states[-1][0]]
+        top = torch.topk(torch.softmax(torch.stack([hf_model.lm_head(h) for h in hidden]), dim=-1), top_n, dim=-1)
+    return top.indices.numpy(), top.values.numpy()
+
+
 def test_recording_session_logit_lens_is_transformers_hidden_states_through_the_head(hf_checkpoints, small_model, tokenizer):
     hf_model = hf_checkpoints["small"][0]
     session = GenerationSession(small_model, tokenizer, PROMPT, SamplingConfig(seed=3, max_new_tokens=5), record=True)
@@ -259,17 +269,25 @@ def test_recording_session_logit_lens_is_transformers_hidden_states_through_the_
     n = len(session.records)
     ids, probs = session.logit_lens(0, n, top_n=4)
     assert ids.shape == probs.shape == (small_model.cfg.n_layer + 1, n, 4)
-    with torch.no_grad():
-        ref = hf_model(torch.tensor([session.ids[:n]]), output_hidden_states=True)
-        # hidden_states[-1] already went through ln_f in transformers; the earlier ones did not
-        hidden = [hf_model.transformer.ln_f(h[0]) for h in ref.hidden_states[:-1]] + [ref.hidden_states[-1][0]]
-        expected = torch.softmax(torch.stack([hf_model.lm_head(h) for h in hidden]), dim=-1)  # [layer + 1, n, vocab]
-    top = torch.topk(expected, 4, dim=-1)
-    np.testing.assert_array_equal(ids, top.indices.numpy())
-    np.testing.assert_allclose(probs, top.values.numpy(), atol=1e-5)
+    ref_ids, ref_probs = hf_logit_lens(hf_model, session.ids[:n], 4)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(probs, ref_probs, atol=1e-5)
     # the last row is the model's own next-token distribution, as the steps reported it
     for s in steps:
         assert ids[-1, s.position, 0] == max(s.candidates, key=lambda c: c.prob).token_id
+    # positions once read are kept; after a rewind and a different continuation they are still right
+    assert len(session.records.lens) == n
+    session.rewind(2)
+    assert sorted(session.records.lens) == list(range(len(session.records)))
+    session.step(force=(session.ids[-1] + 7) % 50257)
+    list(session.run(max_new_tokens=3))
+    n = len(session.records)
+    ids, probs = session.logit_lens(0, n, top_n=2)
+    ref_ids, ref_probs = hf_logit_lens(hf_model, session.ids[:n], 2)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(probs, ref_probs, atol=1e-5)
+    big_ids, _ = session.logit_lens(n - 1, n, top_n=40)  # more than is kept: read afresh
+    np.testing.assert_array_equal(big_ids[:, 0, :2], ids[:, -1])
     with pytest.raises(ValueError, match=r"0 <= start < end"):
         session.logit_lens(2, 2)
     with pytest.raises(ValueError, match="top_n"):
