@@ -14,7 +14,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from .capture import capture_hooks, dequantize_attention, logit_lens, stacked_captures, unembedded_blocks
+from .capture import capture_hooks, dequantize_attention, logit_lens, logsumexp_, stacked_captures, unembedded_blocks
 from .model import GPT2, ContextLengthError
 from .tokenizer import encode, token_strings
 
@@ -136,10 +136,11 @@ def trace(
     next_ids = torch.cat([tokens[0, 1:], tokens.new_zeros(1)]).cpu()[:, None]
     for start, logits in unembedded_blocks(model, normed):
         rows = slice(start, start + logits.shape[0])
-        logp = torch.log_softmax(logits, dim=-1).cpu()
-        top = torch.topk(logp, top_n, dim=-1)
-        top_ids[rows], top_logp[rows] = top.indices, top.values
-        token_logprobs[start + 1: rows.stop + 1] = logp.gather(1, next_ids[rows])[:, 0]
+        top = torch.topk(logits, top_n, dim=-1)
+        chosen = logits.gather(1, next_ids[rows].to(logits.device))[:, 0]
+        lse = logsumexp_(logits)  # overwrites the block
+        top_ids[rows], top_logp[rows] = top.indices.cpu(), (top.values - lse[:, None]).cpu()
+        token_logprobs[start + 1: rows.stop + 1] = (chosen - lse).cpu()
     token_logprobs = token_logprobs[:T]
     lens_ids, lens_probs = logit_lens(model, resid, top_n)
     half = lambda t: t.float().cpu().numpy().astype(np.float16)  # noqa: E731

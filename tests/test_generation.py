@@ -307,3 +307,35 @@ def test_unembedded_blocks_cover_every_row_once_across_chunk_boundaries(small_mo
         assert torch.isnan(seen[start:start + logits.shape[0]]).all()  # no row handed out twice
         seen[start:start + logits.shape[0]] = logits
     torch.testing.assert_close(seen, expected, atol=1e-5, rtol=1e-5)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_reducing_many_blocks_of_logits_does_not_grow_the_process():
+    """The lens and the log-probabilities reduce 50k-wide blocks of logits and keep small results;
+    a fresh softmax per block fragmented the heap (the process grew by rows x vocab x 4 bytes:
+    5 GB for the lens of a 1024-token gpt2-medium trace). They reduce in place instead."""
+    from gpt2viz import GPT2, GPT2Config
+    from gpt2viz.capture import logsumexp_, top_probabilities_, unembedded_blocks
+    from gpt2viz.model import init_weights
+
+    logits = torch.randn(3, 50257) * 4
+    expected = torch.logsumexp(logits, dim=-1)
+    torch.testing.assert_close(logsumexp_(logits.clone()), expected)
+    ids, probs = top_probabilities_(logits.clone(), 4)
+    top = torch.topk(torch.softmax(logits, dim=-1), 4, dim=-1)
+    torch.testing.assert_close(probs, top.values)
+    assert torch.equal(ids, top.indices)
+
+    model = init_weights(GPT2(GPT2Config(n_layer=1, n_head=12, n_embd=768))).eval()  # gpt2's width
+    with torch.no_grad():
+        model.unembed(torch.zeros(1, 768))  # the one-time transposed unembedding copy
+    rows = torch.randn(4096, 768)
+    before = resident_bytes()
+    kept = [top_probabilities_(logits, 10) for _, logits in unembedded_blocks(model, rows)]
+    grown = resident_bytes() - before
+    assert sum(ids.shape[0] for ids, _ in kept) == 4096
+    assert grown < 4096 * 50257 * 4 / 8, f"the process grew by {grown / 2**20:.0f} MiB reducing 4096 rows"
