@@ -260,7 +260,7 @@ class GenerationSession:
         if missing:
             ids, probs = self._read_lens(missing, rec.LENS_TOP)
             for i, p in enumerate(missing):
-                rec.lens[p] = (ids[:, i], probs[:, i])
+                rec.lens[p] = (ids[:, i].copy(), probs[:, i].copy())  # not views: each entry owns its few bytes
         rows = [rec.lens[p] for p in range(start, end)]
         return (np.stack([r[0] for r in rows], axis=1)[..., :top_n], np.stack([r[1] for r in rows], axis=1)[..., :top_n])
 
