@@ -116,11 +116,21 @@ def logsumexp_(logits: torch.Tensor) -> torch.Tensor:
     return (peak + logits.sub_(peak).exp_().sum(dim=-1, keepdim=True).log_())[:, 0]
 
 
+def log_probabilities_(logits: torch.Tensor, top_n: int, targets: torch.Tensor | None = None):
+    """One reduction of a block of logits `[rows, vocab]` (overwritten, see `logsumexp_`): the top-n
+    ids `[rows, top_n]` and their log-probabilities, and the log-probability of `targets` `[rows]`
+    (None without targets)."""
+    top = torch.topk(logits, top_n, dim=-1)
+    chosen = logits.gather(1, targets[:, None])[:, 0] if targets is not None else None
+    lse = logsumexp_(logits)
+    return top.indices, top.values - lse[:, None], None if chosen is None else chosen - lse
+
+
 def top_probabilities_(logits: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits `[rows, vocab]` -> the top-n ids `[rows, top_n]` and their softmax probabilities
     (`logits` is overwritten, see `logsumexp_`)."""
-    top = torch.topk(logits, top_n, dim=-1)
-    return top.indices, (top.values - logsumexp_(logits)[:, None]).exp_()
+    ids, logp, _ = log_probabilities_(logits, top_n)
+    return ids, logp.exp_()
 
 
 @torch.no_grad()
@@ -146,11 +156,10 @@ def unembedded_blocks(model: GPT2, normed: torch.Tensor, chunk: int = 128, block
 @torch.no_grad()
 def next_token_logprobs(model: GPT2, normed: torch.Tensor, next_ids: list[int]) -> list[float]:
     """log p(next_ids[i] | position i) from final-layer-normed rows `[n, d_model]`."""
-    targets = torch.tensor(next_ids, device=normed.device)[:, None]
+    targets = torch.tensor(next_ids, device=normed.device)
     out: list[float] = []
     for start, logits in unembedded_blocks(model, normed):
-        chosen = logits.gather(1, targets[start:start + logits.shape[0]])[:, 0]
-        out += (chosen - logsumexp_(logits)).tolist()
+        out += log_probabilities_(logits, 1, targets[start:start + logits.shape[0]])[2].tolist()
     return out
 
 

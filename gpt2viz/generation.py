@@ -231,8 +231,7 @@ class GenerationSession:
             raise ValueError(f"attention_pattern needs a recording session and 0 <= start < end <= {n}, got {start}, {end}")
         if not 0 <= layer < self.model.cfg.n_layer:
             raise ValueError(f"layer must be in [0, {self.model.cfg.n_layer}), got {layer}")
-        resid = torch.from_numpy(np.stack([self.records.resid[p][layer] for p in range(start, end)]))
-        resid = resid.to(self.model.device, self.model.wte.weight.dtype)
+        resid = self._recorded_resid(range(start, end))[layer]  # [n, d_model]
         return self._attention_of(layer, resid, start).float().cpu().numpy()
 
     def attention_row(self, position: int) -> np.ndarray:
@@ -265,9 +264,13 @@ class GenerationSession:
         return (np.stack([r[0] for r in rows], axis=1)[..., :top_n], np.stack([r[1] for r in rows], axis=1)[..., :top_n])
 
     def _read_lens(self, positions: list[int], top_n: int) -> tuple[np.ndarray, np.ndarray]:
-        resid = torch.from_numpy(np.stack([self.records.resid[p] for p in positions], axis=1))  # [layer + 1, n, d_model]
-        ids, probs = logit_lens(self.model, resid.to(self.model.device, self.model.wte.weight.dtype), top_n)
+        ids, probs = logit_lens(self.model, self._recorded_resid(positions), top_n)
         return ids.cpu().numpy(), probs.float().cpu().numpy()
+
+    def _recorded_resid(self, positions) -> torch.Tensor:
+        """The recorded residual stream of `positions` as the model's tensor: `[layer + 1, n, d_model]`."""
+        resid = torch.from_numpy(np.stack([self.records.resid[p] for p in positions], axis=1))
+        return resid.to(self.model.device, self.model.wte.weight.dtype)
 
     def _check_room(self) -> None:
         if self.room_left <= 0:

@@ -14,7 +14,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from .capture import capture_hooks, dequantize_attention, logit_lens, logsumexp_, stacked_captures, unembedded_blocks
+from .capture import capture_hooks, dequantize_attention, log_probabilities_, logit_lens, stacked_captures, unembedded_blocks
 from .model import GPT2, ContextLengthError
 from .tokenizer import encode, token_strings
 
@@ -133,14 +133,11 @@ def trace(
     packed = attention.cpu().numpy()
     top_ids, top_logp = torch.empty(T, top_n, dtype=torch.long), torch.empty(T, top_n)
     token_logprobs = torch.full((T + 1,), float("nan"))  # [t + 1] = log p(token t + 1 | ..t); the last is unknown
-    next_ids = torch.cat([tokens[0, 1:], tokens.new_zeros(1)]).cpu()[:, None]
+    next_ids = torch.cat([tokens[0, 1:], tokens.new_zeros(1)])
     for start, logits in unembedded_blocks(model, normed):
         rows = slice(start, start + logits.shape[0])
-        top = torch.topk(logits, top_n, dim=-1)
-        chosen = logits.gather(1, next_ids[rows].to(logits.device))[:, 0]
-        lse = logsumexp_(logits)  # overwrites the block
-        top_ids[rows], top_logp[rows] = top.indices.cpu(), (top.values - lse[:, None]).cpu()
-        token_logprobs[start + 1: rows.stop + 1] = (chosen - lse).cpu()
+        block_ids, block_logp, chosen = log_probabilities_(logits, top_n, next_ids[rows])
+        top_ids[rows], top_logp[rows], token_logprobs[start + 1: rows.stop + 1] = block_ids.cpu(), block_logp.cpu(), chosen.cpu()
     token_logprobs = token_logprobs[:T]
     lens_ids, lens_probs = logit_lens(model, resid, top_n)
     half = lambda t: t.float().cpu().numpy().astype(np.float16)  # noqa: E731
