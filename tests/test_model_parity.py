@@ -39,6 +39,46 @@ def test_fast_path_equals_observed_path(small_model):
     torch.testing.assert_close(fast, observed, atol=TOL, rtol=0)
 
 
+def test_unobserved_decode_step_equals_the_modules_bit_for_bit(small_model, monkeypatch):
+    """One new token with nothing hooked takes GPT2._decode_step; with a hook attached, the modules."""
+    from gpt2viz.model import GPT2
+
+    calls = []
+    decode_step = GPT2._decode_step
+    monkeypatch.setattr(GPT2, "_decode_step", lambda self, *a: calls.append(1) or decode_step(self, *a))
+    tokens = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(9))
+    fast_kv, module_kv = small_model.new_kv_cache(), small_model.new_kv_cache()
+    noop = [(("resid_pre", 0), lambda x, hook: None)]
+    with torch.no_grad():
+        small_model(tokens[:, :6], kv_cache=fast_kv)
+        small_model(tokens[:, :6], kv_cache=module_kv)
+        assert not calls  # a prompt of several tokens goes through the modules
+        for t in range(6, 16):
+            fast = small_model(tokens[:, t:t + 1], kv_cache=fast_kv)
+            with small_model.hooks(noop):
+                by_modules = small_model(tokens[:, t:t + 1], kv_cache=module_kv)
+            assert torch.equal(fast, by_modules)
+    assert len(calls) == 10 and fast_kv.length == module_kv.length == 16
+    for layer in range(small_model.cfg.n_layer):
+        assert torch.equal(fast_kv.keys(layer), module_kv.keys(layer))
+    with torch.enable_grad():  # under autograd the modules run (gradients flow as usual)
+        small_model(tokens[:, :1], kv_cache=small_model.new_kv_cache())
+    assert len(calls) == 10
+
+
+def test_cached_decoding_matches_transformers_past_key_values(hf_checkpoints):
+    hf_model, folder = hf_checkpoints["distil"]
+    model = load_model(folder)
+    tokens = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(4))
+    kv = model.new_kv_cache()
+    with torch.no_grad():
+        ref = hf_model(tokens[:, :8], use_cache=True)
+        model(tokens[:, :8], kv_cache=kv)
+        for t in range(8, 20):
+            ref = hf_model(tokens[:, t:t + 1], cache=ref.cache, use_cache=True)
+            torch.testing.assert_close(model(tokens[:, t:t + 1], kv_cache=kv), ref.logits, atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("observe", [False, True], ids=["fused", "observed"])
 def test_kv_cache_decoding_equals_full_forward_at_every_step(small_model, observe):
     tokens = torch.randint(0, 50257, (1, 30), generator=torch.Generator().manual_seed(11))
