@@ -170,9 +170,14 @@ def decode_benchmarks(ours, hf, tok, n_new: int, repeats: int) -> dict:
             for name, fn in decode_contenders(ours, hf, tok, n_new).items()}
 
 
-def prefill_benchmarks(ours, hf, tok, lengths: list[int], repeats: int) -> dict:
-    return {T: {name: {"seconds": timed(fn, repeats)} for name, fn in prefill_contenders(ours, hf, tok, T).items()}
-            for T in lengths}
+def prefill_benchmarks(shape_name: str, quick: bool, lengths: list[int], repeats: int) -> dict:
+    """Median seconds of every prefill contender at every length, each contender in its own fresh
+    process: in one long-lived process a pass that allocates hundreds of MB (transformers' attention
+    tensors) takes a time that depends on what ran before it (1.3 to 1.9 s over five runs)."""
+    by_name = {name: in_fresh_process({"shape": shape_name, "quick": quick, "measure": "prefill seconds",
+                                       "lengths": lengths, "repeats": repeats, "name": name})
+               for name in PREFILL_CONTENDERS}
+    return {T: {name: {"seconds": by_name[name][str(T)]} for name in PREFILL_CONTENDERS} for T in lengths}
 
 
 def view_recompute(ours, tok, T: int, repeats: int, window: int = 64, lens_window: int = 16) -> dict:
@@ -194,21 +199,23 @@ def view_recompute(ours, tok, T: int, repeats: int, window: int = 64, lens_windo
             f"lens_window_{lens_window}_s": timed(lambda: fresh_lens(max(0, n - lens_window), n), repeats)}
 
 
-def peak_memory(shape_name: str, quick: bool, kind: str, arg: int, name: str) -> float:
-    """Peak resident memory (MiB) that one contender adds above its loaded models, measured in a
-    fresh process so that no earlier run's allocations hide it."""
-    spec = json.dumps({"shape": shape_name, "quick": quick, "kind": kind, "arg": arg, "name": name})
-    out = subprocess.run([sys.executable, __file__, "--memory-probe", spec], check=True, capture_output=True, text=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def in_fresh_process(spec: dict):
+    """Run `probe(spec)` in a new Python process and return what it prints (JSON)."""
+    out = subprocess.run([sys.executable, __file__, "--probe", json.dumps(spec)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def memory_probe(spec: str) -> None:
-    """Child side of `peak_memory`: build the models, run the contender once, print the peak extra MiB."""
+def probe(spec: str) -> None:
+    """Child side of `in_fresh_process`: build the models, then either run one contender once and print
+    the peak resident memory it adds (MiB), or time one prefill contender at each length (seconds)."""
     import gc
 
     s = json.loads(spec)
     ours, hf = build((QUICK_SHAPES if s["quick"] else SHAPES)[s["shape"]])
     tok = load_tokenizer()
+    if s["measure"] == "prefill seconds":
+        print(json.dumps({T: timed(prefill_contenders(ours, hf, tok, T)[s["name"]], s["repeats"]) for T in s["lengths"]}))
+        return
     contenders = (decode_contenders if s["kind"] == "decode" else prefill_contenders)(ours, hf, tok, s["arg"])
     gc.collect()
     try:  # hand freed heap back to the OS, so that reused free lists do not hide what the contender allocates
@@ -219,13 +226,17 @@ def memory_probe(spec: str) -> None:
         pass
     with PeakRSS() as mem:
         contenders[s["name"]]()
-    print(f"{mem.mib:.1f}")
+    print(json.dumps(round(mem.mib, 1)))
 
 
 def memory_benchmarks(shape_name: str, quick: bool, n_new: int, T: int) -> dict:
-    """Peak extra MiB of every decode contender and every prefill contender at T tokens, each in its own process."""
-    return {"decode": {n: peak_memory(shape_name, quick, "decode", n_new, n) for n in DECODE_CONTENDERS},
-            f"prefill {T}": {n: peak_memory(shape_name, quick, "prefill", T, n) for n in PREFILL_CONTENDERS}}
+    """Peak extra MiB of every decode contender and every prefill contender at T tokens, each in its own
+    process so that no earlier run's allocations hide it."""
+    def peak(kind: str, arg: int, name: str) -> float:
+        return in_fresh_process({"shape": shape_name, "quick": quick, "measure": "peak MiB", "kind": kind, "arg": arg, "name": name})
+
+    return {"decode": {n: peak("decode", n_new, n) for n in DECODE_CONTENDERS},
+            f"prefill {T}": {n: peak("prefill", T, n) for n in PREFILL_CONTENDERS}}
 
 
 def trace_size(ours, tok, T: int) -> float:
@@ -327,10 +338,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--skip-app", action="store_true")
-    ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    ap.add_argument("--probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.memory_probe:
-        return memory_probe(args.memory_probe)
+    if args.probe:
+        return probe(args.probe)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = 1 if args.quick else args.repeats
     n_new = 8 if args.quick else args.new_tokens
@@ -346,7 +357,7 @@ def main() -> None:
         ours, hf = build(shape)
         r = results["shapes"][name] = {}
         r["decode"] = decode_benchmarks(ours, hf, tok, n_new, repeats)
-        r["prefill"] = prefill_benchmarks(ours, hf, tok, lengths, repeats)
+        r["prefill"] = prefill_benchmarks(name, args.quick, lengths, repeats)
         r["trace_mib"] = {T: trace_size(ours, tok, T) for T in lengths[-1:]}
         r["view_recompute"] = view_recompute(ours, tok, lengths[-1], repeats)
         del ours, hf
@@ -368,7 +379,7 @@ def print_shape(name: str, r: dict) -> None:
     print("| | tokens/s | × transformers generate | peak extra MiB (own process) |\n|---|---:|---:|---:|")
     for k, v in d.items():
         print(f"| {k} | {v['tokens_per_s']:.1f} | {v['tokens_per_s'] / ref:.2f} | {mem[k]:.0f} |")
-    print(f"\n## {name}: prefill latency (s)")
+    print(f"\n## {name}: prefill latency (s), each contender timed in its own process")
     cols = list(next(iter(r["prefill"].values())))
     print("| tokens | " + " | ".join(cols) + " | app capture ÷ transformers eager+attn |")
     print("|---:|" + "---:|" * (len(cols) + 1))

@@ -118,12 +118,13 @@ def logsumexp_(logits: torch.Tensor) -> torch.Tensor:
 
 def log_probabilities_(logits: torch.Tensor, top_n: int, targets: torch.Tensor | None = None):
     """One reduction of a block of logits `[rows, vocab]` (overwritten, see `logsumexp_`): the top-n
-    ids `[rows, top_n]` and their log-probabilities, and the log-probability of `targets` `[rows]`
-    (None without targets)."""
-    top = torch.topk(logits, top_n, dim=-1)
+    ids `[rows, top_n]` and their log-probabilities (both None for top_n=0: a top-k pass costs as
+    much as the log-sum-exp), and the log-probability of `targets` `[rows]` (None without targets)."""
+    top = torch.topk(logits, top_n, dim=-1) if top_n else None
     chosen = logits.gather(1, targets[:, None])[:, 0] if targets is not None else None
     lse = logsumexp_(logits)
-    return top.indices, top.values - lse[:, None], None if chosen is None else chosen - lse
+    return (None if top is None else top.indices, None if top is None else top.values - lse[:, None],
+            None if chosen is None else chosen - lse)
 
 
 def top_probabilities_(logits: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +160,7 @@ def next_token_logprobs(model: GPT2, normed: torch.Tensor, next_ids: list[int]) 
     targets = torch.tensor(next_ids, device=normed.device)
     out: list[float] = []
     for start, logits in unembedded_blocks(model, normed):
-        out += log_probabilities_(logits, 1, targets[start:start + logits.shape[0]])[2].tolist()
+        out += log_probabilities_(logits, 0, targets[start:start + logits.shape[0]])[2].tolist()
     return out
 
 
