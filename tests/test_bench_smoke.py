@@ -27,3 +27,7 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     assert set(memory["decode"]) == set(tiny["decode"]) and len(memory["prefill 128"]) == 4
     # each contender measured in its own process: a full capture of 128 positions holds something
     assert memory["prefill 128"]["gpt2viz trace (with logit lens at every position)"] > 0
+    # the README's tables are written from such a file
+    report = subprocess.run([sys.executable, "bench/report.py", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "| gpt2viz, no capture | " in report.stdout and "| tiny, 128 | " in report.stdout
