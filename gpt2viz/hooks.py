@@ -52,11 +52,6 @@ def _thread_hooks() -> dict[int, list[HookFn]]:
     return hooks
 
 
-def hooks_attached() -> bool:
-    """Whether any hook point has a hook attached in this thread."""
-    return any(_thread_hooks().values())
-
-
 class HookPoint(nn.Module):
     """Identity module that runs the hooks attached to it (in this thread). `name` is set by the model."""
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import ActivationCache, HookFn, HookPoint, hooks_attached, resolve_name
+from .hooks import ActivationCache, HookFn, HookPoint, resolve_name
 
 
 class ContextLengthError(ValueError):
@@ -257,6 +257,9 @@ class GPT2(nn.Module):
             if isinstance(module, HookPoint):
                 module.name = name
                 self.hook_points[name] = module
+        # The module tree is fixed once built (hook names are found in it once, above).
+        self._decode_plan = [_decode_plan(block) for block in self.blocks]
+        self._score_hooks = [hp for block in self.blocks for hp in (block.attn.scores, block.attn.pattern)]
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layer)
@@ -277,7 +280,7 @@ class GPT2(nn.Module):
             raise ContextLengthError(
                 f"sequence of {past + T} tokens exceeds the model's context of {self.cfg.n_positions} positions"
             )
-        if kv_cache is not None and T == 1 and not torch.is_grad_enabled() and not hooks_attached():
+        if kv_cache is not None and T == 1 and not any(hp.observed for hp in self._score_hooks):
             x = self._decode_step(tokens, kv_cache)
         else:
             positions = torch.arange(past, past + T, device=tokens.device)
@@ -292,29 +295,34 @@ class GPT2(nn.Module):
         return self.logits(self.unembed(x)) if unembed else x
 
     def _decode_step(self, tokens: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-        """The blocks for one new position per sequence, `[batch, 1]` -> residual `[batch, 1, d_model]`,
-        when nothing observes them: the modules' operations, in their order, without their Python.
+        """The blocks for one new position per sequence, `[batch, 1]` -> residual `[batch, 1, d_model]`:
+        the modules' operations and hook points, in their order, without the modules' Python.
 
         At batch 1 a decode step is a chain of matrix-vector products bound by memory bandwidth.
         Between them, every module call and attribute lookup misses the caches that the weights
         have just streamed through: together ~3 ms of a 55 ms gpt2-medium step. Here parameters
-        are read from plain dicts and residual sums are made in place. tests/test_model.py holds
-        this path equal to the modules', bit for bit.
+        and hook points come from plain dicts and lists. Attention scores and patterns are not
+        computed (the fused kernel runs): `forward` takes the modules when they are observed.
+        tests/test_model_parity.py holds both paths equal, activation by activation, bit for bit.
         """
         cfg = self.cfg
         B, C, eps = tokens.shape[0], cfg.n_embd, cfg.layer_norm_epsilon
         qkv_shape = (B, 1, 3, cfg.n_head, cfg.d_head)
-        x = F.embedding(tokens, self.wte.weight) + self.wpe.weight[kv_cache.length]
-        for layer, block in enumerate(self.blocks):
-            ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj = _leaf_parameters(block)
+        past = kv_cache.length
+        x = self.embed(F.embedding(tokens, self.wte.weight)) + self.pos_embed(self.wpe.weight[past:past + 1].expand(B, 1, C))
+        for layer, (params, hooks) in enumerate(self._decode_plan):
+            ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj = params
+            resid_pre, q_hook, k_hook, v_hook, z_hook, attn_out, resid_mid, pre, post, mlp_out, resid_post = hooks
+            x = resid_pre(x)
             h = F.layer_norm(x, (C,), ln_1["weight"], ln_1["bias"], eps)
             q, k, v = F.linear(h, c_attn["weight"], c_attn["bias"]).view(qkv_shape).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = q_hook(q), k_hook(k), v_hook(v)
             k, v = kv_cache.append(layer, k, v)
-            z = F.scaled_dot_product_attention(q, k, v)
-            x = F.linear(z.transpose(1, 2).reshape(B, 1, C), attn_proj["weight"], attn_proj["bias"]).add_(x)
+            z = z_hook(F.scaled_dot_product_attention(q, k, v))
+            x = resid_mid(x + attn_out(F.linear(z.transpose(1, 2).reshape(B, 1, C), attn_proj["weight"], attn_proj["bias"])))
             h = F.layer_norm(x, (C,), ln_2["weight"], ln_2["bias"], eps)
-            h = F.gelu(F.linear(h, c_fc["weight"], c_fc["bias"]), approximate="tanh")
-            x = F.linear(h, mlp_proj["weight"], mlp_proj["bias"]).add_(x)
+            h = post(F.gelu(pre(F.linear(h, c_fc["weight"], c_fc["bias"])), approximate="tanh"))
+            x = resid_post(x + mlp_out(F.linear(h, mlp_proj["weight"], mlp_proj["bias"])))
         return x
 
     def unembed(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -435,13 +443,15 @@ class GPT2(nn.Module):
         return self.wte.weight.device
 
 
-def _leaf_parameters(block: Block) -> tuple[dict[str, torch.Tensor], ...]:
-    """The parameter dicts of ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, found
-    through plain dicts (nn.Module.__getattr__ is a Python function call per lookup)."""
-    mods = block._modules
-    attn, mlp = mods["attn"]._modules, mods["mlp"]._modules
-    return (mods["ln_1"]._parameters, attn["c_attn"]._parameters, attn["c_proj"]._parameters,
-            mods["ln_2"]._parameters, mlp["c_fc"]._parameters, mlp["c_proj"]._parameters)
+def _decode_plan(block: Block) -> tuple[tuple[dict[str, torch.Tensor], ...], tuple[HookPoint, ...]]:
+    """What `GPT2._decode_step` reads of a block: the live parameter dicts of ln_1, attn.c_attn, attn.c_proj,
+    ln_2, mlp.c_fc, mlp.c_proj (nn.Module.__getattr__ is a Python call per lookup; a reassigned
+    parameter shows up in these dicts), and the hook points in the order the modules run them."""
+    attn, mlp = block.attn, block.mlp
+    params = tuple(m._parameters for m in (block.ln_1, attn.c_attn, attn.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj))
+    hooks = (block.resid_pre, attn.q, attn.k, attn.v, attn.z, block.attn_out, block.resid_mid, mlp.pre, mlp.post,
+             block.mlp_out, block.resid_post)
+    return params, hooks
 
 
 def init_weights(model: GPT2, seed: int = 0, std: float = 0.02) -> GPT2:

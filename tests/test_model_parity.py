@@ -39,31 +39,57 @@ def test_fast_path_equals_observed_path(small_model):
     torch.testing.assert_close(fast, observed, atol=TOL, rtol=0)
 
 
-def test_unobserved_decode_step_equals_the_modules_bit_for_bit(small_model, monkeypatch):
-    """One new token with nothing hooked takes GPT2._decode_step; with a hook attached, the modules."""
+def _decode_by_the_modules(model, token, kv):
+    """What GPT2.forward does for new positions when it does not take _decode_step: every module called."""
+    past = kv.length
+    x = model.embed(model.wte(token)) + model.pos_embed(model.wpe(torch.tensor([past])).expand(token.shape[0], 1, -1))
+    for i, block in enumerate(model.blocks):
+        x = block(x, kv, i)
+    kv.length = past + 1
+    return model.logits(model.unembed(model.ln_final(model.ln_f(x))))
+
+
+def test_decode_step_equals_the_modules_activation_by_activation(small_model, monkeypatch):
+    """One new token takes GPT2._decode_step unless attention scores or patterns are observed; every hook
+    point sees the same tensor there as in the modules, and a hook that replaces one (here: head 1's z
+    zeroed in layer 1) changes both alike."""
     from gpt2viz.model import GPT2
 
     calls = []
     decode_step = GPT2._decode_step
     monkeypatch.setattr(GPT2, "_decode_step", lambda self, *a: calls.append(1) or decode_step(self, *a))
-    tokens = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(9))
-    fast_kv, module_kv = small_model.new_kv_cache(), small_model.new_kv_cache()
-    noop = [(("resid_pre", 0), lambda x, hook: None)]
+    model = small_model
+    tokens = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(9))
+    fast_kv, module_kv = model.new_kv_cache(), model.new_kv_cache()
+    names = [n for n in model.hook_points if not n.endswith(("scores", "pattern"))]
+
+    def ablate(z, hook):
+        z = z.clone()
+        z[:, 1] = 0
+        return z
+
     with torch.no_grad():
-        small_model(tokens[:, :6], kv_cache=fast_kv)
-        small_model(tokens[:, :6], kv_cache=module_kv)
+        model(tokens[:, :6], kv_cache=fast_kv)
+        model(tokens[:, :6], kv_cache=module_kv)
         assert not calls  # a prompt of several tokens goes through the modules
-        for t in range(6, 16):
-            fast = small_model(tokens[:, t:t + 1], kv_cache=fast_kv)
-            with small_model.hooks(noop):
-                by_modules = small_model(tokens[:, t:t + 1], kv_cache=module_kv)
+        for t in range(6, 12):
+            new = tokens[:, t:t + 1]
+            fast, fast_acts = model.run_with_cache(new, names=names, kv_cache=fast_kv, fwd_hooks=[("blocks.1.attn.z", ablate)])
+            saved = {}
+            with model.hooks([("blocks.1.attn.z", ablate)] + [(n, lambda x, hook: saved.__setitem__(hook.name, x.clone()))
+                                                               for n in names]):
+                by_modules = _decode_by_the_modules(model, new, module_kv)
             assert torch.equal(fast, by_modules)
-    assert len(calls) == 10 and fast_kv.length == module_kv.length == 16
-    for layer in range(small_model.cfg.n_layer):
+            assert set(saved) == set(names) and len(fast_acts) == len(names)
+            for name in names:
+                assert torch.equal(fast_acts[name], saved[name]), name
+            assert fast_acts["blocks.1.attn.z"][:, 1].abs().max() == 0
+    assert len(calls) == 6 and fast_kv.length == module_kv.length == 12
+    for layer in range(model.cfg.n_layer):
         assert torch.equal(fast_kv.keys(layer), module_kv.keys(layer))
-    with torch.enable_grad():  # under autograd the modules run (gradients flow as usual)
-        small_model(tokens[:, :1], kv_cache=small_model.new_kv_cache())
-    assert len(calls) == 10
+    # observing a pattern takes the modules (the fused kernel computes none)
+    _, cache = model.run_with_cache(tokens[:, :1], names=["pattern"], kv_cache=model.new_kv_cache())
+    assert len(calls) == 6 and cache["pattern", 0].shape == (2, model.cfg.n_head, 1, 1)
 
 
 def test_cached_decoding_matches_transformers_past_key_values(hf_checkpoints):
