@@ -258,7 +258,7 @@ class GPT2(nn.Module):
                 module.name = name
                 self.hook_points[name] = module
         # The module tree is fixed once built (hook names are found in it once, above).
-        self._decode_plan = [_decode_plan(block) for block in self.blocks]
+        self._decode_plan = [_block_plan(block) for block in self.blocks]
         self._score_hooks = [hp for block in self.blocks for hp in (block.attn.scores, block.attn.pattern)]
 
     def new_kv_cache(self) -> KVCache:
@@ -443,7 +443,7 @@ class GPT2(nn.Module):
         return self.wte.weight.device
 
 
-def _decode_plan(block: Block) -> tuple[tuple[dict[str, torch.Tensor], ...], tuple[HookPoint, ...]]:
+def _block_plan(block: Block) -> tuple[tuple[dict[str, torch.Tensor], ...], tuple[HookPoint, ...]]:
     """What `GPT2._decode_step` reads of a block: the live parameter dicts of ln_1, attn.c_attn, attn.c_proj,
     ln_2, mlp.c_fc, mlp.c_proj (nn.Module.__getattr__ is a Python call per lookup; a reassigned
     parameter shows up in these dicts), and the hook points in the order the modules run them."""
