@@ -120,10 +120,10 @@ def log_probabilities_(logits: torch.Tensor, top_n: int, targets: torch.Tensor |
     """One reduction of a block of logits `[rows, vocab]` (overwritten, see `logsumexp_`): the top-n
     ids `[rows, top_n]` and their log-probabilities (both None for top_n=0: a top-k pass costs as
     much as the log-sum-exp), and the log-probability of `targets` `[rows]` (None without targets)."""
-    top = torch.topk(logits, top_n, dim=-1) if top_n else None
+    top_logits, top_ids = torch.topk(logits, top_n, dim=-1) if top_n else (None, None)
     chosen = logits.gather(1, targets[:, None])[:, 0] if targets is not None else None
     lse = logsumexp_(logits)
-    return (None if top is None else top.indices, None if top is None else top.values - lse[:, None],
+    return (top_ids, None if top_logits is None else top_logits - lse[:, None],
             None if chosen is None else chosen - lse)
 
 
