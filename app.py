@@ -1,4 +1,5 @@
-"""gpt2viz: watch GPT-2 write, one token at a time. Layout and wiring only; the work is in gpt2viz.controller.
+"""gpt2viz: watch GPT-2 write, one token at a time. Layout and wiring only; the use cases are in
+gpt2viz.controller.Controller, which returns a `Page` that `render` maps onto the components.
 
     python app.py                          # gpt2 from the Hub, or the bundled model offline
     python app.py --model tiny-shakespeare # or GPT2VIZ_MODEL=distilgpt2, or a local folder
@@ -14,327 +15,285 @@ import time
 import gradio as gr
 
 from gpt2viz import controller as c
-from gpt2viz.model import ContextLengthError
 
 log = logging.getLogger("gpt2viz")
 
 INTRO = """# gpt2viz — watch GPT-2 write, one token at a time
-Type a prompt, then press **Step** to add one token or **Generate** to stream many. Every token is chosen
-from a probability distribution that you can see and change. Click any token to look inside the model
-at that point: where it looks (**attention**), what it is thinking layer by layer (**logit lens**), and
-how the token's vector moves through the network (**embeddings**). Every number comes from the real model."""
+Type a prompt, then press **Step** to add one token or **Generate** to stream many. Every token is drawn
+from a probability distribution that you can see and reshape. Click any token to look inside the model there."""
 
-TEXT_NEXT = """**What you see:** the model's top guesses for the next token. Grey bars are the model's own
-probabilities; blue bars are what is left after your settings (temperature, top-k, top-p, repetition
-penalty). The token drawn is marked ▶. *Temperature* below 1 makes likely tokens likelier; above 1
-flattens the choice. *Top-k* keeps only the k likeliest tokens, *top-p* the likeliest ones until their
-total reaches p. Pick a candidate or type your own token to steer the text."""
+TEXT_CHOSEN = """**How the selected token was chosen.** After reading the tokens before it, the model gives every
+token in its vocabulary a probability (grey). Your settings reshape that distribution (blue) and the next token
+is drawn from it (▶). For a token of your prompt nothing was drawn: the chart shows what the model *predicted*
+there and how high it ranked the token you actually wrote."""
 
-TEXT_ATTENTION = """**What you see:** *attention* is how each token gathers information from the tokens before it.
-Each row is a token reading; each column a token being read; darker means more attention. A model
-has several layers, each with several *heads* that look for different things: some look at the
-previous token, some at the first token, some at an earlier copy of the current word (*induction heads*).
-A token can never look at tokens after it, so the top-right half is empty."""
+TEXT_ATTENTION = """**Attention** is how each token gathers information from the tokens before it. In the heatmap,
+each row is a token reading (the *query*) and each column a token being read (the *key*); darker means more
+attention, and each row adds up to 1. A model has several layers, each with several *heads* that look for
+different things: the previous token, the first token, or the token after an earlier copy of the current one
+(*induction heads*). A token never reads the tokens after it, so the upper-right half is empty."""
 
-TEXT_LENS = """**What you see:** the *logit lens* asks every layer "if you had to guess the next token now, what
-would it be?". Each column is a position in the text; each row a layer, from the embeddings (bottom of
-the network) to the last block (the real prediction). Watch the guess sharpen, and find the layer
-where the right answer first appears."""
+TEXT_OVERVIEW = """**Every head at a glance.** Each small square is one head's attention over the same tokens as the
+Attention tab, drawn like its heatmap. Heads that do a recognisable job are labelled."""
 
-TEXT_EMBED = """**What you see:** each token enters the model as a list of numbers (a vector): its *token
-embedding* plus a *position embedding* that says where it sits. Every block then adds to this vector,
-the *residual stream*. The line shows how long the vector is after each block, and the map squashes the
-vector's path through the layers onto two dimensions (PCA), labelled with the token it is closest to."""
+TEXT_LENS = """**The logit lens** asks every layer: "if you had to guess the next token now, what would it be?"
+Each **row** is a position in the text (the token being read) and each **column** a layer, from the embeddings
+to the last block, whose guess is the model's real prediction. The token that actually came next is written at
+the right of each row, and ✓ marks the layers whose top guess is already that token."""
 
-# Static slider ranges that fit every GPT-2 size; the page narrows them to the current text and model,
-# and the handlers check values sent straight to the API against the real ranges.
+TEXT_EMBED = """**Embeddings.** Each token enters the model as a list of numbers (a vector): its *token embedding*
+plus a *position embedding* that says where it sits. Every block then adds to this vector, the *residual
+stream*: the line shows how long the vector is after each block, and the map draws its path through the
+layers on two axes (PCA). Hover a point of the path to see the logit lens's guess for the next token there."""
+
+STRIP_TEMPLATE = """<div class="strip">{{#if value.tokens.length}}{{#each value.tokens}}<span class="tok {{this.c}} {{this.sel}}" data-pos="{{@index}}" title="{{this.p}}">{{this.t}}</span>{{#if this.br}}<br>{{/if}}{{/each}}{{else}}<span class="strip-empty">The text appears here token by token. Press Step or Generate, or choose an example.</span>{{/if}}</div>"""
+STRIP_JS = """element.addEventListener('click', (e) => {
+  const t = e.target.closest('[data-pos]');
+  if (t) trigger('click', {position: Number(t.dataset.pos)});
+});"""
+OVERVIEW_JS = """element.addEventListener('click', (e) => {
+  const t = e.target.closest('[data-layer]');
+  if (t) trigger('click', {layer: Number(t.dataset.layer), head: Number(t.dataset.head)});
+});"""
+STRIP_KEY = "".join(f'<span class="key"><i class="chip {cat}"></i>{what}</span>' for cat, what in c.STRIP_KEY)
+
+# Static slider ranges that fit every GPT-2 size; each render narrows them to the current text and model.
 MAX_POSITIONS, MAX_LAYERS, MAX_HEADS = 1023, 47, 24
 
 CSS = """
-#strip .token { border: 1px solid #8a949e; border-radius: 4px; margin: 1px; cursor: pointer; }
+.strip { line-height: 2.1; font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 15px; }
+.strip .tok { border: 1px solid #8a949e; border-radius: 4px; padding: 1px 3px; margin: 1px; cursor: pointer; white-space: pre; color: #111; }
+.strip .tok.sel { outline: 3px solid #1f3f8f; outline-offset: 1px; font-weight: 700; }
+.strip .likely, .chip.likely { background: #2e9e5b55; } .strip .plausible, .chip.plausible { background: #9ccc6577; }
+.strip .unlikely, .chip.unlikely { background: #f6b44b88; } .strip .surprising, .chip.surprising { background: #e4572e77; }
+.strip .first, .chip.first { background: #d9dde3; }
+.strip-empty { color: #5b6570; font-family: system-ui, sans-serif; }
+#strip_key { font-size: 13px; color: #4a5561; } #strip_key .key { margin-right: 14px; white-space: nowrap; }
+#strip_key .chip { display: inline-block; width: 10px; height: 10px; border-radius: 50%; margin-right: 4px; border: 1px solid #8a949e; }
 .explain { font-size: 0.95rem; }
+.overview .ov-title { font-weight: 600; font-size: 16px; margin: 4px 0; } .overview .ov-note { font-size: 13px; color: #4a5561; margin-bottom: 6px; }
+.ov-grid { display: grid; gap: 3px; align-items: center; }
+.ov-col, .ov-row, .ov-corner { font-size: 12px; color: #4a5561; text-align: center; }
+.ov-cell { padding: 1px; border: 2px solid transparent; background: none; cursor: pointer; display: flex; flex-direction: column; align-items: center; }
+.ov-cell img { width: 100%; max-width: 64px; image-rendering: pixelated; aspect-ratio: 1; }
+.ov-cell.ov-sel { border-color: #e8762d; } .ov-badge { font-size: 10px; color: #1f3f8f; min-height: 12px; }
+@media (max-width: 700px) {
+  .gradio-container { padding: 4px !important; }
+  #intro p { display: none; }
+  .tab-wrapper .overflow-menu, .tab-container .overflow-menu { display: none !important; }
+  .tab-wrapper, .tab-container { flex-wrap: wrap !important; height: auto !important; overflow: visible !important; }
+  .tab-container button { flex: 0 0 auto; visibility: visible !important; position: static !important; }
+}
 """
+
+# A narrow screen gets figures with fewer tokens (read once, when the page loads).
+COMPACT_JS = "() => window.innerWidth < 700"
 
 
 def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
+    ctl = c.Controller(models, sessions)
+    default_prompt = c.example_text(c.DEFAULT_EXAMPLE_BUNDLED if models.default in c.BUNDLED_MODELS else c.DEFAULT_EXAMPLE)
     with gr.Blocks(title="gpt2viz") as demo:
         state = gr.State(c.new_state(models.default), time_to_live=6 * 3600,
                          delete_callback=lambda s: sessions.drop((s or {}).get("key")))
-        gr.Markdown(INTRO)
+        tab = gr.State("chosen")
+        compact = gr.State(False)
+        gr.Markdown(INTRO, elem_id="intro")
         gr.Markdown(models.notice, visible=bool(models.notice), elem_id="notice")
+        with gr.Row(equal_height=True):
+            model_name = gr.Dropdown(models.names(), value=models.default, label="Model", elem_id="model", scale=1, min_width=160)
+            example = gr.Dropdown(c.examples_for(models.default), value=None, label="Example", elem_id="example", scale=2, min_width=200)
+            show_me = gr.Button("Show me", elem_id="show_me", scale=0, min_width=100)
+        example_hint = gr.Markdown(elem_classes="explain", elem_id="example_hint")
+        prompt = gr.Textbox(label="Prompt", lines=2, max_lines=8, elem_id="prompt", value=default_prompt)
+        with gr.Row(elem_id="actions"):
+            generate_btn = gr.Button("Generate", variant="primary", elem_id="generate", min_width=90)
+            step_btn = gr.Button("Step", elem_id="step", min_width=70)
+            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", min_width=70)
+            reset_btn = gr.Button("Reset", elem_id="reset", min_width=70)
+        status = gr.Markdown(elem_id="status")
+        strip = gr.HTML(c.empty_strip(), html_template=STRIP_TEMPLATE, js_on_load=STRIP_JS, elem_id="strip")
+        gr.HTML(f"Colour: how likely the model found each token, given the text before it. {STRIP_KEY}", elem_id="strip_key")
+        with gr.Row(equal_height=True):
+            position = gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Selected token", elem_id="position", scale=1, min_width=200)
+            selected_label = gr.Markdown(elem_id="selected_label")
         with gr.Row():
-            with gr.Column(scale=1, min_width=320):
-                model_name = gr.Dropdown(models.names(), value=models.default, label="Model", elem_id="model")
-                example = gr.Dropdown(list(c.EXAMPLES), value=None, label="Example prompts", elem_id="example")
-                example_text = gr.Markdown(elem_classes="explain")
-                prompt = gr.Textbox(label="Prompt", lines=3, max_lines=12, elem_id="prompt",
-                                    value=c.EXAMPLES["Factual recall"][0] if models.default != c.OFFLINE_MODEL
-                                    else c.EXAMPLES["Shakespeare"][0])
-                with gr.Row():
-                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                    step_btn = gr.Button("Step", elem_id="step")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                    reset_btn = gr.Button("Reset", elem_id="reset")
-                status = gr.Markdown(elem_id="status")
-                with gr.Accordion("Sampling controls", open=True):
+            with gr.Column(scale=1, min_width=300):
+                upcoming = gr.Plot(elem_id="upcoming_plot", show_label=False)
+                with gr.Accordion("Sampling controls (they reshape the upcoming token's distribution)", open=True):
                     temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0 = always the likeliest)", elem_id="temperature")
                     top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)", elem_id="top_k")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p (1 = off)", elem_id="top_p")
                     penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty (1 = off)", elem_id="penalty")
                     max_new = gr.Slider(1, 200, value=30, step=1, label="Max new tokens", elem_id="max_new")
+                    speed = gr.Slider(0, 10, value=5, step=1, label="Speed: tokens per second (0: as fast as it goes)", elem_id="speed",)
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (same seed, same text)", elem_id="seed")
                 with gr.Accordion("Choose the next token yourself", open=True):
-                    pick = gr.Dropdown(choices=[], label="The model's candidates for the next token", elem_id="pick",
-                                       allow_custom_value=True)
+                    pick = gr.Dropdown(choices=[], label="The upcoming token's candidates", elem_id="pick")
                     pick_btn = gr.Button("Use this token", elem_id="pick_btn")
-                    typed = gr.Textbox(label="...or type a token (e.g. ' Paris' with its space, or #464 for an id)", elem_id="typed")
+                    typed = gr.Textbox(label="...or type a token (' Paris' with its space, or #464 for an id)", elem_id="typed")
                     typed_btn = gr.Button("Use typed token", elem_id="typed_btn")
                 with gr.Accordion("Rewind", open=False):
                     rewind_to = gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Keep this many generated tokens", elem_id="rewind_to")
                     rewind_btn = gr.Button("Rewind", elem_id="rewind_btn")
-            with gr.Column(scale=2):
-                strip = gr.HighlightedText(label="Tokens, coloured by how likely the model found each one given the text before it (click a token to inspect it)",
-                                           color_map=c.STRIP_COLORS, show_legend=True, show_inline_category=False,
-                                           elem_id="strip", interactive=False)
-                position = gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Selected token", elem_id="position")
-                with gr.Tabs():
-                    with gr.Tab("Next token", elem_id="tab-next"):
-                        gr.Markdown(TEXT_NEXT, elem_classes="explain")
-                        next_plot = gr.Plot(elem_id="next_plot", show_label=False)
-                    with gr.Tab("Attention", elem_id="tab-attention"):
+            with gr.Column(scale=2, min_width=320):
+                with gr.Tabs(selected="chosen", elem_id="tabs") as tabs:
+                    with gr.Tab("How it was chosen", id="chosen", elem_id="tab-chosen") as tab_chosen:
+                        gr.Markdown(TEXT_CHOSEN, elem_classes="explain")
+                        chosen_plot = gr.Plot(elem_id="chosen_plot", show_label=False)
+                    with gr.Tab("Attention", id="attention", elem_id="tab-attention") as tab_attention:
                         gr.Markdown(TEXT_ATTENTION, elem_classes="explain")
                         with gr.Row():
-                            layer = gr.Slider(0, MAX_LAYERS, value=0, step=1, label="Layer", elem_id="layer")
-                            head = gr.Slider(0, MAX_HEADS, value=0, step=1, label="Head", elem_id="head")
+                            layer = gr.Slider(0, MAX_LAYERS, value=0, step=1, label="Layer", elem_id="layer", min_width=140)
+                            head = gr.Slider(0, MAX_HEADS, value=0, step=1, label="Head", elem_id="head", min_width=140)
                         attn_plot = gr.Plot(elem_id="attn_plot", show_label=False)
                         row_plot = gr.Plot(elem_id="row_plot", show_label=False)
+                        per_head = gr.Checkbox(False, label="All-heads grid: each head on its own scale (diffuse heads stay visible)", elem_id="per_head")
                         grid_plot = gr.Plot(elem_id="grid_plot", show_label=False)
-                    with gr.Tab("Logit lens", elem_id="tab-lens"):
+                    with gr.Tab("All heads", id="overview", elem_id="tab-overview") as tab_overview:
+                        gr.Markdown(TEXT_OVERVIEW, elem_classes="explain")
+                        overview = gr.HTML("", js_on_load=OVERVIEW_JS, elem_id="overview")
+                    with gr.Tab("Logit lens", id="lens", elem_id="tab-lens") as tab_lens:
                         gr.Markdown(TEXT_LENS, elem_classes="explain")
                         lens_plot = gr.Plot(elem_id="lens_plot", show_label=False)
-                    with gr.Tab("Embeddings", elem_id="tab-embed"):
+                    with gr.Tab("Embeddings", id="embed", elem_id="tab-embed") as tab_embed:
                         gr.Markdown(TEXT_EMBED, elem_classes="explain")
                         emb_plot = gr.Plot(elem_id="emb_plot", show_label=False)
                         norm_plot = gr.Plot(elem_id="norm_plot", show_label=False)
                         traj_plot = gr.Plot(elem_id="traj_plot", show_label=False)
 
-        controls = [temperature, top_k, top_p, penalty, max_new, seed]
-        views = [attn_plot, row_plot, grid_plot, lens_plot, emb_plot, norm_plot, traj_plot]
-        live = [state, strip, next_plot, status]
-        settle = live + [pick, position, rewind_to, layer, head] + views
+        view_components = {"chosen": chosen_plot, "attention": attn_plot, "row": row_plot, "grid": grid_plot,
+                           "overview": overview, "lens": lens_plot, "embed": emb_plot, "norm": norm_plot, "traj": traj_plot}
+        everything = [state, tab, status, strip, position, selected_label, layer, head, rewind_to, upcoming, pick,
+                      tabs, prompt, example_hint, example] + list(view_components.values())
 
-        # --- handlers: thin wrappers that turn every failure into a message ---------------------
+        def render(page: c.Page) -> dict:
+            """A `Page` as updates of the components it names (the others stay as they are)."""
+            if page.warning and page.status:
+                gr.Warning(page.status.removeprefix("⚠️ "))
+            out: dict = {state: page.state}
+            if page.status is not None:
+                out[status] = page.status
+            if page.strip is not None:
+                out[strip] = page.strip
+            sel = page.selection
+            if sel is not None:
+                out[tab] = sel.tab
+                out[position] = gr.update(maximum=max(page.n_tokens - 1, 1), value=sel.position, interactive=page.n_tokens > 1)
+                out[layer] = gr.update(maximum=max(page.n_layer - 1, 1), value=sel.layer, interactive=page.n_layer > 1)
+                out[head] = gr.update(maximum=max(page.n_head - 1, 1), value=sel.head, interactive=page.n_head > 1)
+                out[rewind_to] = gr.update(maximum=max(page.n_generated, 1), value=page.n_generated, interactive=page.n_generated > 0)
+            if page.selected_label is not None:
+                out[selected_label] = page.selected_label
+            if page.upcoming is not None:
+                out[upcoming] = page.upcoming
+            if page.choices is not None:
+                out[pick] = gr.update(choices=page.choices, value=page.choices[0][1] if page.choices else None)
+            for name, value in page.views.items():
+                out[view_components[name]] = value
+            if page.open_tab:
+                out[tabs] = gr.Tabs(selected=page.open_tab)
+            if page.prompt is not None:
+                out[prompt] = page.prompt
+            if page.hint is not None:
+                out[example_hint] = page.hint
+            if page.examples is not None:
+                out[example] = gr.update(choices=page.examples, value=None)
+            return out
 
-        def refuse(message: str) -> str:
-            gr.Warning(message)
-            return f"⚠️ {message}"
+        settings = [temperature, top_k, top_p, penalty, max_new, seed]
+        view = [position, layer, head, tab, per_head, compact]
+        text_inputs = [state, model_name, prompt] + settings + view
 
-        def entry_for(st, name, text, ctrl):
-            """The user's session: continue it, or start anew from the prompt if the prompt or model changed."""
-            config = c.sampling_config(*ctrl)
-            ids = c.check_prompt(models, name, text)
-            st = dict(st or c.new_state(name))
-            if st.get("ids") and st.get("model") == name and st["ids"][: st["prompt_len"]] == ids:
-                entry = sessions.get(st, config)
-                return st, entry
-            sessions.drop(st.get("key"))
-            key, entry = sessions.create(name, ids, config)
-            return c.sync_state(st, entry, key), entry
+        def split(args):
+            """(settings values, Selection) from the trailing inputs `settings + view`."""
+            return list(args[:6]), c.Selection.of(*args[6:12])
 
-        def live_outputs(st, entry, message=""):
-            s = entry.session
-            last = s.steps[-1] if s.steps else None
-            summary = message or c.step_summary(last, models.tokenizer)
-            return st, c.token_strip(s), c.next_token_view(last), summary
-
-        def on_generate(st, name, text, *ctrl):
-            try:
-                st, entry = entry_for(st, name, text, ctrl)
-            except (c.UserError, ContextLengthError, ValueError) as e:
-                yield st, gr.skip(), gr.skip(), refuse(str(e))
-                return
-            except Exception as e:  # noqa: BLE001 - never a traceback in the page
-                log.exception("generate failed")
-                yield st, gr.skip(), gr.skip(), refuse(f"Something went wrong ({type(e).__name__}); please try again.")
-                return
-            if entry.generating:
-                yield st, gr.skip(), gr.skip(), refuse("Already generating: press Stop first.")
-                return
-            run = entry.generating = object()
-            s = entry.session
-            try:
-                budget = s.config.max_new_tokens
-                if s.room_left <= 0:
-                    yield st, gr.skip(), gr.skip(), refuse("The text fills the model's context: rewind or reset to continue.")
-                    return
-                for n in range(budget):
-                    if entry.generating is not run or not entry.lock.acquire(timeout=10):
-                        return  # stopped
-                    try:
-                        step = s.step()
-                    finally:
-                        entry.lock.release()
-                    done = step.finish_reason is not None or n == budget - 1
-                    message = f"Stopped: {step.message}." if step.message else ""
-                    yield live_outputs(c.sync_state(st, entry), entry, message)
-                    if done:
-                        return
-            except Exception as e:  # noqa: BLE001
-                log.exception("generation failed")
-                yield c.sync_state(st, entry), gr.skip(), gr.skip(), refuse(f"Generation stopped: {e}")
-            finally:
-                if entry.generating is run:
-                    entry.generating = None
-
-        def with_entry(action):
-            """Run `action(st, entry) -> message` under the session lock, then return the live outputs."""
-            def handler(st, name, text, *ctrl):
-                try:
-                    st, entry = entry_for(st, name, text, ctrl)
-                    if entry.generating or not entry.lock.acquire(timeout=5):
-                        return st, gr.skip(), gr.skip(), refuse("Busy generating: press Stop first.")
-                    try:
-                        message = action(st, entry)
-                    finally:
-                        entry.lock.release()
-                    return live_outputs(c.sync_state(st, entry), entry, message or "")
-                except (c.UserError, ContextLengthError, ValueError) as e:
-                    return st, gr.skip(), gr.skip(), refuse(str(e))
-                except Exception as e:  # noqa: BLE001
-                    log.exception("action failed")
-                    return st, gr.skip(), gr.skip(), refuse(f"Something went wrong ({type(e).__name__}); please try again.")
+        def act(use_case):
+            """A handler for inputs `state, model, prompt, *extra, *settings, *view` -> use_case(..., *extra)."""
+            def handler(st, name, text, *rest):
+                extra, rest = rest[:-12], rest[-12:]
+                ctrl, sel = split(rest)
+                return render(use_case(st, name, text, ctrl, sel, *extra))
             return handler
 
-        def do_step(st, entry):
-            entry.session.step()
+        def on_generate(st, name, text, rate, *rest):
+            ctrl, sel = split(rest)
+            for page in ctl.stream(st, name, text, ctrl, sel, rate):
+                yield render(page)
 
-        def do_reset(st, entry):
-            entry.session.rewind(0)
-            return "Back to the prompt."
+        def on_stop(st, *rest):
+            ctl.stop(st)
+            ctrl, sel = split(rest)
+            page = ctl.select(st, ctrl, c.Selection(None, sel.layer, sel.head, sel.tab, sel.per_head_scale, sel.compact))
+            page.status = page.status or "Stopped."
+            return render(page)
 
-        def force_handler(get_token):
-            def action(st, entry):
-                entry.session.step(force=get_token(entry))
-            return action
+        def on_select(st, *rest):
+            ctrl, sel = split(rest)
+            return render(ctl.select(st, ctrl, sel))
 
-        def on_settle(st, lay, hd, *ctrl):
-            """After a change: the candidate picker, the sliders and every view, for the newest token."""
-            try:
-                entry = sessions.get(st, c.sampling_config(*ctrl)) if (st or {}).get("ids") else None
-            except (c.UserError, ValueError) as e:
-                return [st, gr.skip(), gr.skip(), refuse(str(e))] + [gr.skip()] * (len(settle) - 4)
-            if entry is None:
-                return [st, gr.skip(), gr.skip(), gr.skip()] + [gr.skip()] * (len(settle) - 4)
-            if not entry.lock.acquire(timeout=10):
-                return [st, gr.skip(), gr.skip(), refuse("Busy: try again in a moment.")] + [gr.skip()] * (len(settle) - 4)
-            try:
-                s = entry.session
-                choices = c.candidate_choices(s) if s.room_left > 0 else []
-                n = len(s.records)
-                cfg = s.model.cfg
-                p = n - 1  # after a change, show the newest token
-                lay, hd = min(int(lay or 0), cfg.n_layer - 1), min(int(hd or 0), cfg.n_head - 1)
-                figs = view_figures(entry, p, lay, hd)
-            except Exception as e:  # noqa: BLE001
-                log.exception("settle failed")
-                return [st, gr.skip(), gr.skip(), refuse(f"Could not update the views ({type(e).__name__}).")] + [gr.skip()] * (len(settle) - 4)
-            finally:
-                entry.lock.release()
-            return [c.sync_state(st, entry), c.token_strip(s), c.next_token_view(s.steps[-1] if s.steps else None), gr.skip(),
-                    gr.update(choices=choices, value=choices[0][1] if choices else None),
-                    gr.update(maximum=max(n - 1, 1), value=p, interactive=n > 1),
-                    gr.update(maximum=max(len(s.steps), 1), value=len(s.steps), interactive=bool(s.steps)),
-                    gr.update(maximum=cfg.n_layer - 1, value=lay), gr.update(maximum=cfg.n_head - 1, value=hd)] + list(figs)
+        def on_strip_click(st, *rest, evt: gr.EventData):
+            ctrl, sel = split(rest)
+            sel.position = c.as_index(getattr(evt, "position", None))
+            return render(ctl.select(st, ctrl, sel))
 
-        def view_figures(entry, p, lay, hd):
-            s = entry.session
-            attn, grid, row = c.attention_views(s, p, lay, hd)
-            emb, norm, traj = c.embedding_views(s, p)
-            return attn, row, grid, c.logit_lens_view(s, p), emb, norm, traj
+        def on_overview_click(st, *rest, evt: gr.EventData):
+            ctrl, sel = split(rest)
+            sel.layer, sel.head = c.as_index(getattr(evt, "layer", None)) or 0, c.as_index(getattr(evt, "head", None)) or 0
+            sel.tab = "attention"
+            page = ctl.select(st, ctrl, sel)
+            page.open_tab = "attention" if not page.warning else None
+            return render(page)
 
-        def on_view(st, pos, lay, hd, *ctrl):
-            try:
-                entry = sessions.get(st, c.sampling_config(*ctrl))
-                if not entry.lock.acquire(timeout=10):
-                    raise c.UserError("Busy: try again in a moment.")
-                try:
-                    n = len(entry.session.records)
-                    p = max(0, min(int(pos or 0), n - 1))
-                    cfg = entry.session.model.cfg
-                    return list(view_figures(entry, p, min(int(lay or 0), cfg.n_layer - 1), min(int(hd or 0), cfg.n_head - 1)))
-                finally:
-                    entry.lock.release()
-            except Exception as e:  # noqa: BLE001
-                if not isinstance(e, (c.UserError, ValueError)):
-                    log.exception("view failed")
-                gr.Warning(str(e) if isinstance(e, (c.UserError, ValueError)) else "Could not draw this view.")
-                return [gr.skip()] * len(views)
+        def on_tab(tab_id):
+            def handler(st, *rest):
+                ctrl, sel = split(rest)
+                sel.tab = tab_id
+                return render(ctl.select(st, ctrl, sel))
+            return handler
 
-        def on_select(evt: gr.SelectData):
-            return evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        def on_upcoming(st, *ctrl):
+            return render(ctl.upcoming(st, list(ctrl)))
 
-        def on_example(name):
-            if name not in c.EXAMPLES:
-                return gr.skip(), ""
-            text, why = c.EXAMPLES[name]
-            return text, why
+        def on_example(st, name, ex, *rest, show=False):
+            ctrl, sel = split(rest)
+            return render(ctl.choose_example(st, name, ex, ctrl, sel, show_me=show))
 
-        def on_model(name):
-            try:
-                models.get(name)
-                return c.new_state(name), [], c.next_token_view(None), f"Switched to **{name}**. Press Step or Generate."
-            except Exception as e:  # noqa: BLE001
-                log.exception("model switch failed")
-                return c.new_state(models.default), [], gr.skip(), refuse(f"Could not load {name}: {e}")
+        def on_show_me(st, name, ex, *rest):
+            return on_example(st, name, ex, *rest, show=True)
+
+        def on_model(st, name, text, *rest):
+            ctrl, sel = split(rest)
+            return render(ctl.switch_model(st, name, text, ctrl, sel))
 
         # --- wiring -------------------------------------------------------------------------------
-        inputs = [state, model_name, prompt] + controls
-        settle_inputs = [state, layer, head] + controls
-        after = dict(fn=on_settle, inputs=settle_inputs, outputs=settle, api_visibility="private")
-        gen_event = generate_btn.click(on_generate, inputs, live, api_name="generate", concurrency_limit=2)
-        gen_event.then(**after)
-        prompt.submit(on_generate, inputs, live, api_visibility="private", concurrency_limit=2).then(**after)
-        step_btn.click(with_entry(do_step), inputs, live, api_name="step").then(**after)
-        reset_btn.click(with_entry(do_reset), inputs, live, api_name="reset").then(**after)
-        pick_event_inputs = [state, model_name, prompt, pick] + controls
+        private = dict(api_visibility="private")
+        gen_event = gr.on([generate_btn.click, prompt.submit], on_generate, [state, model_name, prompt, speed] + settings + view,
+                          everything, api_name="generate", concurrency_limit=2)
+        step_btn.click(act(ctl.step), text_inputs, everything, api_name="step")
+        reset_btn.click(act(ctl.reset), text_inputs, everything, api_name="reset")
+        stop_btn.click(on_stop, [state] + settings + view, everything, cancels=[gen_event], api_name="stop")
+        pick_btn.click(act(ctl.force), [state, model_name, prompt, pick] + settings + view, everything, api_name="force_candidate")
+        gr.on([typed_btn.click, typed.submit], act(ctl.force_text), [state, model_name, prompt, typed] + settings + view,
+              everything, api_name="force_text")
+        rewind_btn.click(act(ctl.rewind), [state, model_name, prompt, rewind_to] + settings + view, everything, api_name="rewind")
 
-        def on_stop(st):
-            sessions.stop((st or {}).get("key"))
-            return "Stopped."
-
-        stop_btn.click(on_stop, state, status, cancels=[gen_event], api_name="stop").then(**after)
-
-        def on_pick(st, name, text, token_id, *ctrl):
-            if isinstance(token_id, str) and token_id.strip().isdigit():
-                token_id = int(token_id)
-            if not isinstance(token_id, int) or isinstance(token_id, bool):
-                return st, gr.skip(), gr.skip(), refuse("Pick one of the candidates first.")
-            return with_entry(force_handler(lambda e: token_id))(st, name, text, *ctrl)
-
-        def on_typed(st, name, text, typed_text, *ctrl):
-            return with_entry(force_handler(lambda e: c.parse_forced_token(models.tokenizer, typed_text)))(st, name, text, *ctrl)
-
-        def on_rewind(st, name, text, keep, *ctrl):
-            def action(st, entry):
-                n = int(keep) if isinstance(keep, (int, float)) and not isinstance(keep, bool) else -1
-                if not 0 <= n <= len(entry.session.steps):
-                    raise c.UserError(f"Can rewind to between 0 and {len(entry.session.steps)} generated tokens, not {keep!r}.")
-                entry.session.rewind(n)
-                return f"Rewound to {n} generated token{'s' if n != 1 else ''}."
-            return with_entry(action)(st, name, text, *ctrl)
-
-        pick_btn.click(on_pick, pick_event_inputs, live, api_name="force_candidate").then(**after)
-        typed_btn.click(on_typed, [state, model_name, prompt, typed] + controls, live, api_name="force_text").then(**after)
-        typed.submit(on_typed, [state, model_name, prompt, typed] + controls, live, api_visibility="private").then(**after)
-        rewind_btn.click(on_rewind, [state, model_name, prompt, rewind_to] + controls, live, api_name="rewind").then(**after)
-
-        view_inputs = [state, position, layer, head] + controls
-        position.release(on_view, view_inputs, views, api_name="inspect")
-        layer.release(on_view, view_inputs, views, api_visibility="private")
-        head.release(on_view, view_inputs, views, api_visibility="private")
-        strip.select(on_select, None, position, api_visibility="private").then(on_view, view_inputs, views, api_visibility="private")
-        example.change(on_example, example, [prompt, example_text], api_visibility="private")
-        model_name.change(on_model, model_name, [state, strip, next_plot, status], api_name="set_model")
+        select_inputs = [state] + settings + view
+        gr.on([position.release, position.input, layer.release, layer.input, head.release, head.input, per_head.input],
+              on_select, select_inputs, everything, api_name="inspect", trigger_mode="always_last")
+        strip.click(on_strip_click, select_inputs, everything, **private)
+        overview.click(on_overview_click, select_inputs, everything, **private)
+        for tab_id, t in (("chosen", tab_chosen), ("attention", tab_attention), ("overview", tab_overview),
+                          ("lens", tab_lens), ("embed", tab_embed)):
+            t.select(on_tab(tab_id), select_inputs, everything, **private)
+        gr.on([temperature.input, top_k.input, top_p.input, penalty.input, temperature.release, top_k.release,
+               top_p.release, penalty.release], on_upcoming, [state] + settings, everything, api_name="upcoming",
+              trigger_mode="always_last")
+        example.input(on_example, [state, model_name, example] + settings + view, everything, **private)
+        show_me.click(on_show_me, [state, model_name, example] + settings + view, everything, api_name="show_me")
+        model_name.input(on_model, [state, model_name, prompt] + settings + view, everything, api_name="set_model")
+        demo.load(lambda x: bool(x), compact, compact, js=COMPACT_JS, **private)
     return demo
 
 

@@ -9,54 +9,35 @@ heavy generation session (KV cache, captures) and can always be rebuilt from `st
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 import os
+import re
 import threading
+import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import torch
 
 from . import plots
 from .generation import GenerationSession, Step
 from .loading import BUNDLED_MODELS, HUB_MODELS, CheckpointError, HubUnavailableError, hub_reachable, load_model, resolve_checkpoint
 from .model import GPT2, ContextLengthError
+from .roles import ROLE_THRESHOLD, head_scores
 from .sampling import SamplingConfig
 from .tokenizer import encode, load_tokenizer, token_strings
 
+log = logging.getLogger("gpt2viz")
+
 OFFLINE_MODEL = "tiny-shakespeare"
 MAX_PROMPT_CHARS = 20_000
-WINDOW_ATTENTION = 40  # positions shown in one head's heatmap
-WINDOW_GRID = 24  # positions per head in the all-heads grid
-WINDOW_LENS = 16  # positions in the logit lens grid
 TOP_N = 10
-
-EXAMPLES = {
-    "Induction heads: a repeated random sequence": (
-        "ember quartz violet lantern oxide marble pepper tundra ember quartz violet lantern oxide marble",
-        "The second time the sequence appears, some heads look back at the token that came *after* the same word "
-        "last time, and the model predicts the rest of the sequence with confidence. Look at the attention view "
-        "of a late layer for a diagonal stripe offset by one.",
-    ),
-    "Factual recall": (
-        "The Eiffel Tower is located in the city of",
-        "The model must recall a fact. In the logit lens, watch the layer at which ' Paris' becomes the top guess.",
-    ),
-    "Shakespeare": (
-        "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET:\n",
-        "The bundled model was trained on Shakespeare: this is its home ground. Attention often points at the "
-        "previous token and at the speaker's name.",
-    ),
-    "Counting and patterns": (
-        "1, 2, 3, 4, 5, 6, 7,",
-        "A simple pattern: the next number is almost certain. Compare the raw and final probabilities as you "
-        "raise the temperature.",
-    ),
-    "Grammar: agreement": (
-        "The keys to the old wooden cabinet",
-        "Is the next word ' are' or ' is'? The subject is 'keys', several tokens back: attention must reach it.",
-    ),
-}
 
 
 class UserError(ValueError):
@@ -82,7 +63,7 @@ class Models:
     def _choose_default(self, requested: str | None) -> str:
         wanted = requested or "gpt2"
         if wanted not in HUB_MODELS and wanted not in BUNDLED_MODELS:
-            name = f"local: {wanted}"
+            name = f"local: {Path(wanted).name or wanted}"  # the folder's name, never its path
             self.extra[name] = wanted
             wanted = name
         try:
@@ -223,16 +204,6 @@ class Sessions:
         return entry
 
 
-def new_state(model_name: str) -> dict:
-    """The per-user state: small, plain and JSON-friendly."""
-    return {"key": None, "model": model_name, "prompt_len": 0, "ids": []}
-
-
-def sync_state(state: dict, entry: Entry, key: str | None = None) -> dict:
-    s = entry.session
-    return {"key": key or state.get("key"), "model": entry.model_name, "prompt_len": len(s.prompt_ids), "ids": s.ids}
-
-
 # --- input checking -------------------------------------------------------------------------
 
 
@@ -270,15 +241,23 @@ def check_prompt(models: Models, model_name: str, prompt) -> list[int]:
     return ids
 
 
-def parse_forced_token(tokenizer, typed: str) -> int:
-    """A token the user typed: its exact text (e.g. ' Paris') or `#1234` for an id."""
+def parse_forced_token(tokenizer, typed: str) -> tuple[int, str]:
+    """A token the user typed: its exact text (e.g. ' Paris') or `#1234` for an id.
+
+    Returns `(token id, hint)`; the hint (or "") says when the same word with a leading space
+    is also one token, the usual meaning in the middle of a sentence.
+    """
     if not isinstance(typed, str) or typed == "":
         raise UserError("Type a token to force, for example ' Paris' (with its leading space) or #464.")
-    if typed.startswith("#") and typed[1:].isdigit():
+    if len(typed) > 200:
+        raise UserError("That is too long for one token: type a single token, for example ' Paris'.")
+    if typed.startswith("#"):
+        if not re.fullmatch(r"#[0-9]{1,7}", typed):
+            raise UserError(f"{typed[:20]!r} is not a token id: write # and at most 7 digits, for example #464.")
         token = int(typed[1:])
         if token >= tokenizer.n_vocab:
             raise UserError(f"There is no token #{token}: ids go from 0 to {tokenizer.n_vocab - 1}.")
-        return token
+        return token, ""
     ids = encode(tokenizer, typed)
     if len(ids) != 1:
         pieces = " + ".join(repr(t) for t in token_strings(tokenizer, ids))
@@ -286,19 +265,443 @@ def parse_forced_token(tokenizer, typed: str) -> int:
             f"{typed!r} is not a single token in GPT-2's vocabulary: it splits into {len(ids)} tokens ({pieces}). "
             f"Force them one at a time, or pick a candidate."
         )
-    return ids[0]
+    hint = ""
+    if not typed[0].isspace() and len(encode(tokenizer, " " + typed)) == 1:
+        hint = (f" Note: you forced {typed!r} without a leading space; in the middle of a sentence GPT-2 writes "
+                f"{' ' + typed!r} (its own token).")
+    return ids[0], hint
+
+
+# --- examples -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """A prompt with a lesson: where to look (`tab`), and the head role to find by measuring it on the running model."""
+
+    text: str
+    hint: str
+    tab: str = "chosen"
+    role: str | None = None  # a head role from gpt2viz.roles: "Show me" opens the head that scores highest
+    english: bool = False  # needs a model that knows English (GPT-2 from the Hub)
+
+
+INDUCTION_LENGTH = 12  # words in the random sequence; the example is this sequence twice
+
+
+WORDS = ("apple river window garden silver rocket pencil castle forest island yellow marble tiger engine candle "
+         "bridge cotton violin planet basket mirror ladder jacket rabbit orange hammer button thunder pepper lemon "
+         "copper desert summer winter valley pocket anchor feather harbor shadow").split()  # each ' word' is one GPT-2 token
+
+
+@functools.lru_cache(maxsize=4)
+def induction_text(seed: int = 0) -> str:
+    """Random single-token words in random order, then the same sequence again: token-exact, so the
+    second copy repeats the first token for token, and nothing but the first copy predicts it."""
+    tok = load_tokenizer()
+    order = np.random.default_rng(seed).permutation(len(WORDS))[:INDUCTION_LENGTH]
+    first = "".join(" " + WORDS[i] for i in order)
+    ids = encode(tok, first)
+    if len(ids) != INDUCTION_LENGTH or encode(tok, first * 2) != ids * 2:
+        raise AssertionError("the induction example must repeat token for token")
+    return first * 2
+
+
+EXAMPLES: dict[str, Example] = {
+    "Induction heads: a repeated random sequence": Example(
+        "", "The text is a sequence of random words, then the same words again, token for token. In the second copy "
+        "an *induction head* looks back at the token that came **after** the same token last time, and the model "
+        "predicts the rest with confidence. **Show me** finds the head with the highest induction score on this model.",
+        tab="attention", role="induction"),
+    "Shakespeare: the previous-token head": Example(
+        "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n",
+        "A *previous-token head* sends almost all of each token's attention to the token just before it: a "
+        "diagonal line one step left of the main diagonal. **Show me** finds the head that does this most.",
+        tab="attention", role="previous_token"),
+    "Factual recall": Example(
+        "The Eiffel Tower is located in the city of",
+        "The model must recall a fact. In the logit lens, find the layer at which ' Paris' becomes the top guess.",
+        tab="lens", english=True),
+    "Counting and patterns": Example(
+        "1, 2, 3, 4, 5, 6, 7,",
+        "A simple pattern: the next number is almost certain. Raise the temperature and watch the upcoming "
+        "token's distribution flatten.", tab="chosen", english=True),
+    "Grammar: agreement": Example(
+        "The keys to the old wooden cabinet",
+        "Is the next word ' are' or ' is'? The subject is 'keys', several tokens back: in the attention view, "
+        "look at which earlier tokens the last token reads.", tab="attention", english=True),
+}
+
+
+DEFAULT_EXAMPLE, DEFAULT_EXAMPLE_BUNDLED = "Factual recall", "Shakespeare: the previous-token head"
+
+
+def example_text(name: str) -> str:
+    ex = EXAMPLES[name]
+    return ex.text or induction_text()
+
+
+def examples_for(model_name: str) -> list[str]:
+    """The examples that can work on this model (the English ones need GPT-2 itself)."""
+    english = model_name not in BUNDLED_MODELS
+    return [name for name, ex in EXAMPLES.items() if english or not ex.english]
+
+
+# --- the page's state and what a use case returns ---------------------------------------------
+
+TABS = ("chosen", "attention", "overview", "lens", "embed")
+
+
+def new_state(model_name: str) -> dict:
+    """The per-user state: small, plain and JSON-friendly."""
+    return {"key": None, "model": model_name, "prompt_len": 0, "ids": []}
+
+
+def sync_state(state: dict, entry: Entry, key: str | None = None) -> dict:
+    s = entry.session
+    return {"key": key or state.get("key"), "model": entry.model_name, "prompt_len": len(s.prompt_ids), "ids": s.ids}
+
+
+@dataclass
+class Selection:
+    """What the views show: one position (None: the newest token), one layer and head, one tab."""
+
+    position: int | None = None
+    layer: int = 0
+    head: int = 0
+    tab: str = "chosen"
+    per_head_scale: bool = False
+    compact: bool = False  # a narrow screen: fewer tokens per figure
+
+    @classmethod
+    def of(cls, position, layer, head, tab, per_head_scale=False, compact=False) -> "Selection":
+        return cls(as_index(position), as_index(layer) or 0, as_index(head) or 0,
+                   tab if tab in TABS else "chosen", bool(per_head_scale), bool(compact))
+
+
+@dataclass
+class Page:
+    """What the page shows after a use case. None means "leave as it is"."""
+
+    state: dict
+    status: str | None = None
+    strip: dict | None = None
+    prompt: str | None = None
+    hint: str | None = None
+    examples: list[str] | None = None
+    selection: Selection | None = None  # clamped to the text and the model
+    n_tokens: int = 0
+    n_generated: int = 0
+    n_layer: int = 1
+    n_head: int = 1
+    selected_label: str | None = None
+    upcoming: object | None = None
+    choices: list[tuple[str, int]] | None = None
+    views: dict[str, object] = field(default_factory=dict)
+    open_tab: str | None = None  # switch the page to this tab
+    warning: bool = False
+
+
+def as_index(value) -> int | None:
+    """A non-negative integer from a UI or API value, or None (ASCII digits only, at most 7 of them)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value) if value >= 0 else None
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value >= 0 and value.is_integer() and value < 1e7 else None
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,7}", value.strip()):
+        return int(value.strip())
+    return None
+
+
+def clamp(selection: Selection, n_tokens: int, n_layer: int, n_head: int) -> Selection:
+    """The one clamping rule: the position into the text (None: the newest), layer and head into the model."""
+    last = max(n_tokens - 1, 0)
+    position = last if selection.position is None else min(selection.position, last)
+    return Selection(position, min(selection.layer, n_layer - 1), min(selection.head, n_head - 1), selection.tab,
+                     selection.per_head_scale, selection.compact)
+
+
+# --- the controller: every use case of the page ------------------------------------------------
+
+
+class Controller:
+    """The page's use cases over `Models` and `Sessions`, with plain values in and `Page`s out.
+
+    Each method that changes the text returns every view for the new state in one `Page`
+    (the strip, the selected token's views, the upcoming token and the picker, the slider ranges).
+    Errors a user can fix come back as a `Page` with a warning; anything else is logged and
+    reported as a short message. No method lets an exception reach Gradio.
+    """
+
+    def __init__(self, models: Models, sessions: Sessions) -> None:
+        self.models, self.sessions = models, sessions
+
+    # -- sessions --
+
+    def _entry(self, state: dict, model_name: str, prompt, config: SamplingConfig) -> tuple[dict, Entry]:
+        """The user's session: continued, or started anew if the prompt or the model changed."""
+        ids = check_prompt(self.models, model_name, prompt)
+        state = dict(state or new_state(model_name))
+        if state.get("ids") and state.get("model") == model_name and state["ids"][: state["prompt_len"]] == ids:
+            return state, self.sessions.get(state, config)
+        self.sessions.drop(state.get("key"))
+        key, entry = self.sessions.create(model_name, ids, config)
+        return sync_state(state, entry, key), entry
+
+    def _refuse(self, state: dict, error: Exception) -> Page:
+        if isinstance(error, (UserError, ContextLengthError, ValueError)):
+            return Page(state, status=warn(str(error)), warning=True)
+        log.error("request failed: %s: %s", type(error).__name__, error)
+        return Page(state, status=warn(f"Something went wrong ({type(error).__name__}); please try again."), warning=True)
+
+    def _act(self, state, model_name, prompt, settings, selection: Selection, action, follow_newest=True) -> Page:
+        """Open or continue the session, run `action(entry) -> message` under its lock, and render."""
+        try:
+            config = sampling_config(*settings)
+            state, entry = self._entry(state, model_name, prompt, config)
+            if entry.generating or not entry.lock.acquire(timeout=5):
+                return Page(state, status=warn("Busy generating: press Stop first."), warning=True)
+            try:
+                message = action(entry) or ""
+                if follow_newest:
+                    selection.position = None
+                return self._render(sync_state(state, entry), entry, selection, message)
+            finally:
+                entry.lock.release()
+        except Exception as e:  # noqa: BLE001 - every failure becomes a message in the page
+            return self._refuse(state, e)
+
+    # -- use cases --
+
+    def open(self, state, model_name, prompt, settings, selection: Selection) -> Page:
+        """Read the prompt (no token added) and show it: after choosing an example or a model."""
+        return self._act(state, model_name, prompt, settings, selection, lambda e: "", follow_newest=False)
+
+    def step(self, state, model_name, prompt, settings, selection: Selection) -> Page:
+        def action(entry):
+            step = entry.session.step()
+            return step_summary(step) + (f" Stopped: {step.message}." if step.message else "")
+        return self._act(state, model_name, prompt, settings, selection, action)
+
+    def reset(self, state, model_name, prompt, settings, selection: Selection) -> Page:
+        def action(entry):
+            entry.session.rewind(0)
+            return "Back to the prompt."
+        return self._act(state, model_name, prompt, settings, selection, action)
+
+    def rewind(self, state, model_name, prompt, settings, selection: Selection, keep) -> Page:
+        def action(entry):
+            total = len(entry.session.steps)
+            n = as_index(keep)
+            if n is None or n > total:
+                raise UserError(f"Can rewind to between 0 and {total} generated tokens, not {keep!r}.")
+            entry.session.rewind(n)
+            return f"Rewound to {n} generated token{'s' if n != 1 else ''}."
+        return self._act(state, model_name, prompt, settings, selection, action)
+
+    def force(self, state, model_name, prompt, settings, selection: Selection, token) -> Page:
+        """Add the picked candidate (a token id) as the next token."""
+        def action(entry):
+            token_id = as_index(token)
+            if token_id is None:
+                raise UserError("Pick one of the candidates first.")
+            if token_id >= entry.session.model.cfg.vocab_size:
+                raise UserError(f"There is no token #{token_id}: ids go from 0 to {entry.session.model.cfg.vocab_size - 1}.")
+            return step_summary(entry.session.step(force=token_id))
+        return self._act(state, model_name, prompt, settings, selection, action)
+
+    def force_text(self, state, model_name, prompt, settings, selection: Selection, typed) -> Page:
+        """Add a typed token (its exact text, or #id) as the next token, with a hint when a space is likely missing."""
+        def action(entry):
+            token_id, hint = parse_forced_token(self.models.tokenizer, typed)
+            return step_summary(entry.session.step(force=token_id)) + hint
+        return self._act(state, model_name, prompt, settings, selection, action)
+
+    def stream(self, state, model_name, prompt, settings, selection: Selection, tokens_per_second=0) -> Iterator[Page]:
+        """Generate up to max_new_tokens, yielding a small `Page` (state, strip, status) per token and a
+        full one at the end. Stops between tokens when the user's Stop clears `entry.generating`.
+        `tokens_per_second` paces the stream (0: as fast as the model goes)."""
+        try:
+            config = sampling_config(*settings)
+            state, entry = self._entry(state, model_name, prompt, config)
+        except Exception as e:  # noqa: BLE001
+            yield self._refuse(state, e)
+            return
+        if entry.generating:
+            yield Page(state, status=warn("Already generating: press Stop first."), warning=True)
+            return
+        s = entry.session
+        if s.room_left <= 0:
+            yield Page(state, status=warn("The text fills the model's context: rewind or reset to continue."), warning=True)
+            return
+        rate = float(tokens_per_second) if isinstance(tokens_per_second, (int, float)) and tokens_per_second > 0 else 0.0
+        run = entry.generating = object()
+        message, last_yield = "", 0.0
+        try:
+            for n in range(s.config.max_new_tokens):
+                if entry.generating is not run:
+                    message = "Stopped."
+                    break
+                if not entry.lock.acquire(timeout=10):
+                    message = "Busy: stopped."
+                    break
+                try:
+                    step = s.step()
+                finally:
+                    entry.lock.release()
+                if rate:
+                    time.sleep(max(0.0, last_yield + 1.0 / rate - time.monotonic()))
+                last_yield = time.monotonic()
+                state = sync_state(state, entry)
+                message = step_summary(step)
+                if step.finish_reason is not None:
+                    message += f" Stopped: {step.message}."
+                    break
+                if entry.generating is not run:
+                    message = "Stopped."
+                    break
+                yield Page(state, status=f"Generating… {n + 1} of {s.config.max_new_tokens} tokens.",
+                           strip=token_strip(s, None))
+        except Exception as e:  # noqa: BLE001
+            log.error("generation failed: %s: %s", type(e).__name__, e)
+            message = warn(f"Generation stopped ({type(e).__name__}).")
+        finally:
+            if entry.generating is run:
+                entry.generating = None
+        selection.position = None
+        with entry.lock:
+            yield self._render(sync_state(state, entry), entry, selection, message)
+
+    def stop(self, state) -> None:
+        self.sessions.stop((state or {}).get("key"))
+
+    def select(self, state, settings, selection: Selection) -> Page:
+        """Show another token, layer, head or tab: the views only."""
+        try:
+            if not (state or {}).get("ids"):
+                return Page(state, status="Press Step or Generate first: there is no text to look inside yet.")
+            entry = self.sessions.get(state, sampling_config(*settings))
+            if not entry.lock.acquire(timeout=10):
+                return Page(state, status=warn("Busy: try again in a moment."), warning=True)
+            try:
+                page = self._render(sync_state(state, entry), entry, selection, None, upcoming=False)
+                page.strip = token_strip(entry.session, page.selection.position)
+                return page
+            finally:
+                entry.lock.release()
+        except Exception as e:  # noqa: BLE001
+            return self._refuse(state, e)
+
+    def upcoming(self, state, settings) -> Page:
+        """After a sampling control moved: the upcoming token's distribution and the picker, no token added."""
+        try:
+            config = sampling_config(*settings)
+            if not (state or {}).get("ids"):
+                return Page(state)
+            entry = self.sessions.get(state, config)
+            if not entry.lock.acquire(timeout=10):
+                return Page(state, status=warn("Busy: try again in a moment."), warning=True)
+            try:
+                fig, choices = upcoming_view(entry.session)
+                return Page(sync_state(state, entry), upcoming=fig, choices=choices)
+            finally:
+                entry.lock.release()
+        except Exception as e:  # noqa: BLE001
+            return self._refuse(state, e)
+
+    def switch_model(self, state, model_name, prompt, settings, selection: Selection) -> Page:
+        """Load another model and show the same prompt through it; every range and view follows."""
+        try:
+            self.models.get(model_name)
+        except Exception as e:  # noqa: BLE001
+            log.error("could not load %s: %s: %s", model_name, type(e).__name__, e)
+            return Page(state, status=warn(f"Could not load {model_name} ({type(e).__name__})."), warning=True)
+        self.sessions.drop((state or {}).get("key"))
+        fresh = new_state(model_name)
+        cfg = self.models.get(model_name).cfg
+        selection = Selection(None, 0, 0, selection.tab, selection.per_head_scale, selection.compact)
+        names = examples_for(model_name)
+        if not isinstance(prompt, str) or not prompt.strip():
+            return Page(fresh, status=f"Switched to **{model_name}**. Type a prompt and press Step or Generate.",
+                        strip=empty_strip(), selection=selection, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                        upcoming=plots.empty_figure("Type a prompt: its next token appears here."), choices=[],
+                        views=empty_views(), examples=names)
+        page = self.open(fresh, model_name, prompt, settings, selection)
+        page.examples = names
+        if not page.warning:
+            page.status = f"Switched to **{model_name}** ({cfg.n_layer} layers × {cfg.n_head} heads)."
+        return page
+
+    def choose_example(self, state, model_name, name, settings, selection: Selection, show_me=False) -> Page:
+        """Put an example in the prompt and read it; with `show_me`, open the tab, layer and head where
+        its lesson is, found by measuring this model, or say that this model does not show it."""
+        if name not in EXAMPLES:
+            return Page(state, status=warn("Choose an example first."), warning=True)
+        ex, text = EXAMPLES[name], example_text(name)
+        hint = ex.hint
+        message = ""
+        if show_me:
+            selection.tab = ex.tab
+            if ex.role:
+                try:
+                    scores = head_scores(self.models.get(model_name))
+                except Exception as e:  # noqa: BLE001
+                    return self._refuse(state, e)
+                layer, head, score = scores.best(ex.role)
+                role = ex.role.replace("_", "-")
+                if score < ROLE_THRESHOLD:
+                    message = warn(
+                        f"{model_name} has no clear {role} head: the best one, layer {layer} head {head}, scores "
+                        f"{score:.2f} (a head needs {ROLE_THRESHOLD:.2f}; the score is its mean attention on repeated random "
+                        f"tokens). This model cannot show this lesson; try " + _models_with_role_hint(ex.role) + ".")
+                    selection.tab = "chosen"
+                else:
+                    selection.layer, selection.head = layer, head
+                    message = f"Layer {layer}, head {head} is this model's strongest {role} head (score {score:.2f})."
+        page = self._act(state, model_name, text, settings, selection, lambda e: "", follow_newest=False)
+        if page.warning and page.strip is None:
+            return page
+        page.prompt, page.hint = text, hint
+        page.status = message or page.status
+        page.warning = page.warning or message.startswith("⚠️")
+        page.open_tab = selection.tab if show_me else None
+        return page
+
+    # -- rendering --
+
+    def _render(self, state, entry: Entry, selection: Selection, message: str | None, upcoming: bool = True) -> Page:
+        """Every view of the page for `selection` (clamped), the visible tab's figures only."""
+        s = entry.session
+        s.read()
+        cfg = s.model.cfg
+        n = len(s.ids)
+        sel = clamp(selection, n, cfg.n_layer, cfg.n_head)
+        page = Page(state, status=message, strip=token_strip(s, sel.position), selection=sel, n_tokens=n,
+                    n_generated=len(s.steps), n_layer=cfg.n_layer, n_head=cfg.n_head,
+                    selected_label=selected_label(s, sel.position))
+        if upcoming:
+            page.upcoming, page.choices = upcoming_view(s)
+        page.views = tab_views(s, sel, self.models)
+        return page
+
+
+def _models_with_role_hint(role: str) -> str:
+    return "toy-induction (trained to have one) or gpt2" if role == "induction" else "tiny-shakespeare or gpt2"
+
+
+def warn(message: str) -> str:
+    message = message.strip()
+    message = message[:1].upper() + message[1:]
+    return message if message.startswith("⚠️") else f"⚠️ {message}"
 
 
 # --- views ----------------------------------------------------------------------------------
 
-PROB_BINS = [(0.5, "likely (>50%)"), (0.1, "plausible (10-50%)"), (0.01, "unlikely (1-10%)"), (0.0, "surprising (<1%)")]
-STRIP_COLORS = {
-    "start": "#d9dde3",
-    "likely (>50%)": "#2e9e5b",
-    "plausible (10-50%)": "#9ccc65",
-    "unlikely (1-10%)": "#f6b44b",
-    "surprising (<1%)": "#e4572e",
-}
+PROB_BINS = [(0.5, "likely"), (0.1, "plausible"), (0.01, "unlikely"), (0.0, "surprising")]
+STRIP_KEY = [("likely", "likely (> 50%)"), ("plausible", "plausible (10–50%)"), ("unlikely", "unlikely (1–10%)"),
+             ("surprising", "surprising (< 1%)"), ("first", "the first token (nothing before it)")]
 
 
 def prob_category(logprob: float) -> str:
@@ -306,19 +709,32 @@ def prob_category(logprob: float) -> str:
     return next(label for threshold, label in PROB_BINS if p >= threshold)
 
 
-def token_strip(session: GenerationSession) -> list[tuple[str, str]]:
-    """The text as `(token text, category)` pairs, every token (prompt included) by the probability
-    the model gave it given the tokens before it; the first token has none ("start")."""
-    # Newlines shown as a visible mark so that every token stays one box.
-    strings = [t.replace("\n", "↵").replace("\t", "⇥") for t in token_strings(session.tokenizer, session.ids)]
+def token_strip(session: GenerationSession, selected: int | None) -> dict:
+    """The text as tokens for the strip: `{"tokens": [{t, c, p, br, sel}], "selected": int}`.
+
+    `t` the token as shown everywhere (`plots.show`), `c` its category by the probability the model gave
+    it from the tokens before it (prompt tokens too; the first has none), `p` that probability as text,
+    `br` a line break after a newline token, `sel` "sel" on the selected token.
+    """
+    strings = token_strings(session.tokenizer, session.ids)
     logprobs = session.records.logprobs
     out = []
     for i, text in enumerate(strings):
-        if i == 0 or i >= len(logprobs) or np.isnan(logprobs[i]):
-            out.append((text, "start"))
-        else:
-            out.append((text, prob_category(logprobs[i])))
-    return out
+        known = 0 < i < len(logprobs) and not np.isnan(logprobs[i])
+        out.append({"t": plots.show(text), "c": prob_category(logprobs[i]) if known else "first",
+                    "p": f"token {i}: " + (f"the model gave it {plots.pct(float(np.exp(logprobs[i])))}" if known else "the first token"),
+                    "br": "\n" in text, "sel": "sel" if i == selected else ""})
+    return {"tokens": out, "selected": -1 if selected is None else selected}
+
+
+def empty_strip() -> dict:
+    return {"tokens": [], "selected": -1}
+
+
+def selected_label(session: GenerationSession, position: int) -> str:
+    token = plots.show(token_strings(session.tokenizer, [session.ids[position]])[0])
+    where = "your prompt" if position < len(session.prompt_ids) else "generated"
+    return f"**Selected: token {position} `{token}`** ({where}) — click a token, or use the slider or the arrow keys."
 
 
 def window(selected: int, n: int, size: int) -> tuple[int, int]:
@@ -329,80 +745,178 @@ def window(selected: int, n: int, size: int) -> tuple[int, int]:
 
 
 def crop_note(start: int, end: int, n: int) -> str:
-    return "" if (start, end) == (0, n) else f"<br><sup>showing tokens {start}–{end - 1} of {n}</sup>"
+    return f"tokens {start}–{end - 1} of {n}" if (start, end) != (0, n) else f"all {n} tokens"
 
 
-def step_summary(step: Step | None, tokenizer) -> str:
-    if step is None:
-        return ""
+WINDOW_ATTENTION = 16  # tokens in one head's heatmap and in the all-heads grid (each one labelled)
+WINDOW_LENS = 12
+COMPACT = dict(attention=10, lens=7, lens_layers=6, cell=5)  # a phone's screen
+
+
+def step_summary(step: Step) -> str:
     how = {"sampled": "sampled", "greedy": "chosen greedily", "forced": "chosen by you"}[step.method]
-    return (f"Last token **{plots.show(step.token_text)!s}** was {how}: the model gave it "
-            f"{step.prob:.1%} (rank {step.rank}); after your settings {step.prob_final:.1%}.")
+    return (f"Token {step.position + 1} `{plots.show(step.token_text)}` was {how}: the model gave it "
+            f"{plots.pct(step.prob)} (rank {step.rank}); after your settings {plots.pct(step.prob_final)}.")
 
 
-def next_token_view(step: Step | None):
-    """Bar chart of the latest step's candidates with the chosen one marked."""
-    if step is None:
-        return plots.empty_figure("Press Step or Generate to see how the next token is chosen.")
-    cands = step.candidates
-    chosen = next(i for i, c in enumerate(cands) if c.token_id == step.token_id)
+def chosen_view(session: GenerationSession, position: int):
+    """How the token at `position` came to be: for a generated token the distribution it was drawn from
+    (raw and final, the chosen one marked); for a prompt token what the model predicted there."""
+    token = plots.show(token_strings(session.tokenizer, [session.ids[position]])[0])
+    if position == 0:
+        return plots.empty_figure(f"Token 0 ({token}) is the first token: nothing came before it, so the model predicted nothing.")
+    n_prompt = len(session.prompt_ids)
+    if position >= n_prompt:
+        step = session.steps[position - n_prompt]
+        cands = step.candidates
+        chosen = next(i for i, c in enumerate(cands) if c.token_id == step.token_id)
+        how = {"sampled": "drawn at random from the blue bars", "greedy": "the likeliest (temperature 0)",
+               "forced": "chosen by you"}[step.method]
+        return plots.next_token_figure(
+            [c.text for c in cands], np.array([c.prob for c in cands]), np.array([c.prob_final for c in cands]), chosen,
+            f"How token {position} ({token}) was chosen",
+            f"after reading token {position - 1} · grey: the model · blue: after your settings then · ▶ {how}")
+    probs = session.model_distribution(position - 1)
+    actual = session.ids[position]
+    top = torch.topk(probs, TOP_N).indices.tolist()
+    rank = int((probs > probs[actual]).sum()) + 1
+    if actual not in top:
+        top.append(actual)
+    texts = token_strings(session.tokenizer, top)
+    p = probs[top].numpy()
     return plots.next_token_figure(
-        [c.text for c in cands], np.array([c.prob for c in cands]), np.array([c.prob_final for c in cands]), chosen,
-        f"How token {step.position + 1} ({plots.show(step.token_text)}) was chosen",
-    )
+        texts, p, None, top.index(actual), f"What the model predicted for token {position} ({token})",
+        f"a prompt token (you wrote it, nothing was sampled) · grey: the model's probabilities · ▶ the actual token: rank {rank}")
+
+
+def upcoming_view(session: GenerationSession):
+    """The next token's distribution under the current settings, and the picker's choices: `(figure, [(label, id)])`."""
+    if session.room_left <= 0:
+        return plots.empty_figure("The text fills the model's context: rewind or reset to continue."), []
+    pred = session.peek()
+    cands = pred.candidates
+    cfg = session.config
+    settings = "temperature 0: greedy" if cfg.greedy else f"temperature {cfg.temperature:g}, top-k {cfg.top_k or 'off'}, top-p {cfg.top_p:g}"
+    if cfg.repetition_penalty != 1:
+        settings += f", penalty {cfg.repetition_penalty:g}"
+    fig = plots.next_token_figure([c.text for c in cands], np.array([c.prob for c in cands]),
+                                  np.array([c.prob_final for c in cands]), None,
+                                  f"Upcoming: token {pred.position + 1}",
+                                  f"grey: the model · blue: after your settings · {settings}")
+    choices = [(f"{plots.show(c.text)}  —  {plots.pct(c.prob_final)} (model: {plots.pct(c.prob)})", c.token_id) for c in cands]
+    return fig, choices
 
 
 def candidate_choices(session: GenerationSession) -> list[tuple[str, int]]:
-    """The upcoming token's candidates as (label, token id) for a picker."""
-    pred = session.peek()
-    return [(f"{plots.show(c.text)}  —  {c.prob_final:.1%} (model: {c.prob:.1%})", c.token_id) for c in pred.candidates]
+    return upcoming_view(session)[1]
 
 
-def attention_views(session: GenerationSession, position: int, layer: int, head: int):
-    """(one head's heatmap, all heads of the layer, the selected token's attention row)."""
+def tab_views(session: GenerationSession, sel: Selection, models=None) -> dict[str, object]:
+    """The figures of the visible tab only (the others are drawn when opened)."""
+    if sel.tab == "chosen":
+        return {"chosen": chosen_view(session, sel.position)}
+    if sel.tab == "attention":
+        one, grid, row = attention_views(session, sel.position, sel.layer, sel.head, sel.per_head_scale, sel.compact)
+        return {"attention": one, "row": row, "grid": grid}
+    if sel.tab == "overview":
+        return {"overview": overview_view(session, sel)}
+    if sel.tab == "lens":
+        return {"lens": logit_lens_view(session, sel.position, sel.compact)}
+    emb, norm, traj = embedding_views(session, sel.position)
+    return {"embed": emb, "norm": norm, "traj": traj}
+
+
+def empty_views() -> dict[str, object]:
+    blank = plots.empty_figure("Press Step or Generate, or choose an example.")
+    return {name: blank for name in ("chosen", "attention", "row", "grid", "lens", "embed", "norm", "traj")} | {"overview": ""}
+
+
+def head_badges(model: GPT2) -> dict[tuple[int, int], str]:
+    """`{(layer, head): "prev" | "dup" | "ind"}` for heads whose role score passes the threshold."""
+    scores = head_scores(model)
+    out = {}
+    for role, short_name in (("previous_token", "prev"), ("duplicate_token", "dup"), ("induction", "ind")):
+        for layer, head in zip(*np.nonzero(getattr(scores, role) >= ROLE_THRESHOLD)):
+            out[(int(layer), int(head))] = out.get((int(layer), int(head)), "") + ("+" if (int(layer), int(head)) in out else "") + short_name
+    return out
+
+
+def attention_views(session: GenerationSession, position: int, layer: int, head: int,
+                    per_head_scale: bool = False, compact: bool = False):
+    """(one head's heatmap, all heads of the layer over the same window, the selected token's attention row)."""
     cfg = session.model.cfg
     n = len(session.records)
     layer = int(np.clip(layer, 0, cfg.n_layer - 1))
     head = int(np.clip(head, 0, cfg.n_head - 1))
     strings = token_strings(session.tokenizer, session.ids[:n])
-
-    def square(start, end, heads):
-        return session.attention_pattern(layer, start, end)[heads][:, :, start:end]  # [head, query, key] in the window
-
-    s, e = window(position, n, WINDOW_ATTENTION)
-    one = plots.attention_heatmap(square(s, e, [head])[0], strings[s:e], s,
-                                  f"Layer {layer}, head {head}{crop_note(s, e, n)}", selected=position)
-    gs, ge = window(position, n, WINDOW_GRID)
-    grid = plots.heads_grid(square(gs, ge, list(range(cfg.n_head))), strings[gs:ge], gs,
-                            f"All {cfg.n_head} heads of layer {layer}{crop_note(gs, ge, n)}")
+    size = COMPACT["attention"] if compact else WINDOW_ATTENTION
+    s, e = window(position, n, size)
+    square = session.attention_pattern(layer, s, e)[:, :, s:e]  # [head, query, key] in the window
+    token = plots.show(strings[position])
+    one = plots.attention_heatmap(square[head], strings[s:e], s, f"Layer {layer}, head {head}",
+                                  f"{crop_note(s, e, n)} · orange: token {position} ({token}) · darker: more attention",
+                                  selected=position)
+    badges = head_badges(session.model)
+    grid = plots.heads_grid(square, strings[s:e], s, f"All {cfg.n_head} heads of layer {layer}",
+                            f"{crop_note(s, e, n)} · orange: token {position}" + (" · each head on its own scale" if per_head_scale else ""),
+                            selected=position, per_head_scale=per_head_scale,
+                            roles=[badges.get((layer, h), "") for h in range(cfg.n_head)])
     row = session.attention_pattern(layer, position, position + 1)[:, 0]  # [head, key 0..position]
-    rs = max(0, position + 1 - WINDOW_ATTENTION)
+    rs = max(0, position + 1 - size)
     row_fig = plots.attention_row_figure(row[:, rs:], strings[rs: position + 1], rs,
-                                         f"What token {position} ({plots.show(strings[position])}) attends to in layer {layer}"
-                                         f"{crop_note(rs, position + 1, position + 1)}")
+                                         f"What token {position} ({token}) reads in layer {layer}",
+                                         crop_note(rs, position + 1, position + 1) + " before it · each row sums to 1 over all of them")
     return one, grid, row_fig
 
 
-def logit_lens_view(session: GenerationSession, position: int):
-    rec = session.records
-    n = len(rec)
-    s, e = window(position, n, WINDOW_LENS)
+def overview_view(session: GenerationSession, sel: Selection) -> str:
+    """Every head of every layer as a thumbnail of its attention over the window (HTML, clickable)."""
+    cfg = session.model.cfg
+    n = len(session.records)
+    s, e = window(sel.position, n, COMPACT["attention"] if sel.compact else WINDOW_ATTENTION)
+    patterns = np.stack([session.attention_pattern(layer, s, e)[:, :, s:e] for layer in range(cfg.n_layer)])
+    return plots.heads_overview_html(patterns, head_badges(session.model), (sel.layer, sel.head),
+                                     f"Every head of every layer, {crop_note(s, e, n)}")
+
+
+def lens_layers(n_layer: int, most: int) -> list[int]:
+    """Which residual-stream rows the lens shows: all of them if they fit, else evenly spaced, the first and last always."""
+    rows = n_layer + 1
+    if rows <= most:
+        return list(range(rows))
+    return sorted(set(np.linspace(0, rows - 1, most).round().astype(int).tolist()))
+
+
+def logit_lens_view(session: GenerationSession, position: int, compact: bool = False):
+    n = len(session.records)
+    cfg = session.model.cfg
+    s, e = window(position, n, COMPACT["lens"] if compact else WINDOW_LENS)
     ids, probs = session.logit_lens(s, e)  # [layer + 1, W, 1]
-    top = [token_strings(session.tokenizer, row.tolist()) for row in ids[..., 0]]
-    strings = token_strings(session.tokenizer, session.ids[s: e + 1])
-    return plots.logit_lens_figure(top, probs[..., 0], strings[: e - s], s,
-                                   f"Logit lens: each layer's top guess for the next token{crop_note(s, e, n)}",
-                                   next_tokens=strings[1:] + [""] * (e - s + 1 - len(strings)))
+    rows = lens_layers(cfg.n_layer, COMPACT["lens_layers"] if compact else 13)
+    names = ["emb" if r == 0 else f"{r - 1}" for r in rows]
+    top = [token_strings(session.tokenizer, ids[rows, w, 0].tolist()) for w in range(e - s)]
+    strings = token_strings(session.tokenizer, session.ids[s: e])
+    nxt = token_strings(session.tokenizer, session.ids[s + 1: e + 1])
+    nxt += [""] * (e - s - len(nxt))
+    some = "" if len(rows) == cfg.n_layer + 1 else f" · {len(rows)} of {cfg.n_layer + 1} layers"
+    return plots.logit_lens_figure(top, probs[rows, :, 0].T, names, strings, s, nxt,
+                                   "Logit lens: each layer's top guess for the next token",
+                                   f"{crop_note(s, e, n)}{some} · ✓ the guess is the token that came next",
+                                   cell_chars=COMPACT["cell"] if compact else 6)
 
 
 def embedding_views(session: GenerationSession, position: int):
     rec = session.records
     token = plots.show(token_strings(session.tokenizer, [session.ids[position]])[0])
     emb = plots.embedding_figure(rec.embed[position], rec.pos_embed[position],
-                                 f"Token {position} ({token}): token embedding and position embedding")
+                                 f"Token {position} ({token}) enters the model",
+                                 "blue: its token embedding · orange: its position embedding · their sum is the input")
     resid = rec.resid[position]  # [layer + 1, C]
-    norms = plots.resid_norm_figure(np.linalg.norm(resid, axis=-1), f"Length of token {position}'s residual stream, layer by layer")
+    norms = plots.resid_norm_figure(np.linalg.norm(resid, axis=-1), f"Token {position}'s residual stream grows",
+                                    "its length after the embeddings and after each block")
     ids, _ = session.logit_lens(position, position + 1)  # [layer + 1, 1, 1]
-    nearest = token_strings(session.tokenizer, ids[:, 0, 0].tolist())
-    traj = plots.trajectory_figure(resid, nearest, f"Token {position}'s path through the layers (PCA), labelled with the nearest token")
+    guesses = token_strings(session.tokenizer, ids[:, 0, 0].tolist())
+    traj = plots.trajectory_figure(resid, guesses, f"Token {position}'s path through the layers",
+                                   "its residual stream after each block, projected on 2 axes (PCA) · "
+                                   "hover a point: the logit lens's guess for the next token there")
     return emb, norms, traj

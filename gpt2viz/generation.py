@@ -272,6 +272,20 @@ class GenerationSession:
         resid = torch.from_numpy(np.stack([self.records.resid[p] for p in positions], axis=1))
         return resid.to(self.model.device, self.model.wte.weight.dtype)
 
+    def read(self) -> None:
+        """Run the forward pass over any tokens not read yet, so that every token of the text is
+        recorded (also the last one of a full context, which `peek` refuses to predict after)."""
+        self._read()
+
+    @torch.no_grad()
+    def model_distribution(self, position: int) -> torch.Tensor:
+        """The model's own next-token probabilities after reading `position`: `[vocab]` float32
+        (needs `record=True`), from the recorded last residual stream through ln_f and the unembedding."""
+        if not self.record or not 0 <= position < len(self.records):
+            raise ValueError(f"model_distribution needs a recording session and 0 <= position < {len(self.records)}, got {position}")
+        final = self._recorded_resid([position])[-1]  # [1, d_model]
+        return torch.softmax(self.model.unembed(self.model.ln_f(final)).float()[0], -1)
+
     def _check_room(self) -> None:
         if self.room_left <= 0:
             raise ContextLengthError(

@@ -1,7 +1,9 @@
 """Pure functions from numpy arrays to plotly figures. Nothing here knows about torch or Gradio.
 
-Figures carry float32 values rounded for display and crop long texts to a window, so
-that what goes to the browser stays small.
+Figures carry float32 values rounded for display and show a window of at most a few dozen
+tokens, every one of them labelled, so that what goes to the browser stays small and readable.
+Colour meanings are stated in each figure's subtitle rather than in a legend (legends collide
+with axis titles on narrow screens). Tick labels are horizontal or vertical, never slanted.
 """
 
 from __future__ import annotations
@@ -11,12 +13,29 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 FONT = dict(family="system-ui, sans-serif", size=14)
-BLUE, ORANGE, GREY = "#3b6fd8", "#e8762d", "#9aa3ad"
+BLUE, ORANGE, GREY, GREEN = "#3b6fd8", "#e8762d", "#9aa3ad", "#2e9e5b"
+TITLE_SPACE = 92  # top margin for a title and a one-line subtitle
 
 
 def show(token: str) -> str:
-    """A token as a readable label: visible spaces and newlines."""
-    return token.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥") or "∅"
+    """A token as a readable label, the same in every figure and in the token strip:
+    spaces as `·`, newlines as `↵`, tabs as `⇥`, the empty string as `∅`."""
+    return token.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍") or "∅"
+
+
+def short(token: str, width: int) -> str:
+    """`show(token)`, cut to `width` characters with an ellipsis (cells of a grid have little room)."""
+    s = show(token)
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def pct(p: float) -> str:
+    """A probability as a percentage that never rounds a non-zero value to 0."""
+    if p <= 0:
+        return "0%"
+    if p < 0.001:
+        return "<0.1%"
+    return f"{p:.1%}" if p < 0.995 else f"{p:.0%}"
 
 
 def unique(names: list[str]) -> list[str]:
@@ -29,9 +48,9 @@ def unique(names: list[str]) -> list[str]:
     return out
 
 
-def labels(tokens: list[str], start: int = 0) -> list[str]:
-    """Unique axis labels `"12 ·the"` (plotly merges equal category labels)."""
-    return [f"{start + i} {show(t)}" for i, t in enumerate(tokens)]
+def labels(tokens: list[str], start: int = 0, width: int = 10) -> list[str]:
+    """Unique axis labels `"12 ·the"` for the tokens at start, start + 1, ..."""
+    return [f"{start + i} {short(t, width)}" for i, t in enumerate(tokens)]
 
 
 def f32(values, decimals: int = 3) -> np.ndarray:
@@ -39,10 +58,30 @@ def f32(values, decimals: int = 3) -> np.ndarray:
     return np.round(np.asarray(values, dtype=np.float32), decimals)
 
 
-def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
+SUBTITLE_CHARS = 46  # a subtitle line that fits the narrowest figure (a phone, or the controls column)
+
+
+def wrap(text: str, width: int = SUBTITLE_CHARS) -> list[str]:
+    """Split a subtitle made of ` · `-separated parts into lines of at most `width` characters where possible."""
+    lines: list[str] = []
+    for part in text.split(" · ") if text else []:
+        if lines and len(lines[-1]) + 3 + len(part) <= width:
+            lines[-1] += " · " + part
+        else:
+            lines.append(part)
+    return lines
+
+
+def _layout(fig: go.Figure, title: str, subtitle: str = "", height: int = 420, top: int | None = None) -> go.Figure:
     # "none": no template, whose defaults would add ~10 KB to every figure sent to the browser
-    fig.update_layout(title=dict(text=title, x=0.01), font=FONT, height=height, template="none",
-                      margin=dict(l=10, r=10, t=60, b=10), plot_bgcolor="white", paper_bgcolor="white")
+    lines = wrap(subtitle)
+    extra = 18 * max(len(lines) - 1, 0)
+    fig.update_layout(
+        title=dict(text=title, subtitle=dict(text="<br>".join(lines), font=dict(size=13, color="#4a5561")),
+                   x=0.01, xanchor="left", y=0.985, yanchor="top", yref="container", font=dict(size=16)),
+        font=FONT, height=height + extra, template="none", showlegend=False,
+        margin=dict(l=10, r=10, t=(top if top is not None else TITLE_SPACE) + extra, b=10),
+        plot_bgcolor="white", paper_bgcolor="white")
     fig.update_xaxes(automargin=True, gridcolor="#e5e8ec")
     fig.update_yaxes(automargin=True, gridcolor="#e5e8ec")
     return fig
@@ -50,120 +89,170 @@ def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
 
 def empty_figure(message: str) -> go.Figure:
     fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, font=dict(size=16, color=GREY), x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.add_annotation(text=message, showarrow=False, font=dict(size=15, color="#5b6570"), x=0.5, y=0.5,
+                       xref="paper", yref="paper")
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
-    return _layout(fig, "", height=240)
+    return _layout(fig, "", height=200, top=10)
 
 
-def next_token_figure(tokens: list[str], probs: np.ndarray, probs_final: np.ndarray, chosen: int | None, title: str) -> go.Figure:
-    """Bars of the top candidates: raw probability beside the final one (after the controls).
+def next_token_figure(tokens: list[str], probs: np.ndarray, probs_final: np.ndarray | None, chosen: int | None,
+                      title: str, subtitle: str) -> go.Figure:
+    """Bars of the top candidates: the model's probability (grey) beside the final one after the settings (blue).
 
-    tokens `[N]`, probs `[N]`, probs_final `[N]`; `chosen` is the index of the chosen token or None.
+    tokens `[N]`, probs `[N]`, probs_final `[N]` or None (prompt tokens: only the model's own);
+    `chosen` is the index of the token that came next, marked ▶.
     """
-    names = unique([("▶ " if i == chosen else "") + show(t) for i, t in enumerate(tokens)])
+    names = unique([("▶ " if i == chosen else "") + short(t, 14) for i, t in enumerate(tokens)])
     fig = go.Figure()
-    fig.add_bar(y=names, x=f32(probs, 4), orientation="h", name="model (raw)", marker_color=GREY,
-                text=[f"{p:.1%}" for p in probs], textposition="outside")
-    fig.add_bar(y=names, x=f32(probs_final, 4), orientation="h", name="after your settings", marker_color=BLUE,
-                text=[f"{p:.1%}" for p in probs_final], textposition="outside")
+    fig.add_bar(y=names, x=f32(probs, 4), orientation="h", name="model", marker_color=GREY,
+                text=[pct(p) for p in probs], textposition="outside", textfont=dict(size=12), cliponaxis=False,
+                hovertemplate="%{y}<br>model: %{text}<extra></extra>")
+    top = float(np.max(probs)) if len(probs) else 0.0
+    if probs_final is not None:
+        fig.add_bar(y=names, x=f32(probs_final, 4), orientation="h", name="after your settings", marker_color=BLUE,
+                    text=[pct(p) for p in probs_final], textposition="outside", textfont=dict(size=12), cliponaxis=False,
+                    hovertemplate="%{y}<br>after your settings: %{text}<extra></extra>")
+        top = max(top, float(np.max(probs_final)) if len(probs_final) else 0.0)
     fig.update_yaxes(autorange="reversed", type="category")
-    fig.update_xaxes(title="probability", range=[0, min(1.0, max(float(np.max(probs)), float(np.max(probs_final))) * 1.25 + 0.02)])
-    fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.15))
-    return _layout(fig, title, height=max(320, 34 * len(tokens) + 120))
+    fig.update_xaxes(title="probability", tickformat=".0%", range=[0, min(1.0, top) * 1.3 + 0.03], nticks=6)
+    fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
+    per_row = 36 if probs_final is not None else 26
+    return _layout(fig, title, subtitle, height=max(300, per_row * len(tokens) + 150))
 
 
-def attention_heatmap(pattern: np.ndarray, tokens: list[str], start: int, title: str, selected: int | None = None) -> go.Figure:
-    """One head's attention `[query, key]` over the window of tokens starting at `start`."""
+def attention_heatmap(pattern: np.ndarray, tokens: list[str], start: int, title: str, subtitle: str,
+                      selected: int | None = None) -> go.Figure:
+    """One head's attention `[query, key]` over the window of tokens starting at `start`; every token labelled."""
     axis = labels(tokens, start)
     z = np.where(np.tril(np.ones_like(pattern, dtype=bool)), f32(pattern, 3), np.nan)
     fig = go.Figure(go.Heatmap(z=z, x=axis, y=axis, colorscale="Blues", zmin=0, zmax=1,
                                hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>",
-                               colorbar=dict(title="attention")))
-    fig.update_yaxes(autorange="reversed", title="query (reading token)", type="category")
-    fig.update_xaxes(title="key (token attended to)", type="category", tickangle=-60)
+                               colorbar=dict(title=dict(text="attention", side="right"), thickness=14)))
+    fig.update_yaxes(autorange="reversed", title="query: the token reading", type="category", tickfont=dict(size=12))
+    fig.update_xaxes(title="key: the token read", type="category", tickangle=-90, tickfont=dict(size=12))
     if selected is not None and start <= selected < start + len(tokens):
-        fig.add_hline(y=axis[selected - start], line=dict(color=ORANGE, width=2))
-    return _layout(fig, title, height=560)
+        _mark_row(fig, axis[selected - start])
+    return _layout(fig, title, subtitle, height=max(420, 24 * len(tokens) + 260))
 
 
-def heads_grid(patterns: np.ndarray, tokens: list[str], start: int, title: str) -> go.Figure:
-    """All heads of one layer `[head, query, key]` as small heatmaps."""
-    n_head = patterns.shape[0]
-    cols = int(np.ceil(np.sqrt(n_head)))
+def _mark_row(fig: go.Figure, category: str, xref: str = "x domain", yref: str = "y") -> None:
+    fig.add_shape(type="rect", xref=xref, yref=yref, x0=0, x1=1, y0=category, y1=category,
+                  line=dict(color=ORANGE, width=3), layer="above")
+
+
+def heads_grid(patterns: np.ndarray, tokens: list[str], start: int, title: str, subtitle: str,
+               selected: int | None = None, per_head_scale: bool = False, roles: list[str] | None = None) -> go.Figure:
+    """All heads of one layer `[head, query, key]` as small heatmaps over one window, one colour scale.
+
+    `per_head_scale` divides each head by its own largest weight in the window (diffuse heads stay
+    visible); the subplot titles then give each head's maximum. `roles`: a badge per head (or "").
+    """
+    n_head, n = patterns.shape[0], patterns.shape[1]
+    cols = 3 if n_head <= 12 else 4
     rows = int(np.ceil(n_head / cols))
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {h}" for h in range(n_head)],
-                        horizontal_spacing=0.02, vertical_spacing=0.06)
-    axis = labels(tokens, start)
     mask = np.tril(np.ones(patterns.shape[1:], dtype=bool))
+    peak = np.array([float(np.max(patterns[h][mask])) for h in range(n_head)])
+    names = []
     for h in range(n_head):
-        z = np.where(mask, f32(patterns[h], 2), np.nan)
-        fig.add_trace(go.Heatmap(z=z, x=axis, y=axis, colorscale="Blues", zmin=0, zmax=1, showscale=False,
+        badge = f" · {roles[h]}" if roles and roles[h] else ""
+        names.append(f"head {h}{badge}" + (f" (max {peak[h]:.2f})" if per_head_scale else ""))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.03,
+                        vertical_spacing=min(0.3 / max(rows - 1, 1), 0.08))
+    axis = labels(tokens, start, width=8)
+    for h in range(n_head):
+        values = patterns[h] / peak[h] if per_head_scale and peak[h] > 0 else patterns[h]
+        z = np.where(mask, f32(values, 2), np.nan)
+        fig.add_trace(go.Heatmap(z=z, x=axis, y=axis, coloraxis="coloraxis",
                                  hovertemplate=f"head {h}<br>query %{{y}}<br>key %{{x}}<br>%{{z:.2f}}<extra></extra>"),
                       row=h // cols + 1, col=h % cols + 1)
-    fig.update_xaxes(showticklabels=False, type="category")
-    fig.update_yaxes(showticklabels=False, autorange="reversed", type="category")
-    return _layout(fig, title, height=max(420, 190 * rows + 60))
+        if selected is not None and start <= selected < start + n:
+            axis_id = "" if h == 0 else str(h + 1)
+            _mark_row(fig, axis[selected - start], xref=f"x{axis_id} domain", yref=f"y{axis_id}")
+    fig.update_annotations(font=dict(size=12))
+    small = dict(size=9 if n > 12 else 10)
+    fig.update_xaxes(type="category", tickangle=-90, tickfont=small, showticklabels=False)
+    fig.update_yaxes(type="category", autorange="reversed", tickfont=small, showticklabels=False)
+    for c in range(1, cols + 1):  # labels on the outer edges only
+        fig.update_xaxes(showticklabels=True, row=rows, col=c)
+    for r in range(1, rows + 1):
+        fig.update_yaxes(showticklabels=True, row=r, col=1)
+    scale_title = "÷ head's max" if per_head_scale else "attention"
+    fig.update_layout(coloraxis=dict(colorscale="Blues", cmin=0, cmax=1,
+                                     colorbar=dict(title=dict(text=scale_title, side="right"), thickness=12)))
+    return _layout(fig, title, subtitle, height=230 * rows + 190, top=TITLE_SPACE + 18)
 
 
-def attention_row_figure(row: np.ndarray, tokens: list[str], start: int, title: str) -> go.Figure:
+def attention_row_figure(row: np.ndarray, tokens: list[str], start: int, title: str, subtitle: str) -> go.Figure:
     """The selected token's attention over earlier tokens: per head `[head, key]` and the mean over heads."""
     axis = labels(tokens, start)
-    fig = make_subplots(rows=2, cols=1, row_heights=[0.35, 0.65], shared_xaxes=True, vertical_spacing=0.06,
+    fig = make_subplots(rows=2, cols=1, row_heights=[0.32, 0.68], shared_xaxes=True, vertical_spacing=0.1,
                         subplot_titles=["average over heads", "each head"])
     fig.add_bar(x=axis, y=f32(row.mean(0), 3), marker_color=BLUE, name="average",
                 hovertemplate="key %{x}<br>average attention %{y:.3f}<extra></extra>", row=1, col=1)
     fig.add_trace(go.Heatmap(z=f32(row, 3), x=axis, y=[f"head {h}" for h in range(row.shape[0])],
-                             colorscale="Blues", zmin=0, zmax=1, colorbar=dict(title="attention", y=0.33, len=0.65),
+                             colorscale="Blues", zmin=0, zmax=1,
+                             colorbar=dict(title=dict(text="attention", side="right"), y=0, yanchor="bottom",
+                                           len=0.62, thickness=14),
                              hovertemplate="%{y}<br>key %{x}<br>%{z:.3f}<extra></extra>"), row=2, col=1)
-    fig.update_xaxes(type="category", tickangle=-60, row=2, col=1)
-    fig.update_yaxes(autorange="reversed", row=2, col=1)
-    fig.update_layout(showlegend=False)
-    return _layout(fig, title, height=520)
+    fig.update_annotations(font=dict(size=12))
+    fig.update_xaxes(type="category", tickangle=-90, tickfont=dict(size=12), row=2, col=1)
+    fig.update_yaxes(title="attention", range=[0, 1], nticks=3, row=1, col=1)
+    fig.update_yaxes(autorange="reversed", tickfont=dict(size=11), row=2, col=1)
+    return _layout(fig, title, subtitle, height=max(460, 18 * row.shape[0] + 380), top=TITLE_SPACE + 10)
 
 
-def logit_lens_figure(top_tokens: list[list[str]], top_probs: np.ndarray, tokens: list[str], start: int, title: str,
-                      next_tokens: list[str] | None = None) -> go.Figure:
-    """Positions x layers: each cell the top token read from that layer's residual, coloured by its probability.
+def logit_lens_figure(top_tokens: list[list[str]], top_probs: np.ndarray, layer_names: list[str], tokens: list[str],
+                      start: int, next_tokens: list[str], title: str, subtitle: str, cell_chars: int = 6) -> go.Figure:
+    """Rows are positions, columns layers: each cell the top next-token guess read from that layer's
+    residual stream, coloured by its probability; ✓ where the guess is the actual next token.
 
-    top_tokens `[layer + 1][W]` strings, top_probs `[layer + 1, W]`; layer row 0 is the embeddings.
-    Drawn with positions down the page and layers across, so that the cell labels stay readable.
+    top_tokens `[row][column]` strings, top_probs `[row, column]`, layer_names `[column]`;
+    next_tokens `[row]`: the token that actually came next ("" where none has yet), shown right of each row.
     """
-    n_layers = len(top_tokens)
-    x = ["embeddings"] + [f"block {i}" for i in range(n_layers - 1)]
     y = labels(tokens, start)
-    text = [[show(top_tokens[layer][w]) for layer in range(n_layers)] for w in range(len(tokens))]
-    custom = [[show(next_tokens[w]) if next_tokens else ""] * n_layers for w in range(len(tokens))]
-    fig = go.Figure(go.Heatmap(z=f32(np.asarray(top_probs).T, 3), x=x, y=y, text=text, texttemplate="%{text}",
-                               textfont=dict(size=13), colorscale="YlGnBu", zmin=0, zmax=1, customdata=custom,
-                               colorbar=dict(title="probability"),
-                               hovertemplate="reading %{y}<br>%{x}: top guess %{text} (%{z:.1%})"
-                                             "<br>actual next token: %{customdata}<extra></extra>"))
-    fig.update_xaxes(type="category", side="top", title="layer (read through the final layer norm and unembedding)")
-    fig.update_yaxes(type="category", autorange="reversed", title="position (the token being read)")
-    return _layout(fig, title, height=max(380, 30 * len(tokens) + 160))
+    text, right = [], []
+    for w, row in enumerate(top_tokens):
+        text.append([("✓" if next_tokens[w] and t == next_tokens[w] else "") + short(t, cell_chars) for t in row])
+        right.append(row and next_tokens[w] and row[-1] == next_tokens[w])
+    fig = go.Figure(go.Heatmap(
+        z=f32(top_probs, 3), x=layer_names, y=y, text=text, texttemplate="%{text}", textfont=dict(size=11),
+        colorscale="YlGnBu", zmin=0, zmax=1, customdata=[[short(nt, 14) or "(not yet written)"] * len(layer_names) for nt in next_tokens],
+        colorbar=dict(title=dict(text="probability", side="right"), thickness=14),
+        hovertemplate="reading %{y}<br>%{x}: top guess %{text} (%{z:.1%})<br>actual next token: %{customdata}<extra></extra>"))
+    fig.update_xaxes(type="category", title="layer whose residual stream is read", tickangle=-90, tickfont=dict(size=12))
+    rows = [len(y) - 0.5, -0.5]  # both axes: the same categories on the same (reversed) range
+    fig.update_yaxes(type="category", range=rows, title="position (the token being read)", tickfont=dict(size=12))
+    # the actual next token beside each row, on a second axis on the right
+    fig.add_trace(go.Scatter(x=[layer_names[-1]] * len(y), y=y, mode="markers", marker=dict(opacity=0), yaxis="y2",
+                             hoverinfo="skip"))
+    fig.update_layout(yaxis2=dict(overlaying="y", side="right", type="category", range=rows,
+                                  tickmode="array", tickvals=y, ticktext=[("→ " + short(nt, 10)) if nt else "→ ?" for nt in next_tokens],
+                                  tickfont=dict(size=12, color="#1f3f8f"), showgrid=False, automargin=True,
+                                  title=dict(text="actual next token", font=dict(size=13))))
+    fig.update_traces(colorbar=dict(x=1.0, xref="container", xanchor="right"), selector=dict(type="heatmap"))
+    return _layout(fig, title, subtitle, height=max(360, 30 * len(tokens) + 230))
 
 
-def embedding_figure(embed: np.ndarray, pos_embed: np.ndarray, title: str) -> go.Figure:
-    """The token embedding and position embedding of one token, dimension by dimension `[d_model]`."""
+def embedding_figure(embed: np.ndarray, pos_embed: np.ndarray, title: str, subtitle: str) -> go.Figure:
+    """The token embedding (blue) and position embedding (orange) of one token, dimension by dimension `[d_model]`."""
     dims = np.arange(embed.shape[0])
     fig = go.Figure()
     fig.add_scatter(x=dims, y=f32(embed, 3), name="token embedding", mode="lines", line=dict(color=BLUE))
     fig.add_scatter(x=dims, y=f32(pos_embed, 3), name="position embedding", mode="lines", line=dict(color=ORANGE))
     fig.update_xaxes(title="dimension")
     fig.update_yaxes(title="value")
-    fig.update_layout(legend=dict(orientation="h", y=-0.25))
-    return _layout(fig, title, height=340)
+    return _layout(fig, title, subtitle, height=340)
 
 
-def resid_norm_figure(norms: np.ndarray, title: str) -> go.Figure:
-    """Length of the residual stream `[layer + 1]` after the embeddings and each block."""
-    x = ["embeddings"] + [f"block {i}" for i in range(len(norms) - 1)]
+def resid_norm_figure(norms: np.ndarray, title: str, subtitle: str) -> go.Figure:
+    """Length of the residual stream `[layer + 1]` after the embeddings and after each block."""
+    x = ["emb"] + [str(i) for i in range(len(norms) - 1)]
     fig = go.Figure(go.Scatter(x=x, y=f32(norms, 3), mode="lines+markers", line=dict(color=BLUE),
-                               hovertemplate="%{x}<br>norm %{y:.2f}<extra></extra>"))
-    fig.update_xaxes(type="category")
+                               hovertemplate="after %{x}<br>length %{y:.2f}<extra></extra>"))
+    fig.update_xaxes(type="category", title="after the embeddings (emb) and after each block", tickfont=dict(size=12))
     fig.update_yaxes(title="length (L2 norm)", rangemode="tozero")
-    return _layout(fig, title, height=320)
+    return _layout(fig, title, subtitle, height=320)
 
 
 def pca_2d(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,16 +268,72 @@ def pca_2d(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return coords, ratio
 
 
-def trajectory_figure(resid: np.ndarray, nearest: list[str], title: str) -> go.Figure:
-    """2-D PCA path of one token's residual stream `[layer + 1, d_model]`, each point labelled."""
+def trajectory_figure(resid: np.ndarray, lens_guess: list[str], title: str, subtitle: str) -> go.Figure:
+    """2-D PCA path of one token's residual stream `[layer + 1, d_model]`; the colour is the layer,
+    and hovering a point gives the logit lens's top next-token guess there (`lens_guess[layer + 1]`)."""
     coords, ratio = pca_2d(resid)
-    names = ["embeddings"] + [f"block {i}" for i in range(len(resid) - 1)]
+    names = ["embeddings"] + [f"after block {i}" for i in range(len(resid) - 1)]
     fig = go.Figure(go.Scatter(
-        x=f32(coords[:, 0]), y=f32(coords[:, 1]), mode="lines+markers+text",
-        text=[f"{i}: {show(t)}" for i, t in enumerate(nearest)], textposition="top center",
-        marker=dict(size=10, color=np.arange(len(coords)), colorscale="Viridis", showscale=False),
-        line=dict(color=GREY), customdata=names,
-        hovertemplate="%{customdata}<br>nearest token %{text}<extra></extra>"))
+        x=f32(coords[:, 0]), y=f32(coords[:, 1]), mode="lines+markers",
+        marker=dict(size=11, color=np.arange(len(coords)), colorscale="Viridis", showscale=True,
+                    colorbar=dict(title=dict(text="layer", side="right"), thickness=14,
+                                  tickvals=[0, len(coords) - 1], ticktext=["emb", str(len(coords) - 2)])),
+        line=dict(color=GREY), customdata=[[n, show(t)] for n, t in zip(names, lens_guess)],
+        hovertemplate="%{customdata[0]}<br>logit lens guess: %{customdata[1]}<extra></extra>"))
     fig.update_xaxes(title=f"PC 1 ({ratio[0]:.0%} of the variance)", zeroline=False)
-    fig.update_yaxes(title=f"PC 2 ({ratio[1]:.0%})", zeroline=False, scaleanchor="x", scaleratio=1)
-    return _layout(fig, title, height=460)
+    fig.update_yaxes(title=f"PC 2 ({ratio[1]:.0%})", zeroline=False)
+    return _layout(fig, title, subtitle, height=440)
+
+
+def png_data_uri(rgb: np.ndarray) -> str:
+    """`[h, w, 3]` uint8 -> a `data:image/png;base64,...` URI (no imaging library needed)."""
+    import base64
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def blues(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] `[h, w]` -> white..dark blue RGB `[h, w, 3]` uint8; light grey where `mask` is False."""
+    low, high = np.array([247, 251, 255], np.float32), np.array([8, 48, 107], np.float32)
+    v = np.clip(np.nan_to_num(values), 0, 1)[..., None] ** 0.7  # a gentle gamma keeps weak attention visible
+    rgb = low + (high - low) * v
+    rgb[~mask] = (236, 238, 241)
+    return rgb.round().astype(np.uint8)
+
+
+def heads_overview_html(patterns: np.ndarray, badges: dict[tuple[int, int], str], selected: tuple[int, int], title: str) -> str:
+    """Every head of every layer at a glance: `patterns` `[layer, head, query, key]` over one window as a
+    grid of thumbnails (rows layers, columns heads), each scaled to its own maximum, role badges under
+    them, the selected head outlined. Clicking one selects it (`data-layer`, `data-head`)."""
+    import html
+
+    n_layer, n_head, n, _ = patterns.shape
+    mask = np.tril(np.ones((n, n), dtype=bool))
+    cells = [f'<div class="ov-corner">layer \\ head</div>'] + [f'<div class="ov-col">{h}</div>' for h in range(n_head)]
+    for layer in range(n_layer):
+        cells.append(f'<div class="ov-row">{layer}</div>')
+        for h in range(n_head):
+            p = patterns[layer, h]
+            peak = float(p[mask].max()) or 1.0
+            badge = badges.get((layer, h), "")
+            sel = " ov-sel" if (layer, h) == tuple(selected) else ""
+            tip = f"layer {layer}, head {h}" + (f" ({badge})" if badge else "") + f": strongest weight {peak:.2f}"
+            cells.append(f'<button class="ov-cell{sel}" data-layer="{layer}" data-head="{h}" title="{html.escape(tip)}">'
+                         f'<img alt="{html.escape(tip)}" src="{png_data_uri(blues(p / peak, mask))}">'
+                         f'<span class="ov-badge">{html.escape(badge)}</span></button>')
+    return (f'<div class="overview"><div class="ov-title">{html.escape(title)}</div>'
+            f'<div class="ov-note">Each square is one head\'s attention (rows: tokens reading, columns: tokens read), '
+            f'scaled to its own strongest weight. Badges: prev = previous-token head, dup = duplicate-token head, '
+            f'ind = induction head (measured on repeated random tokens). Click a head to open it in the Attention tab.</div>'
+            f'<div class="ov-grid" style="grid-template-columns: 3.2em repeat({n_head}, minmax(0, 1fr))">'
+            + "".join(cells) + "</div></div>")
