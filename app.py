@@ -8,6 +8,7 @@ gpt2viz.controller.Controller, which returns a `Page` that `render` maps onto th
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import time
@@ -80,14 +81,17 @@ CSS = """
 @media (max-width: 700px) {
   .gradio-container { padding: 4px !important; }
   #intro p { display: none; }
-  .tab-wrapper .overflow-menu, .tab-container .overflow-menu { display: none !important; }
-  .tab-wrapper, .tab-container { flex-wrap: wrap !important; height: auto !important; overflow: visible !important; }
-  .tab-container button { flex: 0 0 auto; visibility: visible !important; position: static !important; }
+  #intro h1 { font-size: 22px; }
+  #tabs .tab-container button { padding: 4px 5px !important; font-size: 12px !important; }
 }
 """
 
 # A narrow screen gets figures with fewer tokens (read once, when the page loads).
 COMPACT_JS = "() => window.innerWidth < 700"
+# On a phone, Step and Generate bring the buttons to the top of the screen, so the text appears right under them.
+SCROLL_JS = "(...args) => { if (window.innerWidth < 700) document.querySelector('#actions').scrollIntoView({block: 'start'}); return args; }"
+SETTING_NAMES = ["temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed"]
+VIEW_NAMES = ["position", "layer", "head", "tab", "per_head_scale", "compact"]
 
 
 def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
@@ -96,8 +100,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
     with gr.Blocks(title="gpt2viz") as demo:
         state = gr.State(c.new_state(models.default), time_to_live=6 * 3600,
                          delete_callback=lambda s: sessions.drop((s or {}).get("key")))
-        tab = gr.State("chosen")
-        compact = gr.State(False)
+        tab = gr.Textbox("chosen", visible=False, elem_id="tab")  # the visible tab: views are drawn for it only
+        compact = gr.Checkbox(False, visible=False, elem_id="compact")  # set in the browser when the page loads
         gr.Markdown(INTRO, elem_id="intro")
         gr.Markdown(models.notice, visible=bool(models.notice), elem_id="notice")
         with gr.Row(equal_height=True):
@@ -138,7 +142,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                     rewind_btn = gr.Button("Rewind", elem_id="rewind_btn")
             with gr.Column(scale=2, min_width=320):
                 with gr.Tabs(selected="chosen", elem_id="tabs") as tabs:
-                    with gr.Tab("How it was chosen", id="chosen", elem_id="tab-chosen") as tab_chosen:
+                    with gr.Tab("Chosen", id="chosen", elem_id="tab-chosen") as tab_chosen:
                         gr.Markdown(TEXT_CHOSEN, elem_classes="explain")
                         chosen_plot = gr.Plot(elem_id="chosen_plot", show_label=False)
                     with gr.Tab("Attention", id="attention", elem_id="tab-attention") as tab_attention:
@@ -153,7 +157,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                     with gr.Tab("All heads", id="overview", elem_id="tab-overview") as tab_overview:
                         gr.Markdown(TEXT_OVERVIEW, elem_classes="explain")
                         overview = gr.HTML("", js_on_load=OVERVIEW_JS, elem_id="overview")
-                    with gr.Tab("Logit lens", id="lens", elem_id="tab-lens") as tab_lens:
+                    with gr.Tab("Lens", id="lens", elem_id="tab-lens") as tab_lens:
                         gr.Markdown(TEXT_LENS, elem_classes="explain")
                         lens_plot = gr.Plot(elem_id="lens_plot", show_label=False)
                     with gr.Tab("Embeddings", id="embed", elem_id="tab-embed") as tab_embed:
@@ -203,25 +207,37 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
 
         settings = [temperature, top_k, top_p, penalty, max_new, seed]
         view = [position, layer, head, tab, per_head, compact]
-        text_inputs = [state, model_name, prompt] + settings + view
+
+        def named(*names, event: bool = False):
+            """Give a handler taking `*args` these parameter names (they name the API's parameters);
+            with `event`, a last parameter receives the browser event's data (gr.EventData)."""
+            def wrap(fn):
+                params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+                if event:
+                    params.append(inspect.Parameter("evt", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.EventData))
+                fn.__signature__ = inspect.Signature(params)
+                return fn
+            return wrap
 
         def split(args):
             """(settings values, Selection) from the trailing inputs `settings + view`."""
             return list(args[:6]), c.Selection.of(*args[6:12])
 
-        def act(use_case):
+        def act(use_case, *extra):
             """A handler for inputs `state, model, prompt, *extra, *settings, *view` -> use_case(..., *extra)."""
+            @named("state", "model", "prompt", *extra, *SETTING_NAMES, *VIEW_NAMES)
             def handler(st, name, text, *rest):
-                extra, rest = rest[:-12], rest[-12:]
-                ctrl, sel = split(rest)
-                return render(use_case(st, name, text, ctrl, sel, *extra))
+                ctrl, sel = split(rest[len(extra):])
+                return render(use_case(st, name, text, ctrl, sel, *rest[: len(extra)]))
             return handler
 
+        @named("state", "model", "prompt", "tokens_per_second", *SETTING_NAMES, *VIEW_NAMES)
         def on_generate(st, name, text, rate, *rest):
             ctrl, sel = split(rest)
             for page in ctl.stream(st, name, text, ctrl, sel, rate):
                 yield render(page)
 
+        @named("state", *SETTING_NAMES, *VIEW_NAMES)
         def on_stop(st, *rest):
             ctl.stop(st)
             ctrl, sel = split(rest)
@@ -229,16 +245,21 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             page.status = page.status or "Stopped."
             return render(page)
 
+        @named("state", *SETTING_NAMES, *VIEW_NAMES)
         def on_select(st, *rest):
             ctrl, sel = split(rest)
             return render(ctl.select(st, ctrl, sel))
 
-        def on_strip_click(st, *rest, evt: gr.EventData):
+        @named("state", *SETTING_NAMES, *VIEW_NAMES, event=True)
+        def on_strip_click(st, *rest):
+            *rest, evt = rest
             ctrl, sel = split(rest)
             sel.position = c.as_index(getattr(evt, "position", None))
             return render(ctl.select(st, ctrl, sel))
 
-        def on_overview_click(st, *rest, evt: gr.EventData):
+        @named("state", *SETTING_NAMES, *VIEW_NAMES, event=True)
+        def on_overview_click(st, *rest):
+            *rest, evt = rest
             ctrl, sel = split(rest)
             sel.layer, sel.head = c.as_index(getattr(evt, "layer", None)) or 0, c.as_index(getattr(evt, "head", None)) or 0
             sel.tab = "attention"
@@ -247,37 +268,36 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             return render(page)
 
         def on_tab(tab_id):
+            @named("state", *SETTING_NAMES, *VIEW_NAMES)
             def handler(st, *rest):
                 ctrl, sel = split(rest)
                 sel.tab = tab_id
                 return render(ctl.select(st, ctrl, sel))
             return handler
 
+        @named("state", *SETTING_NAMES)
         def on_upcoming(st, *ctrl):
             return render(ctl.upcoming(st, list(ctrl)))
 
-        def on_example(st, name, ex, *rest, show=False):
-            ctrl, sel = split(rest)
-            return render(ctl.choose_example(st, name, ex, ctrl, sel, show_me=show))
-
-        def on_show_me(st, name, ex, *rest):
-            return on_example(st, name, ex, *rest, show=True)
-
-        def on_model(st, name, text, *rest):
-            ctrl, sel = split(rest)
-            return render(ctl.switch_model(st, name, text, ctrl, sel))
+        def on_example(show: bool):
+            @named("state", "model", "example", *SETTING_NAMES, *VIEW_NAMES)
+            def handler(st, name, ex, *rest):
+                ctrl, sel = split(rest)
+                return render(ctl.choose_example(st, name, ex, ctrl, sel, show_me=show))
+            return handler
 
         # --- wiring -------------------------------------------------------------------------------
         private = dict(api_visibility="private")
         gen_event = gr.on([generate_btn.click, prompt.submit], on_generate, [state, model_name, prompt, speed] + settings + view,
-                          everything, api_name="generate", concurrency_limit=2)
-        step_btn.click(act(ctl.step), text_inputs, everything, api_name="step")
+                          everything, api_name="generate", concurrency_limit=2, js=SCROLL_JS)
+        text_inputs = [state, model_name, prompt] + settings + view
+        step_btn.click(act(ctl.step), text_inputs, everything, api_name="step", js=SCROLL_JS)
         reset_btn.click(act(ctl.reset), text_inputs, everything, api_name="reset")
         stop_btn.click(on_stop, [state] + settings + view, everything, cancels=[gen_event], api_name="stop")
-        pick_btn.click(act(ctl.force), [state, model_name, prompt, pick] + settings + view, everything, api_name="force_candidate")
-        gr.on([typed_btn.click, typed.submit], act(ctl.force_text), [state, model_name, prompt, typed] + settings + view,
+        pick_btn.click(act(ctl.force, "token_id"), [state, model_name, prompt, pick] + settings + view, everything, api_name="force_candidate")
+        gr.on([typed_btn.click, typed.submit], act(ctl.force_text, "token_text"), [state, model_name, prompt, typed] + settings + view,
               everything, api_name="force_text")
-        rewind_btn.click(act(ctl.rewind), [state, model_name, prompt, rewind_to] + settings + view, everything, api_name="rewind")
+        rewind_btn.click(act(ctl.rewind, "keep"), [state, model_name, prompt, rewind_to] + settings + view, everything, api_name="rewind")
 
         select_inputs = [state] + settings + view
         gr.on([position.release, position.input, layer.release, layer.input, head.release, head.input, per_head.input],
@@ -290,10 +310,10 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         gr.on([temperature.input, top_k.input, top_p.input, penalty.input, temperature.release, top_k.release,
                top_p.release, penalty.release], on_upcoming, [state] + settings, everything, api_name="upcoming",
               trigger_mode="always_last")
-        example.input(on_example, [state, model_name, example] + settings + view, everything, **private)
-        show_me.click(on_show_me, [state, model_name, example] + settings + view, everything, api_name="show_me")
-        model_name.input(on_model, [state, model_name, prompt] + settings + view, everything, api_name="set_model")
-        demo.load(lambda x: bool(x), compact, compact, js=COMPACT_JS, **private)
+        example.input(on_example(False), [state, model_name, example] + settings + view, everything, **private)
+        show_me.click(on_example(True), [state, model_name, example] + settings + view, everything, api_name="show_me")
+        model_name.input(act(ctl.switch_model), [state, model_name, prompt] + settings + view, everything, api_name="set_model")
+        demo.load(None, None, compact, js=COMPACT_JS, **private)
     return demo
 
 

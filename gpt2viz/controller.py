@@ -750,7 +750,7 @@ def crop_note(start: int, end: int, n: int) -> str:
 
 WINDOW_ATTENTION = 16  # tokens in one head's heatmap and in the all-heads grid (each one labelled)
 WINDOW_LENS = 12
-COMPACT = dict(attention=10, lens=7, lens_layers=6, cell=5)  # a phone's screen
+COMPACT = dict(attention=10, lens=7, lens_layers=6)  # a phone's screen
 
 
 def step_summary(step: Step) -> str:
@@ -900,9 +900,10 @@ def logit_lens_view(session: GenerationSession, position: int, compact: bool = F
     nxt += [""] * (e - s - len(nxt))
     some = "" if len(rows) == cfg.n_layer + 1 else f" · {len(rows)} of {cfg.n_layer + 1} layers"
     return plots.logit_lens_figure(top, probs[rows, :, 0].T, names, strings, s, nxt,
-                                   "Logit lens: each layer's top guess for the next token",
-                                   f"{crop_note(s, e, n)}{some} · ✓ the guess is the token that came next",
-                                   cell_chars=COMPACT["cell"] if compact else 6)
+                                   "Logit lens: each layer's guess",
+                                   f"{crop_note(s, e, n)}{some} · colour: the guess's probability · "
+                                   f"✓ the guess is the token that came next" + (" · emb: embeddings · next: the token that came next" if compact else ""),
+                                   compact=compact)
 
 
 def embedding_views(session: GenerationSession, position: int):

@@ -203,34 +203,33 @@ def attention_row_figure(row: np.ndarray, tokens: list[str], start: int, title: 
 
 
 def logit_lens_figure(top_tokens: list[list[str]], top_probs: np.ndarray, layer_names: list[str], tokens: list[str],
-                      start: int, next_tokens: list[str], title: str, subtitle: str, cell_chars: int = 6) -> go.Figure:
+                      start: int, next_tokens: list[str], title: str, subtitle: str, compact: bool = False) -> go.Figure:
     """Rows are positions, columns layers: each cell the top next-token guess read from that layer's
     residual stream, coloured by its probability; ✓ where the guess is the actual next token.
 
     top_tokens `[row][column]` strings, top_probs `[row, column]`, layer_names `[column]`;
-    next_tokens `[row]`: the token that actually came next ("" where none has yet), shown right of each row.
+    next_tokens `[row]`: the token that actually came next ("" where none has yet), shown in a last,
+    uncoloured column "next". `compact`: a phone's width (shorter cell text, no axis titles).
     """
-    y = labels(tokens, start)
-    text, right = [], []
+    cell_chars = 4 if compact else 6
+    y = labels(tokens, start, width=6 if compact else 10)
+    x = list(layer_names) + ["next"]
+    text = []
     for w, row in enumerate(top_tokens):
-        text.append([("✓" if next_tokens[w] and t == next_tokens[w] else "") + short(t, cell_chars) for t in row])
-        right.append(row and next_tokens[w] and row[-1] == next_tokens[w])
+        cells = [("✓" if next_tokens[w] and t == next_tokens[w] else "") + short(t, cell_chars) for t in row]
+        text.append(cells + [short(next_tokens[w], cell_chars) if next_tokens[w] else "?"])
+    z = np.concatenate([f32(top_probs, 3), np.full((len(y), 1), np.nan, np.float32)], axis=1)
+    custom = [[short(nt, 14) or "(not written yet)"] * len(x) for nt in next_tokens]
     fig = go.Figure(go.Heatmap(
-        z=f32(top_probs, 3), x=layer_names, y=y, text=text, texttemplate="%{text}", textfont=dict(size=11),
-        colorscale="YlGnBu", zmin=0, zmax=1, customdata=[[short(nt, 14) or "(not yet written)"] * len(layer_names) for nt in next_tokens],
-        colorbar=dict(title=dict(text="probability", side="right"), thickness=14),
-        hovertemplate="reading %{y}<br>%{x}: top guess %{text} (%{z:.1%})<br>actual next token: %{customdata}<extra></extra>"))
-    fig.update_xaxes(type="category", title="layer whose residual stream is read", tickangle=-90, tickfont=dict(size=12))
-    rows = [len(y) - 0.5, -0.5]  # both axes: the same categories on the same (reversed) range
-    fig.update_yaxes(type="category", range=rows, title="position (the token being read)", tickfont=dict(size=12))
-    # the actual next token beside each row, on a second axis on the right
-    fig.add_trace(go.Scatter(x=[layer_names[-1]] * len(y), y=y, mode="markers", marker=dict(opacity=0), yaxis="y2",
-                             hoverinfo="skip"))
-    fig.update_layout(yaxis2=dict(overlaying="y", side="right", type="category", range=rows,
-                                  tickmode="array", tickvals=y, ticktext=[("→ " + short(nt, 10)) if nt else "→ ?" for nt in next_tokens],
-                                  tickfont=dict(size=12, color="#1f3f8f"), showgrid=False, automargin=True,
-                                  title=dict(text="actual next token", font=dict(size=13))))
-    fig.update_traces(colorbar=dict(x=1.0, xref="container", xanchor="right"), selector=dict(type="heatmap"))
+        z=z, x=x, y=y, text=text, texttemplate="%{text}", textfont=dict(size=10 if compact else 11), xgap=1, ygap=1,
+        colorscale="YlGnBu", zmin=0, zmax=1, customdata=custom,
+        colorbar=dict(title=dict(text="" if compact else "probability", side="right"), thickness=10,
+                      tickvals=[0, 0.5, 1], ticktext=["0", "½", "1"] if compact else ["0", "0.5", "1"]),
+        hovertemplate="reading %{y}<br>layer %{x}: top guess %{text} (%{z:.1%})<br>actual next token: %{customdata}<extra></extra>"))
+    fig.update_xaxes(type="category", title="layer" if compact else "layer (emb: the embeddings) · next: the actual next token",
+                     side="bottom", tickfont=dict(size=11 if compact else 12))
+    fig.update_yaxes(type="category", autorange="reversed", title=None if compact else "position (the token read)",
+                     tickfont=dict(size=11 if compact else 12))
     return _layout(fig, title, subtitle, height=max(360, 30 * len(tokens) + 230))
 
 

@@ -8,7 +8,10 @@ head's attention over the queries i in the second copy (positions L .. 2L-1):
     duplicate_token: attention from i to i - L (the earlier occurrence of the same token)
     induction:       attention from i to i - L + 1 (the token after the earlier occurrence)
 
-A score is a mean attention weight, in [0, 1]. Scores are measured once per model and cached.
+The random tokens are drawn uniformly from the tokens that have an embedding of their own: all of
+GPT-2's; for a model trained on a smaller vocabulary (the bundled model shares one embedding row
+among the tokens it never saw) only the ones it learned. A score is a mean attention weight, in
+[0, 1]. Scores are measured once per model and cached.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from .model import GPT2
 
 ROLE_NAMES = ("previous_token", "duplicate_token", "induction")
-ROLE_THRESHOLD = 0.3  # a head "has" a role when its score is at least this
+ROLE_THRESHOLD = 0.25  # a head "has" a role when its score is at least this (mean attention; chance is ~1/L)
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,18 @@ class HeadScores:
         return int(layer), int(head), float(scores[layer, head])
 
 
-def repeated_random_tokens(vocab_size: int, length: int, batch: int, seed: int) -> torch.Tensor:
-    """`[batch, 2 * length]`: uniformly random token ids, then the same ids again."""
+def repeated_random_tokens(vocab: torch.Tensor | int, length: int, batch: int, seed: int) -> torch.Tensor:
+    """`[batch, 2 * length]`: token ids drawn uniformly from `vocab` (ids, or a vocabulary size), then the same ids again."""
+    ids = torch.arange(vocab) if isinstance(vocab, int) else vocab
     gen = torch.Generator().manual_seed(seed)
-    first = torch.randint(0, vocab_size, (batch, length), generator=gen)
+    first = ids[torch.randint(0, len(ids), (batch, length), generator=gen)]
     return torch.cat([first, first], dim=1)
+
+
+def distinct_tokens(model: GPT2) -> torch.Tensor:
+    """The ids whose embedding row no other token shares `[n]`, ascending."""
+    _, inverse, counts = torch.unique(model.wte.weight.detach().cpu(), dim=0, return_inverse=True, return_counts=True)
+    return torch.nonzero(counts[inverse] == 1).flatten()
 
 
 _CACHE: "weakref.WeakKeyDictionary[GPT2, dict]" = weakref.WeakKeyDictionary()
@@ -69,7 +79,7 @@ def head_scores(model: GPT2, length: int | None = None, batch: int = 8, seed: in
     per_model = _CACHE.setdefault(model, {})
     if key in per_model:
         return per_model[key]
-    tokens = repeated_random_tokens(model.cfg.vocab_size, length, batch, seed).to(model.device)
+    tokens = repeated_random_tokens(distinct_tokens(model), length, batch, seed).to(model.device)
     _, cache = model.run_with_cache(tokens, names=["pattern"])
     pattern = cache.stack("pattern").float()  # [layer, batch, head, query, key]
     queries = torch.arange(length, 2 * length, device=pattern.device)

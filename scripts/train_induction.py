@@ -3,10 +3,21 @@
     python scripts/train_induction.py                  # the shipped model (~10 min on a 2-core CPU)
     python scripts/train_induction.py --steps 50 --out /tmp/t   # a quick smoke run
 
-Data: sequences of L uniformly random GPT-2 token ids (L varies per batch), repeated once. The
-first copy cannot be predicted; the second can only be predicted by copying: find the earlier
-occurrence of the current token and predict the token after it. Two attention layers do this
-with a previous-token head in layer 0 and an induction head in layer 1 (Olsson et al. 2022).
+Data: random words in which a random segment of L words appears twice, at random places
+(`filler, segment, filler, segment, filler`). Inside the second occurrence each next token can be
+predicted by copying: find the earlier occurrence of the current token and predict the token after
+it. Two attention layers do this with a previous-token head in layer 0 and an induction head in
+layer 1 (Olsson et al. 2022). The random places matter: on texts that are always exactly one
+sequence twice, the model learned to count positions instead (and had no induction head).
+The loss covers every position (the unpredictable ones teach it to be unsure there), the
+predictable ones weighted more.
+
+Vocabulary: --vocab GPT-2 tokens of the form ' word' (lower-case letters), always including the
+words of the app's induction example. As for the bundled model (scripts/train_tiny.py's
+CorpusVocab), training softmaxes over those tokens plus one shared row for all the others, and the
+exported 50,257-token model is exactly the same function: every other token shares that row.
+(On all 50,257 tokens with GPT-2's initialisation the loss stayed at uniform for 1,000 steps:
+each token is seen too rarely for its embedding to learn.)
 
 Attention-only: the checkpoint is an ordinary GPT-2 (it loads everywhere one does) whose MLPs
 are 4 units wide with every weight and bias zero and held at zero, so each MLP adds exactly 0
@@ -19,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt2viz import GPT2, GPT2Config, load_model, save_checkpoint  # noqa: E402
 from gpt2viz.model import init_weights  # noqa: E402
 from gpt2viz.roles import head_scores  # noqa: E402
-from train_tiny import sinusoids  # noqa: E402
+from train_tiny import CorpusVocab, previous_token_prior, sinusoids  # noqa: E402
+from gpt2viz.controller import WORDS  # noqa: E402
+from gpt2viz.tokenizer import load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,18 +57,42 @@ def repeated_batch(gen: torch.Generator, batch: int, length: int, vocab: int) ->
     return torch.cat([first, first], dim=1)
 
 
-def second_copy_loss(model: GPT2, x: torch.Tensor, length: int) -> torch.Tensor:
-    """Mean next-token loss over the predictions made inside the second copy (targets x[L+1:])."""
-    hidden = model(x, unembed=False)[:, length:-1]  # [batch, L - 1, d_model]: positions L .. 2L-2
-    logits = F.linear(hidden, model.wte.weight)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, length + 1:].reshape(-1))
+def word_vocabulary(size: int, seed: int) -> np.ndarray:
+    """`size` GPT-2 token ids of the form ' word' (random ones, plus the induction example's words), ascending."""
+    tok = load_tokenizer()
+    words = [i for i in range(tok.n_vocab - 1) if re.fullmatch(r" [a-z]{3,10}", tok.decode([i]))]
+    must = {tok.encode(" " + w)[0] for w in WORDS}
+    rest = [i for i in words if i not in must]
+    picked = np.random.default_rng(seed).choice(rest, size=size - len(must), replace=False)
+    return np.array(sorted(must | set(picked.tolist())), dtype=np.int64)
+
+
+def training_batch(gen: torch.Generator, batch: int, ctx: int, n_vocab: int, max_length: int):
+    """`(x [batch, ctx], predictable [batch, ctx - 1])`: random ids in [0, n_vocab) with one segment repeated
+    at random places; `predictable[b, t]` is True where the target x[b, t + 1] continues the repeat."""
+    x = torch.randint(0, n_vocab, (batch, ctx), generator=gen)
+    predictable = torch.zeros(batch, ctx - 1, dtype=torch.bool)
+    for b in range(batch):
+        length = int(torch.randint(4, max_length + 1, (1,), generator=gen))
+        first = int(torch.randint(0, ctx - 2 * length + 1, (1,), generator=gen))
+        second = int(torch.randint(first + length, ctx - length + 1, (1,), generator=gen))
+        x[b, second:second + length] = x[b, first:first + length]
+        predictable[b, second:second + length - 1] = True  # targets second+1 .. second+length-1
+    return x, predictable
+
+
+def training_loss(model: GPT2, x: torch.Tensor, predictable: torch.Tensor, bias: torch.Tensor, rest_weight: float) -> torch.Tensor:
+    logits = model(x)[:, :-1] + bias
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none").view_as(predictable)
+    return losses[predictable].mean() + rest_weight * losses[~predictable].mean()
 
 
 @torch.no_grad()
-def evaluate(model: GPT2, seed: int = 1234, length: int = 30, batch: int = 32) -> dict:
+def evaluate(model: GPT2, vocab: np.ndarray, seed: int = 1234, length: int = 30, batch: int = 32) -> dict:
+    """Loss of the full-vocabulary model on fresh repeated sequences of the training words."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    x = repeated_batch(gen, batch, length, model.cfg.vocab_size)
+    x = torch.from_numpy(vocab)[repeated_batch(gen, batch, length, len(vocab))]
     logits = model(x).float()
     losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none").view(batch, -1)
     model.train()
@@ -67,6 +105,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--max-length", type=int, default=40, help="longest repeated segment")
+    ap.add_argument("--rest-weight", type=float, default=0.2, help="weight of the unpredictable positions' loss")
+    ap.add_argument("--prev-token-prior", type=float, default=3.0, metavar="GAIN",
+                    help="start head 0.0 as a previous-token head (train_tiny's prior; 0: none); training may change it")
+    ap.add_argument("--vocab", type=int, default=2000, help="how many ' word' tokens to train on")
+    ap.add_argument("--embed-norm", type=float, default=1.0, help="initial norm of each token and position embedding")
     ap.add_argument("--d-model", type=int, default=48)
     ap.add_argument("--heads", type=int, default=3)
     ap.add_argument("--ctx", type=int, default=128)
@@ -76,10 +120,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cfg = GPT2Config(vocab_size=50257, n_positions=args.ctx, n_embd=args.d_model, n_layer=2, n_head=args.heads, n_inner=4)
+    vocab_ids = word_vocabulary(args.vocab, args.seed)
+    vocab = CorpusVocab(vocab_ids, 50257)
+    bias = vocab.logit_bias()
+    cfg = GPT2Config(vocab_size=vocab.size, n_positions=args.ctx, n_embd=args.d_model, n_layer=2, n_head=args.heads, n_inner=4)
     model = init_weights(GPT2(cfg), seed=args.seed)
+    if args.prev_token_prior:
+        previous_token_prior(model, head=0, gain=args.prev_token_prior)
     with torch.no_grad():
-        model.wpe.weight.copy_(sinusoids(cfg.n_positions, cfg.n_embd, norm=1.0))
+        # Token and position embeddings of equal norm: with GPT-2's 0.02 init a token's identity is a
+        # twentieth of the layer norm's input beside a position code, too faint for a key to match on.
+        model.wte.weight.normal_(0, args.embed_norm / math.sqrt(cfg.n_embd), generator=torch.Generator().manual_seed(args.seed))
+        model.wpe.weight.copy_(sinusoids(cfg.n_positions, cfg.n_embd, norm=args.embed_norm))
         for block in model.blocks:
             for p in block.mlp.parameters():
                 p.zero_()
@@ -93,27 +145,29 @@ def main() -> None:
         lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, args.steps))))
         for g in opt.param_groups:
             g["lr"] = lr
-        length = int(torch.randint(8, args.ctx // 2 + 1, (1,), generator=gen))
-        x = repeated_batch(gen, args.batch, length, cfg.vocab_size)
-        loss = second_copy_loss(model, x, length)
+        x, predictable = training_batch(gen, args.batch, cfg.n_positions, len(vocab_ids), args.max_length)  # compact ids
+        loss = training_loss(model, x, predictable, bias, args.rest_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 100 == 0:
-            entry = {"step": step, "loss_second_copy": round(loss.item(), 4), "seconds": round(time.time() - started, 1)}
+            entry = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - started, 1)}
             log.append(entry)
             print(json.dumps(entry), flush=True)
 
     out = Path(args.out)
-    save_checkpoint(model.eval(), out, dtype=torch.float16)
+    full = vocab.expand(model.eval())
+    for block in full.blocks:  # expand() copies every weight; the MLPs stay exactly zero
+        assert all(float(p.detach().abs().max()) == 0 for p in block.mlp.parameters())
+    save_checkpoint(full, out, dtype=torch.float16)
     shipped = load_model(out)  # evaluate what was written, after the float16 round trip
-    metrics = evaluate(shipped)
+    metrics = evaluate(shipped, vocab_ids)
     scores = head_scores(shipped)
     report = {
         "what": "2-layer attention-only GPT-2 trained on repeated random token sequences (scripts/train_induction.py)",
         "args": vars(args), "seconds": round(time.time() - started, 1), **metrics,
-        "uniform_loss": math.log(cfg.vocab_size),
+        "uniform_loss_over_the_words": math.log(len(vocab_ids)), "words": len(vocab_ids),
         "scores": {name: np.round(v, 3).tolist() for name, v in scores.as_dict().items()},
         "log": log,
     }

@@ -10,21 +10,28 @@ from gradio_client.exceptions import AppError
 
 MODEL = "tiny-shakespeare"
 PROMPT = "ROMEO:\nBut soft, what light"
-DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, penalty=1.0, max_new=5, seed=0)
+DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=5, seed=0)
+# The outputs every endpoint returns, in order (the page's components, less its per-user state).
+OUT = {name: i for i, name in enumerate(
+    "tab status strip position selected_label layer head rewind_to upcoming pick prompt hint example "
+    "chosen attention row grid overview lens embed norm traj".split())}
 
 
 def args(prompt=PROMPT, model=MODEL, **overrides):
-    values = {**DEFAULTS, **overrides}
-    return (model, prompt, values["temperature"], values["top_k"], values["top_p"], values["penalty"], values["max_new"], values["seed"])
+    return dict(model=model, prompt=prompt, **{**DEFAULTS, **overrides})
+
+
+def settings(**overrides):
+    return {**DEFAULTS, **overrides}
 
 
 def tokens(strip):
-    return [t["token"] for t in strip]
+    return [t["t"] for t in strip["tokens"]]
 
 
 def text(strip):
-    """The text of the token strip (newline tokens are shown as ↵)."""
-    return "".join(tokens(strip)).replace("↵", "\n")
+    """The text of the token strip (tokens are shown with · for spaces and ↵ for newlines)."""
+    return "".join(tokens(strip)).replace("↵", "\n").replace("·", " ")
 
 
 @pytest.fixture
@@ -34,64 +41,76 @@ def client(app_url):
 
 def test_endpoints_are_the_documented_ones(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert names == {"/generate", "/step", "/reset", "/stop", "/force_candidate", "/force_text", "/rewind", "/inspect", "/set_model"}
+    assert names == {"/generate", "/step", "/reset", "/stop", "/force_candidate", "/force_text", "/rewind", "/inspect",
+                     "/set_model", "/upcoming", "/show_me"}
 
 
 def test_generate_streams_one_token_at_a_time(client):
-    job = client.submit(*args(max_new=6), api_name="/generate")
+    job = client.submit(**args(max_new_tokens=6), tokens_per_second=0, api_name="/generate")
     updates = list(job)
-    assert len(updates) == 6
-    n_prompt = len(tokens(updates[0][0])) - 1
-    assert [len(tokens(u[0])) for u in updates] == list(range(n_prompt + 1, n_prompt + 7))
-    strip, plot, status = updates[-1]
-    assert text(strip).startswith(PROMPT)
-    assert plot["type"] == "plotly" and "How token" in plot["plot"]
-    assert "Last token" in status
+    strips = [u[OUT["strip"]] for u in updates if isinstance(u[OUT["strip"]], dict) and "tokens" in u[OUT["strip"]]]
+    n_prompt = len(tokens(strips[0])) - 1
+    assert [len(tokens(s)) for s in strips] == list(range(n_prompt + 1, n_prompt + 7)) + [n_prompt + 6]  # then the final page
+    last = updates[-1]
+    assert text(last[OUT["strip"]]).startswith(PROMPT)
+    assert last[OUT["chosen"]]["type"] == "plotly" and "How token" in last[OUT["chosen"]]["plot"]
+    assert "Upcoming: token" in last[OUT["upcoming"]]["plot"]
+    assert "was sampled" in last[OUT["status"]]
 
 
 def test_step_adds_exactly_one_token_and_continues_the_text(client):
-    first = client.predict(*args(), api_name="/step")
-    second = client.predict(*args(), api_name="/step")
-    assert len(tokens(second[0])) == len(tokens(first[0])) + 1
-    assert tokens(second[0])[:-1] == tokens(first[0])
+    first = client.predict(**args(), api_name="/step")
+    second = client.predict(**args(), api_name="/step")
+    assert len(tokens(second[OUT["strip"]])) == len(tokens(first[OUT["strip"]])) + 1
+    assert tokens(second[OUT["strip"]])[:-1] == tokens(first[OUT["strip"]])
 
 
 def test_same_seed_same_text_and_reset(client):
-    a = list(client.submit(*args(max_new=8, seed=11), api_name="/generate"))[-1][0]
-    reset = client.predict(*args(seed=11), api_name="/reset")
-    assert "Back to the prompt" in reset[2]
-    b = list(client.submit(*args(max_new=8, seed=11), api_name="/generate"))[-1][0]
+    a = list(client.submit(**args(max_new_tokens=8, seed=11), tokens_per_second=0, api_name="/generate"))[-1][OUT["strip"]]
+    reset = client.predict(**args(seed=11), api_name="/reset")
+    assert "Back to the prompt" in reset[OUT["status"]]
+    b = list(client.submit(**args(max_new_tokens=8, seed=11), tokens_per_second=0, api_name="/generate"))[-1][OUT["strip"]]
     assert tokens(a) == tokens(b)
 
 
 def test_forcing_a_candidate_and_a_typed_token(client):
-    client.predict(*args(), api_name="/step")
-    forced = client.predict(MODEL, PROMPT, 262, *args()[2:], api_name="/force_candidate")  # 262 = " the"
-    assert tokens(forced[0])[-1] == " the" and "chosen by you" in forced[2]
-    typed = client.predict(MODEL, PROMPT, " Juliet", *args()[2:], api_name="/force_text")
-    assert tokens(typed[0])[-1] == " Juliet"
-    by_id = client.predict(MODEL, PROMPT, "#11", *args()[2:], api_name="/force_text")
-    assert tokens(by_id[0])[-1] == ","
+    client.predict(**args(), api_name="/step")
+    forced = client.predict(**args(), token_id=262, api_name="/force_candidate")  # 262 = " the"
+    assert tokens(forced[OUT["strip"]])[-1] == "·the" and "chosen by you" in forced[OUT["status"]]
+    typed = client.predict(**args(), token_text=" Juliet", api_name="/force_text")
+    assert tokens(typed[OUT["strip"]])[-1] == "·Juliet"
+    by_id = client.predict(**args(), token_text="#11", api_name="/force_text")
+    assert tokens(by_id[OUT["strip"]])[-1] == ","
 
 
 def test_rewind_to_an_earlier_token(client):
-    gen = list(client.submit(*args(max_new=6, seed=3), api_name="/generate"))[-1][0]
-    back = client.predict(MODEL, PROMPT, 2, *args()[2:], api_name="/rewind")
-    assert tokens(back[0]) == tokens(gen)[: len(tokens(gen)) - 4]
-    assert "Rewound to 2 generated tokens" in back[2]
+    gen = list(client.submit(**args(max_new_tokens=6, seed=3), tokens_per_second=0, api_name="/generate"))[-1][OUT["strip"]]
+    back = client.predict(**args(), keep=2, api_name="/rewind")
+    assert tokens(back[OUT["strip"]]) == tokens(gen)[: len(tokens(gen)) - 4]
+    assert "Rewound to 2 generated tokens" in back[OUT["status"]]
 
 
-def test_inspect_draws_every_view(client):
-    client.predict(*args(), api_name="/step")
-    plots = client.predict(3, 1, 2, *args()[2:], api_name="/inspect")
-    assert len(plots) == 7 and all(p["type"] == "plotly" for p in plots)
-    assert "Layer 1, head 2" in plots[0]["plot"]
-    assert "What token 3" in plots[1]["plot"]
-    assert "Logit lens" in plots[3]["plot"]
+def test_inspect_draws_the_visible_views(client):
+    client.predict(**args(), api_name="/step")
+    out = client.predict(**settings(), position=3, layer=1, head=2, tab="attention", api_name="/inspect")
+    assert "Layer 1, head 2" in out[OUT["attention"]]["plot"]
+    assert "What token 3" in out[OUT["row"]]["plot"]
+    assert "All 6 heads of layer 1" in out[OUT["grid"]]["plot"]
+    assert out[OUT["strip"]]["selected"] == 3
+    lens = client.predict(**settings(), position=3, layer=1, head=2, tab="lens", api_name="/inspect")
+    assert "Logit lens" in lens[OUT["lens"]]["plot"] and "plot" not in lens[OUT["attention"]]  # only the visible tab
+
+
+def test_upcoming_follows_the_controls(client):
+    client.predict(**args(), api_name="/step")
+    hot = client.predict(**{**settings(), "temperature": 1.8}, api_name="/upcoming")
+    cold = client.predict(**{**settings(), "temperature": 0.2}, api_name="/upcoming")
+    assert "temperature 1.8" in hot[OUT["upcoming"]]["plot"] and "temperature 0.2" in cold[OUT["upcoming"]]["plot"]
+    assert "tokens" not in hot[OUT["strip"]]  # no token added: the strip is left as it is
 
 
 def test_stop_cancels_a_running_generation(client, app_url):
-    job = client.submit(*args(max_new=200), api_name="/generate")
+    job = client.submit(**args(max_new_tokens=200), tokens_per_second=0, api_name="/generate")
     while len(job.outputs()) < 3:
         time.sleep(0.05)
     client.predict(api_name="/stop")
@@ -100,12 +119,12 @@ def test_stop_cancels_a_running_generation(client, app_url):
         time.sleep(0.1)
     assert job.done()
     assert len(job.outputs()) < 150
-    after = client.predict(*args(), api_name="/step")  # the session still works
-    assert "Last token" in after[2]
+    after = client.predict(**args(), api_name="/step")  # the session still works
+    assert "was sampled" in after[OUT["status"]]
 
 
 def test_client_side_cancel_also_stops(client):
-    job = client.submit(*args(max_new=200), api_name="/generate")
+    job = client.submit(**args(max_new_tokens=200), tokens_per_second=0, api_name="/generate")
     while len(job.outputs()) < 2:
         time.sleep(0.05)
     job.cancel()
@@ -117,20 +136,22 @@ def test_client_side_cancel_also_stops(client):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda c: c.predict(*args(prompt=""), api_name="/step"), "prompt is empty"),
-        (lambda c: c.predict(*args(prompt="   \n "), api_name="/generate"), "prompt is empty"),
-        (lambda c: c.predict(*args(prompt=" thou" * 300), api_name="/step"), "can only read 256 tokens"),
-        (lambda c: c.predict(*args(prompt="x" * 30000), api_name="/step"), "prompt is too long"),
-        (lambda c: c.predict(MODEL, PROMPT, " no such token here", *args()[2:], api_name="/force_text"), "not a single token"),
-        (lambda c: c.predict(MODEL, PROMPT, "#123456", *args()[2:], api_name="/force_text"), "There is no token #123456"),
-        (lambda c: c.predict(MODEL, PROMPT, 999, *args()[2:], api_name="/rewind"), "Can rewind to between 0 and"),
-        (lambda c: c.predict(MODEL, PROMPT, None, *args()[2:], api_name="/force_candidate"), "Pick one of the candidates"),
+        (lambda c: c.predict(**args(prompt=""), api_name="/step"), "prompt is empty"),
+        (lambda c: c.predict(**args(prompt="   \n "), tokens_per_second=0, api_name="/generate"), "prompt is empty"),
+        (lambda c: c.predict(**args(prompt=" thou" * 300), api_name="/step"), "can only read 256 tokens"),
+        (lambda c: c.predict(**args(prompt="x" * 30000), api_name="/step"), "prompt is too long"),
+        (lambda c: c.predict(**args(), token_text=" no such token here", api_name="/force_text"), "not a single token"),
+        (lambda c: c.predict(**args(), token_text="#123456", api_name="/force_text"), "There is no token #123456"),
+        (lambda c: c.predict(**args(), token_text="#²", api_name="/force_text"), "not a token id"),
+        (lambda c: c.predict(**args(), keep=999, api_name="/rewind"), "Can rewind to between 0 and"),
+        (lambda c: c.predict(**args(), token_id=None, api_name="/force_candidate"), "Pick one of the candidates"),
     ],
-    ids=["empty", "blank", "over-context", "over-length", "multi-token", "no-such-id", "rewind-range", "no-pick"],
+    ids=["empty", "blank", "over-context", "over-length", "multi-token", "no-such-id", "odd-digit", "rewind-range", "no-pick"],
 )
 def test_bad_input_gets_a_friendly_message(client, call, message):
     out = call(client)
-    assert message in out[-1] and out[-1].startswith("⚠️")
+    status = out[OUT["status"]]
+    assert message in status and status.startswith("⚠️")
 
 
 @pytest.mark.parametrize(
@@ -139,32 +160,34 @@ def test_bad_input_gets_a_friendly_message(client, call, message):
         (dict(temperature=5.0), "greater than maximum"),
         (dict(top_p=0.0), "less than minimum"),
         (dict(seed=-4), "less than minimum"),
-        (dict(max_new=10_000), "greater than maximum"),
+        (dict(max_new_tokens=10_000), "greater than maximum"),
     ],
 )
 def test_out_of_range_values_are_refused_with_a_reason(client, overrides, message):
     with pytest.raises(AppError, match=message):
-        client.predict(*args(**overrides), api_name="/step")
+        client.predict(**args(**overrides), api_name="/step")
 
 
 def test_unknown_model_is_refused(client):
     with pytest.raises(AppError, match="not in the list of choices"):
-        client.predict("../../etc/passwd", api_name="/set_model")
+        client.predict(**args(model="../../etc/passwd"), api_name="/set_model")
 
 
 def test_users_do_not_see_each_other(app_url):
     alice, bob = Client(app_url, verbose=False), Client(app_url, verbose=False)
-    a = alice.predict(*args(prompt="ROMEO:\nO"), api_name="/step")
+    a = alice.predict(**args(prompt="ROMEO:\nO"), api_name="/step")
     b_results = []
-    thread = threading.Thread(target=lambda: b_results.append(list(bob.submit(*args(prompt="JULIET:\nAy", max_new=4), api_name="/generate"))))
+    thread = threading.Thread(target=lambda: b_results.append(list(bob.submit(
+        **args(prompt="JULIET:\nAy", max_new_tokens=4), tokens_per_second=0, api_name="/generate"))))
     thread.start()
-    a2 = alice.predict(*args(prompt="ROMEO:\nO"), api_name="/step")
+    a2 = alice.predict(**args(prompt="ROMEO:\nO"), api_name="/step")
     thread.join(60)
-    assert text(a2[0]).startswith("ROMEO:\nO") and len(tokens(a2[0])) == len(tokens(a[0])) + 1
-    assert text(b_results[0][-1][0]).startswith("JULIET:\nAy")
-    assert "ROMEO" not in text(b_results[0][-1][0])
+    s = OUT["strip"]
+    assert text(a2[s]).startswith("ROMEO:\nO") and len(tokens(a2[s])) == len(tokens(a[s])) + 1
+    assert text(b_results[0][-1][s]).startswith("JULIET:\nAy")
+    assert "ROMEO" not in text(b_results[0][-1][s])
 
 
 def test_server_survives_everything_above(client):
-    out = client.predict(*args(), api_name="/step")
-    assert "Last token" in out[2]
+    out = client.predict(**args(), api_name="/step")
+    assert "was sampled" in out[OUT["status"]]

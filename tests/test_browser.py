@@ -1,6 +1,8 @@
-"""The page in a real browser (Debian's chromium driven by Playwright): what a teacher clicks.
+"""The page in a real browser (Debian's chromium driven by Playwright): what a teacher and a class click.
 
-Runs in CI; never skipped. Screenshots go to artifacts/ (the README's screenshot is one).
+Runs in CI; never skipped. The app runs offline, so it serves the bundled models: tiny-shakespeare
+(4 layers x 6 heads, a previous-token head, no induction head) and toy-induction (2 layers x 3 heads,
+attention only, trained to have an induction head). Screenshots at three viewports go to artifacts/.
 """
 
 import os
@@ -17,6 +19,9 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic"]
 PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou"
+OVERLAP_JS = (Path(__file__).parent / "overlap.js").read_text()
+VIEWPORTS = {"desktop": (1440, 900), "projector": (1280, 720), "phone": (390, 844)}
+TABS = ["Chosen", "Attention", "All heads", "Lens", "Embeddings"]
 
 
 @pytest.fixture(scope="module")
@@ -28,75 +33,105 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, app_url):
-    context = browser.new_context(viewport={"width": 1440, "height": 1100})
+def open_page(browser, app_url, size="desktop"):
+    w, h = VIEWPORTS[size]
+    context = browser.new_context(viewport={"width": w, "height": h})
     page = context.new_page()
     page.set_default_timeout(30_000)
     page.goto(app_url)
     page.wait_for_selector("#generate")
+    wait_idle(page)
+    return context, page
+
+
+@pytest.fixture
+def page(browser, app_url):
+    context, page = open_page(browser, app_url)
     yield page
     context.close()
 
 
 def strip_tokens(page) -> list[str]:
-    return page.locator("#strip span.token span.text").all_inner_texts()
+    return page.locator("#strip .tok").all_inner_texts()
+
+
+def selected_index(page) -> int:
+    return int(page.locator("#strip .tok.sel").get_attribute("data-pos"))
 
 
 def set_number(page, elem_id: str, value) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
-    box.blur()
+
+
+def set_prompt(page, text: str) -> None:
+    page.locator("#prompt textarea").fill(text)
 
 
 def wait_idle(page) -> None:
     """Wait until no Gradio event is pending (status trackers hidden)."""
-    page.wait_for_function("() => !document.querySelector('.wrap.pending, .progress-text')", timeout=30_000)
+    page.wait_for_function("() => !document.querySelector('.wrap.pending, .progress-text, .eta-bar')", timeout=30_000)
     time.sleep(0.3)
 
 
-def plot_title(page, elem_id: str) -> str:
+def title(page, elem_id: str) -> str:
     loc = page.locator(f"#{elem_id} .js-plotly-plot .gtitle")
     loc.wait_for(state="attached")
     return loc.text_content()
 
 
+def slider_max(page, elem_id: str) -> int:
+    return int(page.locator(f"#{elem_id} input[type=range]").get_attribute("max"))
+
+
+def tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+    wait_idle(page)
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    page.click(f"#{elem_id} input")
+    page.get_by_role("option", name=option, exact=True).click()
+    wait_idle(page)
+
+
+def step(page) -> None:
+    before = len(strip_tokens(page))
+    page.click("#step")
+    expect(page.locator("#strip .tok")).to_have_count(before + 1)
+    wait_idle(page)
+
+
 def test_a_class_session(page):
     ARTIFACTS.mkdir(exist_ok=True)
-    # Offline here: the page says so and runs the bundled model.
     expect(page.locator("#notice")).to_contain_text("Offline mode")
-    expect(page.locator("#notice")).to_contain_text("tiny-shakespeare")
-
-    page.locator("#prompt textarea").fill(PROMPT)
+    set_prompt(page, PROMPT)
     set_number(page, "max_new", 12)
     set_number(page, "seed", 7)
+    set_number(page, "speed", 0)
 
-    # Generate streams: the token count grows while the request runs. The page records every count it
-    # renders (a MutationObserver), so the check does not depend on how fast this test can poll.
+    # Generate streams: the page records every token count it renders.
     page.evaluate("""() => {
         window.__counts = [];
-        new MutationObserver(() => window.__counts.push(document.querySelectorAll('#strip span.token').length))
+        new MutationObserver(() => window.__counts.push(document.querySelectorAll('#strip .tok').length))
             .observe(document.body, {childList: true, subtree: true, characterData: true});
     }""")
     from gpt2viz import load_tokenizer
 
     n_prompt = len(load_tokenizer().encode(PROMPT))
     page.click("#generate")
-    expect(page.locator("#strip span.token")).to_have_count(n_prompt + 12, timeout=60_000)
+    expect(page.locator("#strip .tok")).to_have_count(n_prompt + 12, timeout=60_000)
     wait_idle(page)
-    assert len(strip_tokens(page)) == n_prompt + 12, strip_tokens(page)
     counts = page.evaluate("window.__counts")
     assert len(set(c for c in counts if c > 0)) >= 3, f"no streaming seen: {sorted(set(counts))}"
-    assert "".join(strip_tokens(page)).startswith(PROMPT.replace("\n", "↵"))
-    assert "How token" in plot_title(page, "next_plot")
-    expect(page.locator("#next_plot")).to_contain_text("after your settings")
-
-    # Step adds exactly one token.
-    before = len(strip_tokens(page))
-    page.click("#step")
-    expect(page.locator("#strip span.token")).to_have_count(before + 1)
-    wait_idle(page)
+    assert "".join(strip_tokens(page)).startswith(PROMPT.replace("\n", "↵").replace(" ", "·"))
+    # The newest token is selected, and every view is about it.
+    n = n_prompt + 12
+    assert selected_index(page) == n - 1
+    expect(page.locator("#selected_label")).to_contain_text(f"token {n - 1}")
+    assert f"How token {n - 1}" in title(page, "chosen_plot")
+    assert f"Upcoming: token {n}" in title(page, "upcoming_plot")
 
     # Force the second candidate from the picker.
     page.click("#pick input")
@@ -105,63 +140,223 @@ def test_a_class_session(page):
     label = options.nth(1).inner_text()
     options.nth(1).click()
     page.click("#pick_btn")
-    expect(page.locator("#strip span.token")).to_have_count(before + 2)
+    expect(page.locator("#strip .tok")).to_have_count(n + 1)
     wait_idle(page)
-    shown = re.split(r"\s+—\s+", label)[0].strip().replace("·", " ")
-    assert strip_tokens(page)[-1].strip() == shown.strip()
+    assert strip_tokens(page)[-1] == re.split(r"\s+—\s+", label)[0].strip()
     expect(page.locator("#status")).to_contain_text("chosen by you")
+    assert "chosen by you" in page.locator("#chosen_plot").inner_text()
 
-    # Rewind to 3 generated tokens.
+    # Rewind to 3 generated tokens: the strip, the selection, the sliders and the views follow.
     page.get_by_text("Rewind", exact=True).first.click()
     set_number(page, "rewind_to", 3)
     page.click("#rewind_btn")
-    expect(page.locator("#strip span.token")).to_have_count(n_prompt + 3)
+    expect(page.locator("#strip .tok")).to_have_count(n_prompt + 3)
     wait_idle(page)
     expect(page.locator("#status")).to_contain_text("Rewound to 3 generated tokens")
-
-    # Attention: choose layer 1, head 2; select the 5th token by clicking it.
-    page.get_by_role("tab", name="Attention").click()
-    set_number(page, "layer", 1)
-    wait_idle(page)
-    set_number(page, "head", 2)
-    wait_idle(page)
-    expect(page.locator("#attn_plot .gtitle")).to_contain_text("Layer 1, head 2")
-    page.locator("#strip span.token").nth(4).click()
-    wait_idle(page)
-    expect(page.locator("#position input[type=number]")).to_have_value("4")
-    expect(page.locator("#row_plot .gtitle")).to_contain_text("What token 4")
-    expect(page.locator("#row_plot")).to_contain_text("average over heads")
-    expect(page.locator("#grid_plot .gtitle")).to_contain_text("All 6 heads of layer 1")
-    heat_cells = page.locator("#attn_plot .heatmaplayer image, #attn_plot .hm image")
-    assert heat_cells.count() >= 1, "the heatmap was not drawn"
-    page.screenshot(path=str(ARTIFACTS / "attention.png"), full_page=True)
-
-    # Logit lens: a labelled grid of layers.
-    page.get_by_role("tab", name="Logit lens").click()
-    expect(page.locator("#lens_plot .gtitle")).to_contain_text("Logit lens")
-    expect(page.locator("#lens_plot")).to_contain_text("block 3")
-    expect(page.locator("#lens_plot")).to_contain_text("embeddings")
-    page.screenshot(path=str(ARTIFACTS / "logit_lens.png"), full_page=True)
-
-    # Embeddings: the three plots of token 4.
-    page.get_by_role("tab", name="Embeddings").click()
-    expect(page.locator("#emb_plot .gtitle")).to_contain_text("Token 4")
-    expect(page.locator("#norm_plot .gtitle")).to_contain_text("residual stream")
-    expect(page.locator("#traj_plot .gtitle")).to_contain_text("PCA")
-    page.screenshot(path=str(ARTIFACTS / "embeddings.png"), full_page=True)
-
-    page.get_by_role("tab", name="Next token").click()
+    assert selected_index(page) == n_prompt + 2 and slider_max(page, "position") == n_prompt + 2
+    assert f"How token {n_prompt + 2}" in title(page, "chosen_plot")
     page.screenshot(path=str(ARTIFACTS / "screenshot.png"), full_page=True)
 
 
+def test_selecting_a_token_updates_every_view(page):
+    set_prompt(page, PROMPT)
+    step(page)
+    n = len(strip_tokens(page))
+    # a click on the strip
+    page.locator("#strip .tok").nth(4).click()
+    wait_idle(page)
+    assert selected_index(page) == 4
+    expect(page.locator("#selected_label")).to_contain_text("token 4")
+    assert "What the model predicted for token 4" in title(page, "chosen_plot")  # a prompt token
+    expect(page.locator("#chosen_plot")).to_contain_text("rank")
+    tab(page, "Attention")
+    assert "What token 4 reads" in page.locator("#row_plot .gtitle").text_content()
+    tab(page, "Embeddings")
+    assert "Token 4" in title(page, "emb_plot")
+    # arrow keys on the slider (the way a presenter's clicker walks through tokens)
+    page.locator("#position input[type=range]").focus()
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    wait_idle(page)
+    assert selected_index(page) == 6
+    assert "Token 6" in title(page, "emb_plot")
+    # a number typed into the slider's box, then Enter
+    set_number(page, "position", n - 3)
+    wait_idle(page)
+    assert selected_index(page) == n - 3
+    tab(page, "Lens")
+    assert f"{n - 3} " in page.locator("#lens_plot").inner_text()
+    tab(page, "Chosen")
+    assert f"token {n - 3}" in title(page, "chosen_plot")
+    # layer and head by keyboard
+    tab(page, "Attention")
+    page.locator("#head input[type=range]").focus()
+    page.keyboard.press("ArrowRight")
+    wait_idle(page)
+    expect(page.locator("#attn_plot .gtitle")).to_contain_text("Layer 0, head 1")
+
+
+def test_controls_redraw_the_upcoming_token_without_adding_one(page):
+    set_prompt(page, PROMPT)
+    step(page)
+    n = len(strip_tokens(page))
+    before = page.locator("#upcoming_plot").inner_text()
+    set_number(page, "temperature", 0.3)
+    wait_idle(page)
+    expect(page.locator("#upcoming_plot .gtitle-subtitle, #upcoming_plot")).to_contain_text("temperature 0.3")
+    after = page.locator("#upcoming_plot").inner_text()
+    assert after != before and len(strip_tokens(page)) == n
+    page.locator("#top_k input[type=range]").focus()
+    for _ in range(3):
+        page.keyboard.press("ArrowRight")
+    wait_idle(page)
+    expect(page.locator("#upcoming_plot")).to_contain_text("top-k 3")
+    assert len(strip_tokens(page)) == n
+    assert len(page.locator("#pick input").input_value()) > 0
+
+
+def test_stop_takes_effect_within_one_token(page):
+    set_prompt(page, PROMPT)
+    set_number(page, "speed", 3)
+    set_number(page, "max_new", 60)
+    n_prompt = 11
+    page.click("#generate")
+    page.wait_for_function(f"() => document.querySelectorAll('#strip .tok').length >= {n_prompt + 3}", timeout=30_000)
+    page.click("#stop")
+    at_stop = len(strip_tokens(page))
+    time.sleep(2.5)  # at 3 tokens/s, 7 more would have come
+    wait_idle(page)
+    final = len(strip_tokens(page))
+    assert at_stop <= final <= at_stop + 1, (at_stop, final)
+    expect(page.locator("#status")).to_contain_text("Stopped")
+    step(page)  # the session still works
+
+
+def test_model_switch_and_example_bring_every_view_into_the_new_state(page):
+    set_prompt(page, PROMPT)
+    tab(page, "Attention")
+    set_number(page, "layer", 3)
+    wait_idle(page)
+    set_number(page, "head", 5)
+    wait_idle(page)
+    step(page)
+    assert slider_max(page, "layer") == 3 and slider_max(page, "head") == 5
+    choose(page, "model", "toy-induction")
+    expect(page.locator("#status")).to_contain_text("Switched to **toy-induction**".replace("**", ""))
+    assert slider_max(page, "layer") == 1 and slider_max(page, "head") == 2
+    assert page.locator("#layer input[type=number]").input_value() == "0"
+    expect(page.locator("#attn_plot .gtitle")).to_contain_text("Layer 0, head 0")
+    expect(page.locator("#grid_plot .gtitle")).to_contain_text("All 3 heads of layer 0")
+    n = len(strip_tokens(page))
+    assert n == 11 and selected_index(page) == n - 1  # the prompt, read by the new model, no token added
+    assert slider_max(page, "position") == n - 1
+    tab(page, "Chosen")
+    assert f"token {n - 1}" in title(page, "chosen_plot")
+    # "Use this token" forces the new model's candidate into the new text
+    page.click("#pick_btn")
+    expect(page.locator("#strip .tok")).to_have_count(n + 1)
+    wait_idle(page)
+    # choosing an example reads its text at once: strip, views and ranges follow
+    choose(page, "example", "Shakespeare: the previous-token head")
+    expect(page.locator("#prompt textarea")).to_have_value(re.compile("^ROMEO:"))
+    assert strip_tokens(page)[:3] == ["ROM", "EO", ":"]
+    n = len(strip_tokens(page))
+    assert selected_index(page) == n - 1 and slider_max(page, "position") == n - 1
+    expect(page.locator("#example_hint")).to_contain_text("previous-token head")
+
+
+def test_show_me_finds_the_induction_head_or_says_it_cannot(page):
+    # the bundled Shakespeare model has no induction head: it says so instead of showing noise
+    choose(page, "example", "Induction heads: a repeated random sequence")
+    page.click("#show_me")
+    wait_idle(page)
+    expect(page.locator("#status")).to_contain_text("has no clear induction head")
+    # the toy model trained to have one: Show me opens the head the detector measured
+    choose(page, "model", "toy-induction")
+    choose(page, "example", "Induction heads: a repeated random sequence")
+    page.click("#show_me")
+    wait_idle(page)
+    expect(page.locator("#status")).to_contain_text("strongest induction head")
+    layer, head = re.search(r"Layer (\d+), head (\d+)", page.locator("#status").inner_text()).groups()
+    expect(page.get_by_role("tab", name="Attention", exact=True)).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#attn_plot .gtitle")).to_contain_text(f"Layer {layer}, head {head}")
+    # the head's badge in the all-heads overview
+    tab(page, "All heads")
+    cell = page.locator(f'.ov-cell[data-layer="{layer}"][data-head="{head}"]')
+    expect(cell).to_contain_text("ind")
+    # clicking another head in the overview selects it in the Attention tab
+    page.locator('.ov-cell[data-layer="0"][data-head="0"]').click()
+    wait_idle(page)
+    expect(page.locator("#attn_plot .gtitle")).to_contain_text("Layer 0, head 0")
+    # a previous-token head on the bundled model
+    choose(page, "model", "tiny-shakespeare")
+    choose(page, "example", "Shakespeare: the previous-token head")
+    page.click("#show_me")
+    wait_idle(page)
+    expect(page.locator("#status")).to_contain_text("Layer 0, head 0 is this model's strongest previous-token head")
+
+
+@pytest.mark.parametrize("size", list(VIEWPORTS))
+def test_no_text_overlaps_in_any_figure(browser, app_url, size):
+    context, page = open_page(browser, app_url, size)
+    try:
+        set_prompt(page, PROMPT)
+        set_number(page, "max_new", 20)
+        set_number(page, "speed", 0)
+        page.click("#generate")
+        expect(page.locator("#strip .tok")).to_have_count(11 + 20, timeout=60_000)
+        wait_idle(page)
+        ARTIFACTS.mkdir(exist_ok=True)
+        for name in TABS:
+            tab(page, name)
+            time.sleep(0.5)  # plotly lays out after the update
+            overlaps = page.evaluate(OVERLAP_JS)
+            assert overlaps == [], f"{size} {name}: {overlaps[:5]}"
+            if name == "Attention":
+                page.locator("#per_head input").check()
+                wait_idle(page)
+                time.sleep(0.5)
+                overlaps = page.evaluate(OVERLAP_JS)
+                assert overlaps == [], f"{size} per-head scale: {overlaps[:5]}"
+            page.screenshot(path=str(ARTIFACTS / f"{size}-{name.lower().replace(' ', '-')}.png"), full_page=True)
+        plots = page.locator(".js-plotly-plot")
+        width = VIEWPORTS[size][0]
+        for i in range(plots.count()):
+            box = plots.nth(i).bounding_box()
+            if box and box["width"] > 0:
+                assert box["x"] >= 0 and box["x"] + box["width"] <= width + 1, f"a figure is wider than the {size} screen"
+    finally:
+        context.close()
+
+
+def test_phone_shows_the_result_right_under_step(browser, app_url):
+    context, page = open_page(browser, app_url, "phone")
+    try:
+        page.locator("#step").scroll_into_view_if_needed()
+        page.click("#step")
+        wait_idle(page)
+        page.wait_for_selector("#strip .tok.sel")
+        box = page.locator("#strip .tok.sel").bounding_box()
+        assert 0 <= box["y"] and box["y"] + box["height"] <= VIEWPORTS["phone"][1], box
+        step_box = page.locator("#step").bounding_box()
+        assert step_box["y"] >= 0 and step_box["y"] + step_box["height"] <= VIEWPORTS["phone"][1]
+        for name in TABS:  # every tab reachable, none behind an overflow menu
+            expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "phone-after-step.png"))
+    finally:
+        context.close()
+
+
 def test_bad_input_shows_a_message_not_a_traceback(page):
-    page.locator("#prompt textarea").fill("")
+    set_prompt(page, "")
     page.click("#step")
     expect(page.locator("#status")).to_contain_text("The prompt is empty")
-    page.locator("#prompt textarea").fill("ROMEO:\n")
-    page.click("#step")
-    wait_idle(page)
+    set_prompt(page, "ROMEO:\n")
+    step(page)
     page.locator("#typed textarea, #typed input").first.fill("wherefore art")
     page.click("#typed_btn")
     expect(page.locator("#status")).to_contain_text("not a single token")
+    page.locator("#typed textarea, #typed input").first.fill("love")
+    page.click("#typed_btn")
+    expect(page.locator("#status")).to_contain_text("' love'")
     assert "Traceback" not in page.content()

@@ -1,31 +1,48 @@
-"""The app's logic without the web: input checking, per-user sessions, and what each view shows."""
+"""The app's logic without the web: input checking, per-user sessions, the use cases and what each view shows.
+
+Expected numbers come from `transformers` (the reference GPT-2) or from gpt2viz's `trace`, an
+independent full forward pass, never from the view code under test.
+"""
 
 import json
+import re
 
 import numpy as np
-import torch
 import pytest
+import torch
 
-from gpt2viz import GenerationSession, SamplingConfig, trace
+from gpt2viz import GenerationSession, SamplingConfig, load_model, trace
 from gpt2viz import controller as c
-from gpt2viz.plots import show
+from gpt2viz.plots import short, show
+
+SETTINGS = [1.0, 0, 1.0, 1.0, 5, 0]  # temperature, top-k, top-p, penalty, max new tokens, seed
 
 
 class FakeModels:
-    """A Models stand-in that serves the random test checkpoint (no Hub, no bundled model needed)."""
+    """A Models stand-in that serves the random test checkpoints (no Hub, no bundled model needed)."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer, self.default = model, tokenizer, "test"
+    def __init__(self, models: dict, tokenizer):
+        self.models, self.tokenizer, self.default = models, tokenizer, next(iter(models))
 
     def get(self, name):
-        if name != "test":
+        if name not in self.models:
             raise c.UserError(f"unknown model {name!r}")
-        return self.model
+        return self.models[name]
+
+
+@pytest.fixture(scope="module")
+def two_models(hf_checkpoints):
+    return {name: load_model(folder) for name, (_, folder) in hf_checkpoints.items()}  # small: 3x4, distil: 6x12
 
 
 @pytest.fixture
-def models(small_model, tokenizer):
-    return FakeModels(small_model, tokenizer)
+def models(two_models, tokenizer):
+    return FakeModels({"test": two_models["small"], "other": two_models["distil"]}, tokenizer)
+
+
+@pytest.fixture
+def ctl(models):
+    return c.Controller(models, c.Sessions(models))
 
 
 def test_sampling_config_from_ui_values():
@@ -39,30 +56,32 @@ def test_sampling_config_from_ui_values():
 def test_prompt_checks(models):
     with pytest.raises(c.UserError, match="prompt is empty"):
         c.check_prompt(models, "test", "   ")
-    with pytest.raises(c.UserError, match="prompt is empty"):
-        c.check_prompt(models, "test", None)
-    with pytest.raises(c.UserError, match="too long"):
-        c.check_prompt(models, "test", "x" * (c.MAX_PROMPT_CHARS + 1))
-    n_ctx = models.model.cfg.n_positions
-    with pytest.raises(c.UserError, match=f"can only read {n_ctx} tokens"):
-        c.check_prompt(models, "test", " the" * n_ctx)
-    assert c.check_prompt(models, "test", "Hello world") == [15496, 995]
+    with pytest.raises(c.UserError, match="can only read 64 tokens"):
+        c.check_prompt(models, "test", " hello" * 80)
+    assert c.check_prompt(models, "test", "Hello") == [15496]
 
 
 def test_forced_token_parsing(tokenizer):
-    assert c.parse_forced_token(tokenizer, " Paris") == tokenizer.encode(" Paris")[0]
-    assert c.parse_forced_token(tokenizer, "#464") == 464
-    with pytest.raises(c.UserError, match="no token #50257"):
-        c.parse_forced_token(tokenizer, "#50257")
-    with pytest.raises(c.UserError, match="not a single token .* splits into 3 tokens"):
-        c.parse_forced_token(tokenizer, " Parisian hello")
-    with pytest.raises(c.UserError, match="Type a token"):
-        c.parse_forced_token(tokenizer, "")
+    assert c.parse_forced_token(tokenizer, " Paris") == (6342, "")
+    assert c.parse_forced_token(tokenizer, "#464") == (464, "")
+    token, hint = c.parse_forced_token(tokenizer, "love")
+    assert token == tokenizer.encode("love")[0] and "' love'" in hint  # the likely meaning, with its space
+    for bad, message in [("", "Type a token"), (" no such token", "not a single token"), ("#²", "not a token id"),
+                         ("#" + "9" * 5000, "too long"), ("#" + "9" * 9, "not a token id"), ("#50257", "There is no token #50257"), ("x" * 300, "too long")]:
+        with pytest.raises(c.UserError, match=message):
+            c.parse_forced_token(tokenizer, bad)
+
+
+@pytest.mark.parametrize("value, expected", [(3, 3), (3.0, 3), ("12", 12), (" 7 ", 7), (-1, None), (2.5, None),
+                                             (float("nan"), None), ("²", None), ("1e3", None), (True, None), (None, None),
+                                             ("9" * 5000, None)])
+def test_indices_from_the_page_are_parsed_strictly(value, expected):
+    assert c.as_index(value) == expected
 
 
 def test_window_contains_the_selection_and_respects_bounds():
     for n in (1, 5, 40, 41, 300):
-        for size in (16, 40):
+        for size in (10, 16):
             for sel in range(n):
                 start, end = c.window(sel, n, size)
                 assert 0 <= start <= sel < end <= n
@@ -91,17 +110,16 @@ def test_views_show_the_recorded_numbers(small_model, tokenizer):
     session = GenerationSession(small_model, tokenizer, "The quick brown fox jumps", SamplingConfig(seed=1), record=True)
     for _ in range(4):
         session.step()
-    session.peek()
+    session.read()
     tr = trace(small_model, tokenizer, session.ids)
     n = len(session.ids)
     assert len(session.records) == n
 
-    strip = c.token_strip(session)
-    assert [t for t, _ in strip] == [t.replace("\n", "↵") for t in tr.token_strings]
-    assert strip[0][1] == "start"
+    strip = c.token_strip(session, n - 2)["tokens"]
+    assert [t["t"] for t in strip] == [show(t) for t in tr.token_strings]  # the same token display as the figures
+    assert strip[0]["c"] == "first" and [t["sel"] for t in strip].count("sel") == 1 and strip[n - 2]["sel"] == "sel"
     for i in range(1, n):  # prompt and generated tokens alike, by the probability the model gave them
-        assert strip[i][1] == c.prob_category(float(tr.logprobs[i]))
-    assert len({cat for _, cat in strip}) >= 2
+        assert strip[i]["c"] == c.prob_category(float(tr.logprobs[i]))
 
     pos, layer, head = n - 2, 1, 3
     one, grid, row = c.attention_views(session, pos, layer, head)
@@ -109,21 +127,32 @@ def test_views_show_the_recorded_numbers(small_model, tokenizer):
     start, end = c.window(pos, n, c.WINDOW_ATTENTION)
     _, cache = small_model.run_with_cache(torch.tensor([session.ids]), names=["pattern"])  # float32 patterns of the same text
     pattern = cache["pattern", layer][0].numpy()  # [head, query, key]
-    expected = pattern[head, start:end, start:end]
-    np.testing.assert_allclose(np.nan_to_num(z), expected, atol=6e-4)  # figures carry 3 decimals
+    np.testing.assert_allclose(np.nan_to_num(z), pattern[head, start:end, start:end], atol=6e-4)  # figures carry 3 decimals
     assert np.isnan(z[np.triu_indices(len(z), 1)]).all()  # nothing above the diagonal
+    assert len(one.data[0].x) == end - start == len(set(one.data[0].x))  # every token of the window labelled
     row_z = np.array(row.data[1].z, dtype=np.float32)
-    np.testing.assert_allclose(row_z, pattern[:, pos, : pos + 1], atol=6e-4)
-    np.testing.assert_allclose(np.array(row.data[0].y, dtype=np.float32), pattern[:, pos, : pos + 1].mean(0), atol=6e-4)
-    assert len(grid.data) == small_model.cfg.n_head
+    rs = max(0, pos + 1 - c.WINDOW_ATTENTION)
+    np.testing.assert_allclose(row_z, pattern[:, pos, rs: pos + 1], atol=6e-4)
+    np.testing.assert_allclose(np.array(row.data[0].y, dtype=np.float32), pattern[:, pos, rs: pos + 1].mean(0), atol=6e-4)
+    heatmaps = [t for t in grid.data if t.type == "heatmap"]
+    assert len(heatmaps) == small_model.cfg.n_head
+    for h, trace_h in enumerate(heatmaps):  # the same window as the single head's heatmap
+        assert list(trace_h.x) == list(one.data[0].x)
+        np.testing.assert_allclose(np.nan_to_num(np.array(trace_h.z, dtype=np.float32)), pattern[h, start:end, start:end], atol=6e-3)
     assert f"Layer {layer}, head {head}" in one.layout.title.text
 
     lens = c.logit_lens_view(session, pos)
     ls, le = c.window(pos, n, c.WINDOW_LENS)
     heat = lens.data[0]
-    np.testing.assert_allclose(np.array(heat.z, dtype=np.float32), tr.lens_probs[:, ls:le, 0].T.astype(np.float32), atol=2e-3)
-    expected_text = [[tokenizer.decode_single_token_bytes(int(t)).decode("utf-8", "replace") for t in tr.lens_ids[:, p, 0]] for p in range(ls, le)]
-    assert [list(r) for r in heat.text] == [[show(t) for t in row] for row in expected_text]
+    z = np.array(heat.z, dtype=np.float32)
+    np.testing.assert_allclose(z[:, :-1], tr.lens_probs[:, ls:le, 0].T.astype(np.float32), atol=2e-3)
+    assert np.isnan(z[:, -1]).all()  # the last column is the actual next token, uncoloured
+    for w, p in enumerate(range(ls, le)):
+        guesses = [tokenizer.decode_single_token_bytes(int(t)).decode("utf-8", "replace") for t in tr.lens_ids[:, p, 0]]
+        actual = tokenizer.decode([session.ids[p + 1]]) if p + 1 < n else ""
+        expected = [("✓" if actual and g == actual else "") + short(g, 6) for g in guesses]
+        assert list(heat.text[w][:-1]) == expected
+        assert heat.text[w][-1] == (short(actual, 6) if actual else "?")
 
     emb, norms, traj = c.embedding_views(session, pos)
     np.testing.assert_allclose(np.array(norms.data[0].y, dtype=np.float32), np.linalg.norm(tr.resid[:, pos].astype(np.float32), axis=-1), rtol=5e-3, atol=5e-3)
@@ -131,19 +160,151 @@ def test_views_show_the_recorded_numbers(small_model, tokenizer):
     assert len(traj.data[0].x) == small_model.cfg.n_layer + 1
 
 
-def test_next_token_view_marks_the_chosen_token(small_model, tokenizer):
-    session = GenerationSession(small_model, tokenizer, "Hello", SamplingConfig(seed=2, top_k=5), record=True)
+def test_lens_marks_exactly_the_layers_that_get_the_next_token(small_model, tokenizer):
+    # Force the text to continue with the model's own final guesses, so the last layer is right everywhere.
+    session = GenerationSession(small_model, tokenizer, "The", SamplingConfig(temperature=0), record=True)
+    for _ in range(6):
+        session.step()
+    session.read()
+    tr = trace(small_model, tokenizer, session.ids)
+    fig = c.logit_lens_view(session, len(session.ids) - 2)
+    ls, le = c.window(len(session.ids) - 2, len(session.ids), c.WINDOW_LENS)
+    for w, p in enumerate(range(ls, le)):
+        nxt = session.ids[p + 1] if p + 1 < len(session.ids) else None
+        marks = [cell.startswith("✓") for cell in fig.data[0].text[w][:-1]]
+        assert marks == [nxt is not None and int(t) == nxt for t in tr.lens_ids[:, p, 0]]
+        if nxt is not None and p >= 0:
+            assert marks[-1]  # greedy text: the model's own top guess is what came next
+
+
+def test_chosen_view_for_a_generated_and_a_prompt_token(hf_checkpoints, small_model, tokenizer):
+    hf_model = hf_checkpoints["small"][0]
+    session = GenerationSession(small_model, tokenizer, "Hello there my friend", SamplingConfig(seed=2, top_k=5), record=True)
     step = session.step()
-    fig = c.next_token_view(step)
+    session.read()
+    n_prompt = len(session.prompt_ids)
+    fig = c.chosen_view(session, n_prompt)  # the generated token
     names = list(fig.data[0].y)
     marked = [i for i, name in enumerate(names) if name.startswith("▶")]
-    assert len(marked) == 1
-    cand = step.candidates[marked[0]]
-    assert cand.token_id == step.token_id
+    assert len(marked) == 1 and step.candidates[marked[0]].token_id == step.token_id
     assert float(fig.data[1].x[marked[0]]) == pytest.approx(step.prob_final, abs=1e-4)
     assert float(fig.data[0].x[marked[0]]) == pytest.approx(step.prob, abs=1e-4)
-    choices = c.candidate_choices(session)
-    assert len(choices) >= 10 and all(isinstance(v, int) for _, v in choices)
+    assert f"token {n_prompt}" in fig.layout.title.text
+
+    # A prompt token: the model's own prediction there, against transformers, and the actual token's rank.
+    p = 2
+    with torch.no_grad():
+        ref = torch.softmax(hf_model(torch.tensor([session.ids[:p]])).logits[0, -1].float(), -1)
+    fig = c.chosen_view(session, p)
+    assert len(fig.data) == 1  # nothing was sampled: no "after your settings" bars
+    actual = session.ids[p]
+    ranked = torch.argsort(ref, descending=True).tolist()
+    rank = ranked.index(actual) + 1
+    assert f"rank {rank}" in fig.layout.title.subtitle.text
+    shown = list(fig.data[0].y)
+    marked = [i for i, name in enumerate(shown) if name.startswith("▶")]
+    assert len(marked) == 1
+    np.testing.assert_allclose(np.array(fig.data[0].x[:10], dtype=np.float32), ref[ranked[:10]].numpy(), atol=2e-4)
+    assert "first token" in c.chosen_view(session, 0).layout.annotations[0].text
+
+
+def test_upcoming_follows_the_controls_without_adding_a_token(ctl):
+    page = ctl.step(None, "test", "Hello there", SETTINGS, c.Selection())
+    n = page.n_tokens
+    hot = ctl.upcoming(page.state, [2.0] + SETTINGS[1:])
+    cold = ctl.upcoming(page.state, [0.3] + SETTINGS[1:])
+    assert hot.state["ids"] == cold.state["ids"] == page.state["ids"] and len(page.state["ids"]) == n
+    top_hot = float(hot.upcoming.data[1].x[0])
+    top_cold = float(cold.upcoming.data[1].x[0])
+    assert top_cold > top_hot  # a lower temperature makes the likeliest token likelier
+    assert list(hot.upcoming.data[0].x) == list(cold.upcoming.data[0].x)  # the model's own probabilities do not change
+    assert "temperature 2" in hot.upcoming.layout.title.subtitle.text
+    assert [v for _, v in hot.choices] and hot.choices[0][1] == int(hot.choices[0][1])
+
+
+def test_one_selection_drives_every_view_and_is_clamped(ctl):
+    page = ctl.step(None, "test", "Hello there my good friend", SETTINGS, c.Selection(position=2, layer=9, head=9))
+    assert page.selection.position == page.n_tokens - 1  # a step selects the newest token
+    assert (page.selection.layer, page.selection.head) == (2, 3)  # clamped to the 3-layer, 4-head model
+    assert page.strip["selected"] == page.n_tokens - 1
+    for tab in c.TABS:
+        shown = ctl.select(page.state, SETTINGS, c.Selection(position=1, layer=1, head=2, tab=tab))
+        assert shown.selection.position == 1 and shown.strip["selected"] == 1
+        assert "token 1" in shown.selected_label
+        assert set(shown.views) == {"chosen": {"chosen"}, "attention": {"attention", "row", "grid"}, "overview": {"overview"},
+                                    "lens": {"lens"}, "embed": {"embed", "norm", "traj"}}[tab]  # only the visible tab
+        if tab == "attention":
+            assert "What token 1" in shown.views["row"].layout.title.text
+            assert "Layer 1, head 2" in shown.views["attention"].layout.title.text
+        if tab == "chosen":
+            assert "token 1" in shown.views["chosen"].layout.title.text
+
+
+def test_model_switch_brings_every_range_and_view_to_the_new_model(ctl):
+    page = ctl.step(None, "test", "Hello there", SETTINGS, c.Selection(layer=2, head=3, tab="attention"))
+    switched = ctl.switch_model(page.state, "other", "Hello there", SETTINGS, page.selection)
+    assert switched.state["model"] == "other" and (switched.n_layer, switched.n_head) == (6, 12)
+    assert switched.state["ids"] == c.check_prompt(ctl.models, "other", "Hello there")  # the prompt, read by the new model
+    assert switched.selection.position == switched.n_tokens - 1 and (switched.selection.layer, switched.selection.head) == (0, 0)
+    assert "All 12 heads" in switched.views["grid"].layout.title.text
+    assert switched.choices and switched.upcoming is not None
+    back = ctl.force(switched.state, "other", "Hello there", SETTINGS, switched.selection, switched.choices[0][1])
+    assert back.state["ids"][-1] == switched.choices[0][1] and back.state["model"] == "other"
+
+
+def test_example_choice_opens_the_new_text(ctl):
+    page = ctl.step(None, "test", "Hello there", SETTINGS, c.Selection())
+    name = "Counting and patterns"
+    chosen = ctl.choose_example(page.state, "test", name, SETTINGS, c.Selection())
+    assert chosen.prompt == c.EXAMPLES[name].text and chosen.hint == c.EXAMPLES[name].hint
+    assert chosen.state["ids"] == c.check_prompt(ctl.models, "test", chosen.prompt)
+    assert chosen.strip["tokens"][-1]["t"] == show(ctl.models.tokenizer.decode([chosen.state["ids"][-1]]))
+
+
+def test_induction_example_repeats_token_for_token(tokenizer):
+    ids = tokenizer.encode(c.induction_text())
+    half = len(ids) // 2
+    assert len(ids) == 2 * c.INDUCTION_LENGTH and ids[:half] == ids[half:] and len(set(ids[:half])) == half
+
+
+def test_show_me_refuses_a_lesson_the_model_cannot_show(ctl):
+    page = ctl.choose_example(None, "test", "Induction heads: a repeated random sequence", SETTINGS, c.Selection(), show_me=True)
+    assert page.warning and "has no clear induction head" in page.status and page.open_tab == "chosen"
+    assert page.prompt == c.induction_text()  # the text is still there to look at
+
+
+def test_errors_come_back_as_messages(ctl):
+    for page in (ctl.step(None, "test", "", SETTINGS, c.Selection()),
+                 ctl.force(None, "test", "Hi", SETTINGS, c.Selection(), "²"),
+                 ctl.force(None, "test", "Hi", SETTINGS, c.Selection(), 10**9),
+                 ctl.rewind(None, "test", "Hi", SETTINGS, c.Selection(), "nan"),
+                 ctl.force_text(None, "test", "Hi", SETTINGS, c.Selection(), "#" + "1" * 5000),
+                 ctl.step(None, "test", "Hi", [float("nan")] + SETTINGS[1:], c.Selection())):
+        assert page.warning and page.status.startswith("⚠️ ") and page.status[3].isupper()
+        assert "invalid literal" not in page.status and "Traceback" not in page.status
+
+
+def test_teaching_texts_match_their_figures(small_model, tokenizer):
+    import app
+
+    session = GenerationSession(small_model, tokenizer, "The quick brown fox jumps over", SamplingConfig(seed=1), record=True)
+    session.step()
+    session.read()
+    pos = len(session.ids) - 1
+    attention = c.attention_views(session, pos, 0, 0)[0]
+    lens = c.logit_lens_view(session, pos)
+    for text, fig in ((app.TEXT_ATTENTION, attention), (app.TEXT_LENS, lens)):
+        plain = re.sub(r"[*_]", "", text)
+        row = re.search(r"each row is an? ([a-z ]+?)(?: \(| in|,|$)", plain, re.I)
+        column = re.search(r"each column an? ([a-z ]+?)(?: \(| in|,|$)", plain, re.I)
+        assert row and column, text
+        y_title, x_title = fig.layout.yaxis.title.text, fig.layout.xaxis.title.text
+        assert row.group(1).split()[-1] in y_title or row.group(1).split()[0] in y_title, (row.group(1), y_title)
+        assert column.group(1).split()[-1] in x_title or column.group(1).split()[0] in x_title, (column.group(1), x_title)
+    assert "query" in attention.layout.yaxis.title.text and "key" in attention.layout.xaxis.title.text
+    assert "(the *query*)" in app.TEXT_ATTENTION and "(the *key*)" in app.TEXT_ATTENTION
+    traj = c.embedding_views(session, pos)[2]
+    assert "logit lens" in traj.layout.title.subtitle.text and "nearest" not in traj.layout.title.subtitle.text
 
 
 def test_sessions_stay_within_a_memory_budget(models):
