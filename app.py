@@ -183,9 +183,10 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             sel = page.selection
             if sel is not None:
                 out[tab] = sel.tab
-                out[position] = gr.update(maximum=max(page.n_tokens - 1, 1), value=sel.position, interactive=page.n_tokens > 1)
-                out[layer] = gr.update(maximum=max(page.n_layer - 1, 1), value=sel.layer, interactive=page.n_layer > 1)
-                out[head] = gr.update(maximum=max(page.n_head - 1, 1), value=sel.head, interactive=page.n_head > 1)
+                echo = (lambda v: dict(value=v)) if page.echo else (lambda v: {})
+                out[position] = gr.update(maximum=max(page.n_tokens - 1, 1), interactive=page.n_tokens > 1, **echo(sel.position))
+                out[layer] = gr.update(maximum=max(page.n_layer - 1, 1), interactive=page.n_layer > 1, **echo(sel.layer))
+                out[head] = gr.update(maximum=max(page.n_head - 1, 1), interactive=page.n_head > 1, **echo(sel.head))
                 out[rewind_to] = gr.update(maximum=max(page.n_generated, 1), value=page.n_generated, interactive=page.n_generated > 0)
             if page.selected_label is not None:
                 out[selected_label] = page.selected_label
@@ -215,6 +216,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                 params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
                 if event:
                     params.append(inspect.Parameter("evt", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.EventData))
+                    fn.__annotations__ = {"evt": gr.EventData}  # Gradio finds its special arguments by type hint
                 fn.__signature__ = inspect.Signature(params)
                 return fn
             return wrap
@@ -248,7 +250,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         @named("state", *SETTING_NAMES, *VIEW_NAMES)
         def on_select(st, *rest):
             ctrl, sel = split(rest)
-            return render(ctl.select(st, ctrl, sel))
+            return render(ctl.select(st, ctrl, sel, from_sliders=True))
 
         @named("state", *SETTING_NAMES, *VIEW_NAMES, event=True)
         def on_strip_click(st, *rest):

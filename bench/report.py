@@ -1,9 +1,9 @@
-"""The README's benchmark tables, written from a `bench/run.py --json` file.
+"""The benchmark tables of bench/README.md, written from a `bench/run.py --json` file.
 
     python bench/report.py bench/results/latest.json
 
 Prints Markdown: the decode table (both shapes side by side), the prefill table, and the
-figures quoted in the text, so that the README is regenerated from a run, never edited by hand.
+figures quoted in the text, so that bench/README.md is regenerated from a run, never edited by hand.
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def figures(shapes: dict) -> list[str]:
                                                       for T, mib in s["trace_mib"].items()))
         if app:
             out.append(f"- {n}: app: first streamed token {app['first_token_s']:.2f} s; {app['bytes_per_step_median'] / 1024:.1f} KiB "
-                       f"per step (median; {app['bytes_per_step_max'] / 1024:.1f} KiB max); Step to token "
-                       f"{app['step_to_token_s']:.2f} s, then views {app['token_to_views_s']:.2f} s")
+                       f"per step (median; {app['bytes_per_step_max'] / 1024:.1f} KiB max); Step to every view "
+                       f"{app['step_to_views_s']:.2f} s, click on a token {app['click_to_views_s']:.2f} s, temperature to upcoming "
+                       f"{app['temperature_to_upcoming_s']:.2f} s")
     return out
 
 

@@ -274,7 +274,9 @@ def app_path(shape: dict, n_prompt_tokens: int, n_steps: int) -> dict:
             model_name = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "model")["props"]["value"]
             words = ("the cat sat on a mat and " * 200).split()
             prompt = tok.decode(tok.encode(" ".join(words))[:n_prompt_tokens])
-            data = [None, model_name, prompt, 1.0, 0, 1.0, 1.0, n_steps, 0]
+            # state, model, prompt, tokens/s (0: as fast as it goes), the six settings, then the view:
+            # position, layer, head, tab, per-head scale, compact
+            data = [None, model_name, prompt, 0, 1.0, 0, 1.0, 1.0, n_steps, 0, 0, 0, 0, "chosen", False, False]
             session = "bench" + str(port)
             with httpx.Client(timeout=120) as client:
                 start = time.perf_counter()
@@ -302,33 +304,49 @@ def app_path(shape: dict, n_prompt_tokens: int, n_steps: int) -> dict:
 
 
 def browser_view_latency(url: str, prompt: str, repeats: int = 3) -> dict:
-    """In Debian's chromium: from pressing Step to the new token in the strip, and from there to the
-    attention views redrawn for it (median over `repeats` steps)."""
+    """In Debian's chromium, medians over `repeats`: from pressing Step until every visible view shows
+    the new token (its strip box selected, "How token N was chosen", "Upcoming: token N + 1"); from a
+    click on a token until its view is drawn; from moving the temperature until the upcoming
+    distribution is redrawn for it."""
     from playwright.sync_api import sync_playwright
 
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-    to_token, to_views = [], []
+    steps, clicks, temps = [], [], []
+    title = "(document.querySelector('#{} .gtitle') || {{}}).textContent || ''"
+    subtitle = "(document.querySelector('#upcoming_plot .gtitle-subtitle') || {}).textContent || ''"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
-        page = browser.new_page(viewport={"width": 1440, "height": 1100})
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.goto(url)
         page.wait_for_selector("#generate")
         page.locator("#prompt textarea").fill(prompt)
-        page.get_by_role("tab", name="Attention").click()
-        for _ in range(repeats + 1):
-            n = page.locator("#strip span.token").count()
+        for i in range(repeats + 1):
+            n = page.locator("#strip .tok").count()
             start = time.perf_counter()
             page.click("#step")
-            page.wait_for_function(f"() => document.querySelectorAll('#strip span.token').length > {max(n, 1)}", timeout=120_000)
-            arrived = time.perf_counter()
-            last = page.locator("#strip span.token").count() - 1
+            new = n + 1 if n else len(load_tokenizer().encode(prompt)) + 1
             page.wait_for_function(
-                f"() => (document.querySelector('#row_plot .gtitle') || {{}}).textContent?.includes('What token {last} (')",
-                timeout=120_000)
-            to_token.append(arrived - start)
-            to_views.append(time.perf_counter() - arrived)
+                f"() => document.querySelectorAll('#strip .tok').length === {new} && "
+                f"{title.format('chosen_plot')}.startsWith('How token {new - 1} ') && "
+                f"{title.format('upcoming_plot')}.startsWith('Upcoming: token {new}')", timeout=120_000)
+            steps.append(time.perf_counter() - start)
+        for i in range(repeats + 1):
+            k = 3 + i
+            start = time.perf_counter()
+            page.locator("#strip .tok").nth(k).click()
+            page.wait_for_function(f"() => {title.format('chosen_plot')}.includes('token {k} ')", timeout=120_000)
+            clicks.append(time.perf_counter() - start)
+        for i in range(repeats + 1):
+            t = ("0.5", "1.5", "0.7", "1.3", "0.9")[i % 5]
+            box = page.locator("#temperature input[type=number]")
+            box.fill(t)
+            start = time.perf_counter()
+            box.press("Enter")
+            page.wait_for_function(f"() => {subtitle}.includes('temperature {t},')", timeout=120_000)
+            temps.append(time.perf_counter() - start)
         browser.close()
-    return {"step_to_token_s": statistics.median(to_token[1:]), "token_to_views_s": statistics.median(to_views[1:])}
+    return {"step_to_views_s": statistics.median(steps[1:]), "click_to_views_s": statistics.median(clicks[1:]),
+            "temperature_to_upcoming_s": statistics.median(temps[1:])}
 
 
 def main() -> None:
@@ -338,10 +356,17 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--skip-app", action="store_true")
+    ap.add_argument("--page", action="store_true", help="only the page: the app on a gpt2-shaped checkpoint, 128-token text")
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
         return probe(args.probe)
+    if args.page:
+        page = app_path(SHAPES["gpt2"], 128, 20)
+        print_shape("gpt2 (page)", {"app": page, "only_app": True})
+        if args.json:
+            args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "page": page}, indent=2) + "\n")
+        return None
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = 1 if args.quick else args.repeats
     n_new = 8 if args.quick else args.new_tokens
@@ -372,6 +397,13 @@ def main() -> None:
 
 
 def print_shape(name: str, r: dict) -> None:
+    if r.get("only_app"):
+        a = r["app"]
+        print(f"app: first streamed token after {a['first_token_s']:.2f} s; per streamed token {a['bytes_per_step_median']} bytes "
+              f"median, {a['bytes_per_step_max']} max ({a['prompt_tokens']}-token prompt, {a['steps']} messages); in chromium, "
+              f"Step to every view redrawn {a['step_to_views_s']:.2f} s, a click on a token {a['click_to_views_s']:.2f} s, "
+              f"temperature to the upcoming token {a['temperature_to_upcoming_s']:.2f} s")
+        return
     d = r["decode"]
     ref = d["transformers generate"]["tokens_per_s"]
     print(f"\n## {name}: decode after a {len(PROMPT.split())}-word prompt")
@@ -399,7 +431,8 @@ def print_shape(name: str, r: dict) -> None:
         a = r["app"]
         print(f"app: first streamed token after {a['first_token_s']:.2f} s; per step {a['bytes_per_step_median'] / 1024:.1f} KiB "
               f"median, {a['bytes_per_step_max'] / 1024:.1f} KiB max ({a['prompt_tokens']}-token prompt, {a['steps']} steps); "
-              f"in chromium, Step to new token {a['step_to_token_s']:.2f} s, then views redrawn {a['token_to_views_s']:.2f} s")
+              f"in chromium, Step to every view redrawn {a['step_to_views_s']:.2f} s, a click on a token {a['click_to_views_s']:.2f} s, "
+              f"temperature to the upcoming token {a['temperature_to_upcoming_s']:.2f} s")
 
 
 if __name__ == "__main__":

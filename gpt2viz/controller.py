@@ -400,6 +400,7 @@ class Page:
     views: dict[str, object] = field(default_factory=dict)
     open_tab: str | None = None  # switch the page to this tab
     warning: bool = False
+    echo: bool = True  # send the selection back to the sliders (False: the user just set them to these values)
 
 
 def as_index(value) -> int | None:
@@ -577,8 +578,9 @@ class Controller:
     def stop(self, state) -> None:
         self.sessions.stop((state or {}).get("key"))
 
-    def select(self, state, settings, selection: Selection) -> Page:
-        """Show another token, layer, head or tab: the views only."""
+    def select(self, state, settings, selection: Selection, from_sliders: bool = False) -> Page:
+        """Show another token, layer, head or tab: the views only. `from_sliders`: the selection came
+        from the sliders themselves, which are then left alone unless clamping changed it."""
         try:
             if not (state or {}).get("ids"):
                 return Page(state, status="Press Step or Generate first: there is no text to look inside yet.")
@@ -587,7 +589,10 @@ class Controller:
                 return Page(state, status=warn("Busy: try again in a moment."), warning=True)
             try:
                 page = self._render(sync_state(state, entry), entry, selection, None, upcoming=False)
-                page.strip = token_strip(entry.session, page.selection.position)
+                # A slider being dragged or stepped with the keyboard must not be pulled back to the value of
+                # an earlier event: echo the selection only when clamping changed it.
+                chosen = page.selection
+                page.echo = not from_sliders or (selection.position, selection.layer, selection.head) != (chosen.position, chosen.layer, chosen.head)
                 return page
             finally:
                 entry.lock.release()
@@ -860,7 +865,7 @@ def attention_views(session: GenerationSession, position: int, layer: int, head:
     grid = plots.heads_grid(square, strings[s:e], s, f"All {cfg.n_head} heads of layer {layer}",
                             f"{crop_note(s, e, n)} · orange: token {position}" + (" · each head on its own scale" if per_head_scale else ""),
                             selected=position, per_head_scale=per_head_scale,
-                            roles=[badges.get((layer, h), "") for h in range(cfg.n_head)])
+                            roles=[badges.get((layer, h), "") for h in range(cfg.n_head)], compact=compact)
     row = session.attention_pattern(layer, position, position + 1)[:, 0]  # [head, key 0..position]
     rs = max(0, position + 1 - size)
     row_fig = plots.attention_row_figure(row[:, rs:], strings[rs: position + 1], rs,

@@ -142,14 +142,16 @@ def _mark_row(fig: go.Figure, category: str, xref: str = "x domain", yref: str =
 
 
 def heads_grid(patterns: np.ndarray, tokens: list[str], start: int, title: str, subtitle: str,
-               selected: int | None = None, per_head_scale: bool = False, roles: list[str] | None = None) -> go.Figure:
+               selected: int | None = None, per_head_scale: bool = False, roles: list[str] | None = None,
+               compact: bool = False) -> go.Figure:
     """All heads of one layer `[head, query, key]` as small heatmaps over one window, one colour scale.
 
     `per_head_scale` divides each head by its own largest weight in the window (diffuse heads stay
     visible); the subplot titles then give each head's maximum. `roles`: a badge per head (or "").
+    `compact`: a phone's width (two columns).
     """
     n_head, n = patterns.shape[0], patterns.shape[1]
-    cols = 3 if n_head <= 12 else 4
+    cols = 2 if compact else 3 if n_head <= 12 else 4
     rows = int(np.ceil(n_head / cols))
     mask = np.tril(np.ones(patterns.shape[1:], dtype=bool))
     peak = np.array([float(np.max(patterns[h][mask])) for h in range(n_head)])
@@ -157,6 +159,9 @@ def heads_grid(patterns: np.ndarray, tokens: list[str], start: int, title: str, 
     for h in range(n_head):
         badge = f" · {roles[h]}" if roles and roles[h] else ""
         names.append(f"head {h}{badge}" + (f" (max {peak[h]:.2f})" if per_head_scale else ""))
+    if compact:
+        names = [n.replace("head ", "h").replace(" · ", " ").replace(" (max 0", " ").replace(" (max ", " ").replace(")", "")
+                 for n in names]
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.03,
                         vertical_spacing=min(0.3 / max(rows - 1, 1), 0.08))
     axis = labels(tokens, start, width=8)
@@ -169,7 +174,7 @@ def heads_grid(patterns: np.ndarray, tokens: list[str], start: int, title: str, 
         if selected is not None and start <= selected < start + n:
             axis_id = "" if h == 0 else str(h + 1)
             _mark_row(fig, axis[selected - start], xref=f"x{axis_id} domain", yref=f"y{axis_id}")
-    fig.update_annotations(font=dict(size=12))
+    fig.update_annotations(font=dict(size=10 if compact else 12))
     small = dict(size=9 if n > 12 else 10)
     fig.update_xaxes(type="category", tickangle=-90, tickfont=small, showticklabels=False)
     fig.update_yaxes(type="category", autorange="reversed", tickfont=small, showticklabels=False)
@@ -180,7 +185,7 @@ def heads_grid(patterns: np.ndarray, tokens: list[str], start: int, title: str, 
     scale_title = "÷ head's max" if per_head_scale else "attention"
     fig.update_layout(coloraxis=dict(colorscale="Blues", cmin=0, cmax=1,
                                      colorbar=dict(title=dict(text=scale_title, side="right"), thickness=12)))
-    return _layout(fig, title, subtitle, height=230 * rows + 190, top=TITLE_SPACE + 18)
+    return _layout(fig, title, subtitle, height=(190 if compact else 230) * rows + 190, top=TITLE_SPACE + 18)
 
 
 def attention_row_figure(row: np.ndarray, tokens: list[str], start: int, title: str, subtitle: str) -> go.Figure:

@@ -67,15 +67,19 @@ def word_vocabulary(size: int, seed: int) -> np.ndarray:
     return np.array(sorted(must | set(picked.tolist())), dtype=np.int64)
 
 
-def training_batch(gen: torch.Generator, batch: int, ctx: int, n_vocab: int, max_length: int):
+def training_batch(gen: torch.Generator, batch: int, ctx: int, n_vocab: int, max_length: int, easy: float = 0.0):
     """`(x [batch, ctx], predictable [batch, ctx - 1])`: random ids in [0, n_vocab) with one segment repeated
-    at random places; `predictable[b, t]` is True where the target x[b, t + 1] continues the repeat."""
+    at random places (in a fraction `easy` of the rows: at the start, repeated right after it);
+    `predictable[b, t]` is True where the target x[b, t + 1] continues the repeat."""
     x = torch.randint(0, n_vocab, (batch, ctx), generator=gen)
     predictable = torch.zeros(batch, ctx - 1, dtype=torch.bool)
     for b in range(batch):
         length = int(torch.randint(4, max_length + 1, (1,), generator=gen))
-        first = int(torch.randint(0, ctx - 2 * length + 1, (1,), generator=gen))
-        second = int(torch.randint(first + length, ctx - length + 1, (1,), generator=gen))
+        if b < batch * easy:  # the easy case first: the segment at the start, repeated right after it
+            first, second = 0, length
+        else:
+            first = int(torch.randint(0, ctx - 2 * length + 1, (1,), generator=gen))
+            second = int(torch.randint(first + length, ctx - length + 1, (1,), generator=gen))
         x[b, second:second + length] = x[b, first:first + length]
         predictable[b, second:second + length - 1] = True  # targets second+1 .. second+length-1
     return x, predictable
@@ -107,6 +111,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--max-length", type=int, default=40, help="longest repeated segment")
     ap.add_argument("--rest-weight", type=float, default=0.2, help="weight of the unpredictable positions' loss")
+    ap.add_argument("--easy", type=float, default=0.5, help="fraction of rows that are one segment twice from the start")
     ap.add_argument("--prev-token-prior", type=float, default=3.0, metavar="GAIN",
                     help="start head 0.0 as a previous-token head (train_tiny's prior; 0: none); training may change it")
     ap.add_argument("--vocab", type=int, default=2000, help="how many ' word' tokens to train on")
@@ -145,7 +150,7 @@ def main() -> None:
         lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, args.steps))))
         for g in opt.param_groups:
             g["lr"] = lr
-        x, predictable = training_batch(gen, args.batch, cfg.n_positions, len(vocab_ids), args.max_length)  # compact ids
+        x, predictable = training_batch(gen, args.batch, cfg.n_positions, len(vocab_ids), args.max_length, args.easy)  # compact ids
         loss = training_loss(model, x, predictable, bias, args.rest_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
