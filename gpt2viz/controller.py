@@ -755,7 +755,7 @@ def crop_note(start: int, end: int, n: int) -> str:
 
 WINDOW_ATTENTION = 16  # tokens in one head's heatmap and in the all-heads grid (each one labelled)
 WINDOW_LENS = 12
-COMPACT = dict(attention=10, lens=7, lens_layers=6)  # a phone's screen
+COMPACT = dict(attention=10, lens=7, lens_layers=5)  # a phone's screen
 
 
 def step_summary(step: Step) -> str:

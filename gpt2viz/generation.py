@@ -343,7 +343,7 @@ class GenerationSession:
             step.finish_reason, step.message = "eos", "the model ended the text with <|endoftext|>"
         elif self.room_left <= 0:
             step.finish_reason = "context"
-            step.message = f"stopped: the text filled the model's context of {model.cfg.n_positions} tokens"
+            step.message = f"the text filled the model's context of {model.cfg.n_positions} tokens"
         self._state.steps.append(step)
         return step
 

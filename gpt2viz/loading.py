@@ -25,7 +25,7 @@ HUB_MODELS = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "distilgpt2": "distilbert/distilgpt2",
 }
-BUNDLED_MODELS = {"tiny-shakespeare": ASSETS / "tiny-shakespeare"}
+BUNDLED_MODELS = {"tiny-shakespeare": ASSETS / "tiny-shakespeare", "toy-induction": ASSETS / "toy-induction"}
 
 # Hugging Face stores these four as Conv1D, [in, out]; nn.Linear wants [out, in].
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -95,9 +95,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def app_url(tmp_path_factory):
-    """`python app.py` as a user runs it, with no Hub: it must fall back to the bundled model."""
+def start_app(tmp_path_factory, extra_args=()):
+    """`python app.py` as a user runs it, with no Hub; yields its URL, then stops it and checks its log."""
+    import re
     import subprocess
     import sys
     import time
@@ -110,7 +110,8 @@ def app_url(tmp_path_factory):
            "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     env.pop("GPT2VIZ_MODEL", None)
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *extra_args], cwd=root, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while True:
@@ -129,8 +130,30 @@ def app_url(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     # Gradio itself logs the input it refuses (out-of-range sliders); our own code must never fail.
-    import re
-
     text = log.read_text()
     ours = re.findall(r'File ".*(?:app\.py|gpt2viz/[a-z_]+\.py)".*', text) + re.findall(r"ERROR:gpt2viz.*", text)
     assert not ours, f"the app's own code failed:\n{text[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    """The app with no Hub: it must fall back to the bundled models."""
+    yield from start_app(tmp_path_factory)
+
+
+# GPT-2's layer and head counts (gpt2 / gpt2-medium) at a small width, so that the page's figures
+# are checked at the real shapes without loading hundreds of megabytes.
+DEEP_SHAPES = {"12x12": dict(n_layer=12, n_head=12, n_embd=96, n_positions=256),
+               "24x16": dict(n_layer=24, n_head=16, n_embd=128, n_positions=256)}
+
+
+@pytest.fixture(scope="session", params=list(DEEP_SHAPES))
+def deep_app_url(request, tmp_path_factory):
+    """The app serving a random checkpoint with GPT-2's layer x head counts: (shape name, url)."""
+    from gpt2viz import GPT2, GPT2Config, save_checkpoint
+    from gpt2viz.model import init_weights
+
+    folder = tmp_path_factory.mktemp(f"deep-{request.param}")
+    save_checkpoint(init_weights(GPT2(GPT2Config(**DEEP_SHAPES[request.param])), seed=1), folder)
+    for url in start_app(tmp_path_factory, ["--model", str(folder)]):
+        yield request.param, url

@@ -273,18 +273,24 @@ def test_model_switch_and_example_bring_every_view_into_the_new_state(page):
     expect(page.locator("#example_hint")).to_contain_text("previous-token head")
 
 
+INDUCTION = "Induction heads: a repeated random sequence"
+
+
+def show_me(page, example: str, model: str | None = None) -> str:
+    """Choose the model (if given) and the example, press Show me; the status it leaves."""
+    if model:
+        choose(page, "model", model)
+    choose(page, "example", example)
+    page.click("#show_me")
+    wait_idle(page)
+    return page.locator("#status").inner_text()
+
+
 def test_show_me_finds_the_induction_head_or_says_it_cannot(page):
     # the bundled Shakespeare model has no induction head: it says so instead of showing noise
-    choose(page, "example", "Induction heads: a repeated random sequence")
-    page.click("#show_me")
-    wait_idle(page)
-    expect(page.locator("#status")).to_contain_text("has no clear induction head")
+    assert "has no clear induction head" in show_me(page, INDUCTION)
     # the toy model trained to have one: Show me opens the head the detector measured
-    choose(page, "model", "toy-induction")
-    choose(page, "example", "Induction heads: a repeated random sequence")
-    page.click("#show_me")
-    wait_idle(page)
-    expect(page.locator("#status")).to_contain_text("strongest induction head")
+    assert "strongest induction head" in show_me(page, INDUCTION, "toy-induction")
     layer, head = re.search(r"Layer (\d+), head (\d+)", page.locator("#status").inner_text()).groups()
     expect(page.get_by_role("tab", name="Attention", exact=True)).to_have_attribute("aria-selected", "true")
     expect(page.locator("#attn_plot .gtitle")).to_contain_text(f"Layer {layer}, head {head}")
@@ -297,42 +303,61 @@ def test_show_me_finds_the_induction_head_or_says_it_cannot(page):
     wait_idle(page)
     expect(page.locator("#attn_plot .gtitle")).to_contain_text("Layer 0, head 0")
     # a previous-token head on the bundled model
-    choose(page, "model", "tiny-shakespeare")
-    choose(page, "example", "Shakespeare: the previous-token head")
-    page.click("#show_me")
+    status = show_me(page, "Shakespeare: the previous-token head", "tiny-shakespeare")
+    assert "Layer 0, head 0 is this model's strongest previous-token head" in status
+
+
+def check_every_tab(page, size: str, prefix: str) -> None:
+    """Generate 20 tokens, then open every tab: no two text elements of a figure overlap, and no figure
+    is wider than the screen. Screenshots of each tab into artifacts/."""
+    set_prompt(page, PROMPT)
+    set_number(page, "max_new", 20)
+    set_number(page, "speed", 0)
+    page.click("#generate")
+    expect(page.locator("#strip .tok")).to_have_count(n_tokens(PROMPT) + 20, timeout=60_000)
     wait_idle(page)
-    expect(page.locator("#status")).to_contain_text("Layer 0, head 0 is this model's strongest previous-token head")
+    ARTIFACTS.mkdir(exist_ok=True)
+    for name in TABS:
+        tab(page, name)
+        time.sleep(0.5)  # plotly lays out after the update
+        overlaps = page.evaluate(OVERLAP_JS)
+        assert overlaps == [], f"{prefix} {size} {name}: {overlaps[:5]}"
+        if name == "Attention":
+            page.locator("#per_head input").check()
+            wait_idle(page)
+            time.sleep(0.5)
+            overlaps = page.evaluate(OVERLAP_JS)
+            assert overlaps == [], f"{prefix} {size} per-head scale: {overlaps[:5]}"
+            page.locator("#per_head input").uncheck()
+            wait_idle(page)
+        page.screenshot(path=str(ARTIFACTS / f"{prefix}{size}-{name.lower().replace(' ', '-')}.png"), full_page=True)
+        plots = page.locator(".js-plotly-plot")
+        for i in range(plots.count()):
+            box = plots.nth(i).bounding_box()
+            if box and box["width"] > 0:
+                assert box["x"] >= 0 and box["x"] + box["width"] <= VIEWPORTS[size][0] + 1, f"a figure is wider than the {size} screen"
 
 
 @pytest.mark.parametrize("size", list(VIEWPORTS))
 def test_no_text_overlaps_in_any_figure(browser, app_url, size):
     context, page = open_page(browser, app_url, size)
     try:
-        set_prompt(page, PROMPT)
-        set_number(page, "max_new", 20)
-        set_number(page, "speed", 0)
-        page.click("#generate")
-        expect(page.locator("#strip .tok")).to_have_count(n_tokens(PROMPT) + 20, timeout=60_000)
-        wait_idle(page)
-        ARTIFACTS.mkdir(exist_ok=True)
-        for name in TABS:
-            tab(page, name)
-            time.sleep(0.5)  # plotly lays out after the update
-            overlaps = page.evaluate(OVERLAP_JS)
-            assert overlaps == [], f"{size} {name}: {overlaps[:5]}"
-            if name == "Attention":
-                page.locator("#per_head input").check()
-                wait_idle(page)
-                time.sleep(0.5)
-                overlaps = page.evaluate(OVERLAP_JS)
-                assert overlaps == [], f"{size} per-head scale: {overlaps[:5]}"
-            page.screenshot(path=str(ARTIFACTS / f"{size}-{name.lower().replace(' ', '-')}.png"), full_page=True)
-        plots = page.locator(".js-plotly-plot")
-        width = VIEWPORTS[size][0]
-        for i in range(plots.count()):
-            box = plots.nth(i).bounding_box()
-            if box and box["width"] > 0:
-                assert box["x"] >= 0 and box["x"] + box["width"] <= width + 1, f"a figure is wider than the {size} screen"
+        check_every_tab(page, size, "")
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("size", list(VIEWPORTS))
+def test_no_text_overlaps_at_gpt2s_layer_and_head_counts(browser, deep_app_url, size):
+    shape, url = deep_app_url  # 12 layers x 12 heads (gpt2), 24 x 16 (gpt2-medium)
+    context, page = open_page(browser, url, size)
+    try:
+        check_every_tab(page, size, f"{shape}-")
+        tab(page, "Lens")
+        layers = 12 if shape == "12x12" else 24
+        assert "emb" in page.locator("#lens_plot").inner_text() and str(layers - 1) in page.locator("#lens_plot").inner_text()
+        tab(page, "All heads")
+        assert page.locator(".ov-cell").count() == {"12x12": 144, "24x16": 384}[shape]
     finally:
         context.close()
 

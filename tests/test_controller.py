@@ -273,6 +273,19 @@ def test_show_me_refuses_a_lesson_the_model_cannot_show(ctl):
     assert page.prompt == c.induction_text()  # the text is still there to look at
 
 
+def test_a_full_context_stops_once_and_its_last_token_can_be_selected(ctl, tokenizer):
+    prompt = tokenizer.decode(tokenizer.encode(" the" * 63))  # 63 of the model's 64 positions
+    page = ctl.step(None, "test", prompt, SETTINGS, c.Selection())
+    assert "filled the model's context" in page.status and "stopped: stopped" not in page.status.lower()
+    assert page.n_tokens == 64 and page.selection.position == 63
+    assert "token 63" in page.views["chosen"].layout.title.text
+    assert "fills the model's context" in page.upcoming.layout.annotations[0].text and page.choices == []
+    last = ctl.select(page.state, SETTINGS, c.Selection(position=63, tab="attention"))
+    assert "What token 63" in last.views["row"].layout.title.text
+    refused = ctl.step(page.state, "test", prompt, SETTINGS, c.Selection())
+    assert refused.warning and "context" in refused.status
+
+
 def test_errors_come_back_as_messages(ctl):
     for page in (ctl.step(None, "test", "", SETTINGS, c.Selection()),
                  ctl.force(None, "test", "Hi", SETTINGS, c.Selection(), "²"),
@@ -324,3 +337,13 @@ def test_sessions_stay_within_a_memory_budget(models):
     # The newest survive; an evicted user's text is rebuilt from their state when they come back.
     rebuilt = store.get({"key": keys[0], "model": "test", "prompt_len": 3, "ids": [464, 2068, 318]}, cfg)
     assert rebuilt.session.ids == [464, 2068, 318] and store.nbytes <= store.max_bytes
+
+
+def test_a_local_checkpoint_is_offered_by_its_folder_name_never_its_path(small_checkpoint, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    models = c.Models(default=str(small_checkpoint))
+    assert models.default == f"local: {small_checkpoint.name}"
+    assert all("/" not in name for name in models.names())
+    assert set(models.names()) >= {models.default, "tiny-shakespeare"}
