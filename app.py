@@ -62,6 +62,7 @@ STRIP_KEY = "".join(f'<span class="key"><i class="chip {cat}"></i>{what}</span>'
 MAX_POSITIONS, MAX_LAYERS, MAX_HEADS = 1023, 47, 24
 
 CSS = """
+#tab { display: none !important; }
 .strip { line-height: 2.1; font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 15px; }
 .strip .tok { border: 1px solid #8a949e; border-radius: 4px; padding: 1px 3px; margin: 1px; cursor: pointer; white-space: pre; color: #111; }
 .strip .tok.sel { outline: 3px solid #1f3f8f; outline-offset: 1px; font-weight: 700; }
@@ -100,7 +101,9 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
     with gr.Blocks(title="gpt2viz") as demo:
         state = gr.State(c.new_state(models.default), time_to_live=6 * 3600,
                          delete_callback=lambda s: sessions.drop((s or {}).get("key")))
-        tab = gr.Textbox("chosen", visible=False, elem_id="tab")  # the visible tab: views are drawn for it only
+        # The open tab (views are drawn for it only): rendered but hidden by CSS, since Gradio does not pass
+        # a server's update on to a component built with visible=False.
+        tab = gr.Textbox("chosen", elem_id="tab", container=False, show_label=False)
         compact = gr.Checkbox(False, visible=False, elem_id="compact")  # set in the browser when the page loads
         gr.Markdown(INTRO, elem_id="intro")
         gr.Markdown(models.notice, visible=bool(models.notice), elem_id="notice")
@@ -274,7 +277,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             def handler(st, *rest):
                 ctrl, sel = split(rest)
                 sel.tab = tab_id
-                return render(ctl.select(st, ctrl, sel))
+                return {**render(ctl.select(st, ctrl, sel)), tab: tab_id}  # remembered even before there is a text
             return handler
 
         @named("state", *SETTING_NAMES)

@@ -563,6 +563,8 @@ class Controller:
                 if entry.generating is not run:
                     message = "Stopped."
                     break
+                if n == s.config.max_new_tokens - 1:
+                    break  # the last token comes with the full page below
                 yield Page(state, status=f"Generating… {n + 1} of {s.config.max_new_tokens} tokens.",
                            strip=token_strip(s, None))
         except Exception as e:  # noqa: BLE001
@@ -647,6 +649,7 @@ class Controller:
         ex, text = EXAMPLES[name], example_text(name)
         hint = ex.hint
         message = ""
+        selection.position = None  # a new text: its newest token
         if show_me:
             selection.tab = ex.tab
             if ex.role:

@@ -216,7 +216,8 @@ def logit_lens_figure(top_tokens: list[list[str]], top_probs: np.ndarray, layer_
     next_tokens `[row]`: the token that actually came next ("" where none has yet), shown in a last,
     uncoloured column "next". `compact`: a phone's width (shorter cell text, no axis titles).
     """
-    cell_chars = 4 if compact else 6
+    crowded = len(layer_names) > 10  # 11 or more columns: shorter cell text
+    cell_chars = 4 if compact else 5 if crowded else 6
     y = labels(tokens, start, width=6 if compact else 10)
     x = list(layer_names) + ["next"]
     text = []
@@ -226,7 +227,7 @@ def logit_lens_figure(top_tokens: list[list[str]], top_probs: np.ndarray, layer_
     z = np.concatenate([f32(top_probs, 3), np.full((len(y), 1), np.nan, np.float32)], axis=1)
     custom = [[short(nt, 14) or "(not written yet)"] * len(x) for nt in next_tokens]
     fig = go.Figure(go.Heatmap(
-        z=z, x=x, y=y, text=text, texttemplate="%{text}", textfont=dict(size=10 if compact else 11), xgap=1, ygap=1,
+        z=z, x=x, y=y, text=text, texttemplate="%{text}", textfont=dict(size=10 if compact or crowded else 11), xgap=1, ygap=1,
         colorscale="YlGnBu", zmin=0, zmax=1, customdata=custom,
         colorbar=dict(title=dict(text="" if compact else "probability", side="right"), thickness=10,
                       tickvals=[0, 0.5, 1], ticktext=["0", "½", "1"] if compact else ["0", "0.5", "1"]),

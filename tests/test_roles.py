@@ -65,7 +65,7 @@ def test_the_toy_model_is_attention_only_small_and_has_an_induction_head():
     model = load_model("toy-induction")
     assert (model.cfg.n_layer, model.cfg.n_head) == (2, 3)
     for block in model.blocks:  # attention only: every MLP weight and bias is zero
-        assert all(float(p.abs().max()) == 0 for p in block.mlp.parameters())
+        assert all(float(p.detach().abs().max()) == 0 for p in block.mlp.parameters())
     scores = head_scores(model)
     layer, head, score = scores.best("induction")
     assert layer == 1 and score >= 2 * ROLE_THRESHOLD
