@@ -344,9 +344,20 @@ def browser_view_latency(url: str, prompt: str, repeats: int = 3) -> dict:
             box.press("Enter")
             page.wait_for_function(f"() => {subtitle}.includes('temperature {t},')", timeout=120_000)
             temps.append(time.perf_counter() - start)
+        page.get_by_role("tab", name="Attention", exact=True).click()
+        attention = []
+        for i in range(repeats + 1):
+            n = page.locator("#strip .tok").count()
+            start = time.perf_counter()
+            page.click("#step")
+            page.wait_for_function(
+                f"() => document.querySelectorAll('#strip .tok').length === {n + 1} && "
+                f"{title.format('row_plot')}.startsWith('What token {n} ') && "
+                f"{title.format('upcoming_plot')}.startsWith('Upcoming: token {n + 1}')", timeout=120_000)
+            attention.append(time.perf_counter() - start)
         browser.close()
     return {"step_to_views_s": statistics.median(steps[1:]), "click_to_views_s": statistics.median(clicks[1:]),
-            "temperature_to_upcoming_s": statistics.median(temps[1:])}
+            "temperature_to_upcoming_s": statistics.median(temps[1:]), "step_to_attention_views_s": statistics.median(attention[1:])}
 
 
 def main() -> None:
@@ -402,7 +413,8 @@ def print_shape(name: str, r: dict) -> None:
         print(f"app: first streamed token after {a['first_token_s']:.2f} s; per streamed token {a['bytes_per_step_median']} bytes "
               f"median, {a['bytes_per_step_max']} max ({a['prompt_tokens']}-token prompt, {a['steps']} messages); in chromium, "
               f"Step to every view redrawn {a['step_to_views_s']:.2f} s, a click on a token {a['click_to_views_s']:.2f} s, "
-              f"temperature to the upcoming token {a['temperature_to_upcoming_s']:.2f} s")
+              f"temperature to the upcoming token {a['temperature_to_upcoming_s']:.2f} s; with the Attention tab open "
+              f"(3 figures), Step to every view {a['step_to_attention_views_s']:.2f} s")
         return
     d = r["decode"]
     ref = d["transformers generate"]["tokens_per_s"]
