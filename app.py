@@ -315,9 +315,9 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         gr.on([temperature.input, top_k.input, top_p.input, penalty.input, temperature.release, top_k.release,
                top_p.release, penalty.release], on_upcoming, [state] + settings, everything, api_name="upcoming",
               trigger_mode="always_last")
-        example.input(on_example(False), [state, model_name, example] + settings + view, everything, **private)
+        example.select(on_example(False), [state, model_name, example] + settings + view, everything, **private)
         show_me.click(on_example(True), [state, model_name, example] + settings + view, everything, api_name="show_me")
-        model_name.input(act(ctl.switch_model), [state, model_name, prompt] + settings + view, everything, api_name="set_model")
+        model_name.select(act(ctl.switch_model), [state, model_name, prompt] + settings + view, everything, api_name="set_model")
         demo.load(None, None, compact, js=COMPACT_JS, **private)
     return demo
 

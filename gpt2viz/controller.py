@@ -625,6 +625,7 @@ class Controller:
         except Exception as e:  # noqa: BLE001
             log.error("could not load %s: %s: %s", model_name, type(e).__name__, e)
             return Page(state, status=warn(f"Could not load {model_name} ({type(e).__name__})."), warning=True)
+        log.info("switch to %s", model_name)
         self.sessions.drop((state or {}).get("key"))
         fresh = new_state(model_name)
         cfg = self.models.get(model_name).cfg
@@ -813,10 +814,6 @@ def upcoming_view(session: GenerationSession):
                                   f"grey: the model · blue: after your settings · {settings}")
     choices = [(f"{plots.show(c.text)}  —  {plots.pct(c.prob_final)} (model: {plots.pct(c.prob)})", c.token_id) for c in cands]
     return fig, choices
-
-
-def candidate_choices(session: GenerationSession) -> list[tuple[str, int]]:
-    return upcoming_view(session)[1]
 
 
 def tab_views(session: GenerationSession, sel: Selection, models=None) -> dict[str, object]:

@@ -324,7 +324,7 @@ def heads_overview_html(patterns: np.ndarray, badges: dict[tuple[int, int], str]
 
     n_layer, n_head, n, _ = patterns.shape
     mask = np.tril(np.ones((n, n), dtype=bool))
-    cells = [f'<div class="ov-corner">layer \\ head</div>'] + [f'<div class="ov-col">{h}</div>' for h in range(n_head)]
+    cells = ['<div class="ov-corner">layer \\ head</div>'] + [f'<div class="ov-col">{h}</div>' for h in range(n_head)]
     for layer in range(n_layer):
         cells.append(f'<div class="ov-row">{layer}</div>')
         for h in range(n_head):

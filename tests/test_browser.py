@@ -188,6 +188,14 @@ def test_selecting_a_token_updates_every_view(page):
     wait_idle(page)
     assert selected_index(page) == 6
     assert "Token 6" in title(page, "emb_plot")
+    # a click on the slider's track (the end of a drag): the selection is wherever the slider lands
+    track = page.locator("#position input[type=range]")
+    box = track.bounding_box()
+    page.mouse.click(box["x"] + 2, box["y"] + box["height"] / 2)
+    wait_idle(page)
+    landed = int(track.input_value())
+    assert landed <= 2 and selected_index(page) == landed
+    assert f"Token {landed}" in title(page, "emb_plot")
     # a number typed into the slider's box, then Enter
     set_number(page, "position", n - 3)
     wait_idle(page)

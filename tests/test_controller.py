@@ -347,3 +347,10 @@ def test_a_local_checkpoint_is_offered_by_its_folder_name_never_its_path(small_c
     assert models.default == f"local: {small_checkpoint.name}"
     assert all("/" not in name for name in models.names())
     assert set(models.names()) >= {models.default, "tiny-shakespeare"}
+
+
+def test_lens_layers_keep_the_first_and_last_and_fit():
+    assert c.lens_layers(12, 13) == list(range(13))  # gpt2: every layer
+    rows = c.lens_layers(24, 13)  # gpt2-medium: every other layer, the embeddings and the last always
+    assert rows[0] == 0 and rows[-1] == 24 and len(rows) == 13 and rows == sorted(set(rows))
+    assert c.lens_layers(48, 13)[-1] == 48 and len(c.lens_layers(4, 5)) == 5
