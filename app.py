@@ -63,8 +63,9 @@ MAX_POSITIONS, MAX_LAYERS, MAX_HEADS = 1023, 47, 24
 
 CSS = """
 #tab { display: none !important; }
-.strip { line-height: 2.1; font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 15px; }
-.strip .tok { border: 1px solid #8a949e; border-radius: 4px; padding: 1px 3px; margin: 1px; cursor: pointer; white-space: pre; color: #111; }
+.strip { line-height: 1.9; overflow-wrap: anywhere; font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 15px; }
+.strip .tok { display: inline-block; line-height: 1.5; border: 1px solid #8a949e; border-radius: 4px; padding: 1px 3px; margin: 2px 1px;
+  cursor: pointer; white-space: pre; color: #111; }
 .strip .tok.sel { outline: 3px solid #1f3f8f; outline-offset: 1px; font-weight: 700; }
 .strip .likely, .chip.likely { background: #2e9e5b55; } .strip .plausible, .chip.plausible { background: #9ccc6577; }
 .strip .unlikely, .chip.unlikely { background: #f6b44b88; } .strip .surprising, .chip.surprising { background: #e4572e77; }
@@ -83,6 +84,7 @@ CSS = """
   .gradio-container { padding: 4px !important; }
   #intro p { display: none; }
   #intro h1 { font-size: 22px; }
+  .js-plotly-plot .modebar-container { display: none !important; }  /* it covers the titles of a phone-wide figure */
   #tabs .tab-container button { padding: 4px 5px !important; font-size: 12px !important; }
 }
 """

@@ -283,6 +283,7 @@ class Example:
     hint: str
     tab: str = "chosen"
     role: str | None = None  # a head role from gpt2viz.roles: "Show me" opens the head that scores highest
+    attend_to: str | None = None  # a token of the text: "Show me" opens the head where the last token reads it most
     english: bool = False  # needs a model that knows English (GPT-2 from the Hub)
 
 
@@ -329,7 +330,8 @@ EXAMPLES: dict[str, Example] = {
     "Grammar: agreement": Example(
         "The keys to the old wooden cabinet",
         "Is the next word ' are' or ' is'? The subject is 'keys', several tokens back: in the attention view, "
-        "look at which earlier tokens the last token reads.", tab="attention", english=True),
+        "look at which earlier tokens the last token reads. **Show me** opens the head that reads ' keys' most.",
+        tab="attention", attend_to=" keys", english=True),
 }
 
 
@@ -669,9 +671,33 @@ class Controller:
                 else:
                     selection.layer, selection.head = layer, head
                     message = f"Layer {layer}, head {head} is this model's strongest {role} head (score {score:.2f})."
-        page = self._act(state, model_name, text, settings, selection, lambda e: "", follow_newest=False)
+
+        def measure(entry: Entry) -> str:
+            """Find, in this model and this text, the head that reads `attend_to` most from the last token."""
+            if not (show_me and ex.attend_to):
+                return ""
+            s = entry.session
+            s.read()
+            target = encode(self.models.tokenizer, ex.attend_to)
+            where = [i for i, t in enumerate(s.ids) if t == target[0]] if len(target) == 1 else []
+            if not where:
+                return warn(f"{ex.attend_to!r} is not a token of this text.")
+            last = len(s.ids) - 1
+            weights = np.stack([s.attention_pattern(layer, last, last + 1)[:, 0, where[0]]
+                                for layer in range(s.model.cfg.n_layer)])  # [layer, head]
+            layer, head = np.unravel_index(int(np.argmax(weights)), weights.shape)
+            weight = float(weights[layer, head])
+            if weight < ROLE_THRESHOLD:
+                selection.tab = "chosen"
+                return warn(f"No head of {model_name} sends the last token's attention to {ex.attend_to!r}: the most is "
+                            f"{weight:.0%} (layer {layer}, head {head}; a head needs {ROLE_THRESHOLD:.0%}).")
+            selection.layer, selection.head = int(layer), int(head)
+            return f"Layer {layer}, head {head} sends {weight:.0%} of the last token's attention to {ex.attend_to!r}."
+
+        page = self._act(state, model_name, text, settings, selection, measure, follow_newest=False)
         if page.warning and page.strip is None:
             return page
+        message = message or page.status or ""
         page.prompt, page.hint = text, hint
         page.status = message or page.status
         page.warning = page.warning or message.startswith("⚠️")

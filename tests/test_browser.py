@@ -379,6 +379,10 @@ def test_phone_shows_the_result_right_under_step(browser, app_url):
         page.wait_for_selector("#strip .tok.sel")
         box = page.locator("#strip .tok.sel").bounding_box()
         assert 0 <= box["y"] and box["y"] + box["height"] <= VIEWPORTS["phone"][1], box
+        assert page.evaluate("() => { const s = document.querySelector('#strip .strip'); return s.scrollWidth <= s.clientWidth + 1; }"), \
+            "the token strip is wider than the phone's screen"
+        last = page.locator("#strip .tok").last.bounding_box()
+        assert last["x"] + last["width"] <= VIEWPORTS["phone"][0], "a token runs off the screen"
         step_box = page.locator("#step").bounding_box()
         assert step_box["y"] >= 0 and step_box["y"] + step_box["height"] <= VIEWPORTS["phone"][1]
         for name in TABS:  # every tab reachable, none behind an overflow menu

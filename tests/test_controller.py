@@ -354,3 +354,20 @@ def test_lens_layers_keep_the_first_and_last_and_fit():
     rows = c.lens_layers(24, 13)  # gpt2-medium: every other layer, the embeddings and the last always
     assert rows[0] == 0 and rows[-1] == 24 and len(rows) == 13 and rows == sorted(set(rows))
     assert c.lens_layers(48, 13)[-1] == 48 and len(c.lens_layers(4, 5)) == 5
+
+
+def test_show_me_for_agreement_opens_the_head_that_reads_the_subject(ctl, hf_checkpoints, tokenizer):
+    hf_model = hf_checkpoints["small"][0]
+    name = "Grammar: agreement"
+    page = ctl.choose_example(None, "test", name, SETTINGS, c.Selection(), show_me=True)
+    ids = tokenizer.encode(c.EXAMPLES[name].text)
+    keys = ids.index(tokenizer.encode(" keys")[0])
+    with torch.no_grad():
+        att = torch.stack(hf_model(torch.tensor([ids]), output_attentions=True).attentions)[:, 0, :, -1, keys]  # [layer, head]
+    best = float(att.max())
+    layer, head = divmod(int(att.argmax()), att.shape[1])
+    if best >= 0.25:
+        assert (page.selection.layer, page.selection.head) == (layer, head) and page.open_tab == "attention"
+        assert f"Layer {layer}, head {head} sends {best:.0%}" in page.status
+    else:
+        assert page.warning and f"the most is {best:.0%}" in page.status and page.open_tab == "chosen"
