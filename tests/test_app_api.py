@@ -191,3 +191,14 @@ def test_users_do_not_see_each_other(app_url):
 def test_server_survives_everything_above(client):
     out = client.predict(**args(), api_name="/step")
     assert "was sampled" in out[OUT["status"]]
+
+
+def test_a_local_model_path_is_never_published(deep_app_url, tmp_path_factory):
+    import urllib.request
+
+    shape, url = deep_app_url
+    config = urllib.request.urlopen(url + "config", timeout=10).read().decode()
+    info = urllib.request.urlopen(url + "gradio_api/info", timeout=10).read().decode()
+    assert f"local: deep-{shape}" in config  # the folder's name is shown...
+    base = str(tmp_path_factory.getbasetemp())
+    assert base not in config and base not in info  # ...never where it is
