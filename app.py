@@ -100,7 +100,8 @@ VIEW_NAMES = ["position", "layer", "head", "tab", "per_head_scale", "compact"]
 def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
     ctl = c.Controller(models, sessions)
     default_prompt = c.example_text(c.DEFAULT_EXAMPLE_BUNDLED if models.default in c.BUNDLED_MODELS else c.DEFAULT_EXAMPLE)
-    with gr.Blocks(title="gpt2viz") as demo:
+    # The page has no file input; whatever is uploaded to Gradio's cache anyway is deleted within two hours.
+    with gr.Blocks(title="gpt2viz", delete_cache=(3600, 3600)) as demo:
         state = gr.State(c.new_state(models.default), time_to_live=6 * 3600,
                          delete_callback=lambda s: sessions.drop((s or {}).get("key")))
         # The open tab (views are drawn for it only): rendered but hidden by CSS, since Gradio does not pass
