@@ -314,6 +314,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         overview.click(on_overview_click, select_inputs, everything, **private)
         for tab_id, t in (("chosen", tab_chosen), ("attention", tab_attention), ("overview", tab_overview),
                           ("lens", tab_lens), ("embed", tab_embed)):
+            # The browser knows the open tab at once (a Step right after the click must draw it), then the server draws it.
+            t.select(None, None, tab, js=f"() => '{tab_id}'", **private)
             t.select(on_tab(tab_id), select_inputs, everything, **private)
         gr.on([temperature.input, top_k.input, top_p.input, penalty.input, temperature.release, top_k.release,
                top_p.release, penalty.release], on_upcoming, [state] + settings, everything, api_name="upcoming",

@@ -243,8 +243,9 @@ def trace_size(ours, tok, T: int) -> float:
     return trace(ours, tok, ids).nbytes / 2**20
 
 
-def app_path(shape: dict, n_prompt_tokens: int, n_steps: int) -> dict:
-    """Launch the app on a random checkpoint of this shape; time to first token and bytes per streamed step."""
+def app_path(shape: dict, n_prompt_tokens: int, n_steps: int, root: Path = ROOT, legacy: bool = False) -> dict:
+    """Launch the app (in `root`) on a random checkpoint of this shape; time to first token, bytes per streamed
+    step, and the page's latencies in chromium. `legacy`: the page before the Controller (the peer)."""
     import httpx
 
     from tests.conftest import free_port
@@ -256,8 +257,8 @@ def app_path(shape: dict, n_prompt_tokens: int, n_steps: int) -> dict:
         del model
         port = free_port()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", tmp, "--port", str(port)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, str(root / "app.py"), "--model", tmp, "--port", str(port)], env=env,
+                                cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.time() + 180
@@ -276,6 +277,8 @@ def app_path(shape: dict, n_prompt_tokens: int, n_steps: int) -> dict:
             # state, model, prompt, tokens/s (0: as fast as it goes), the six settings, then the view:
             # position, layer, head, tab, per-head scale, compact
             data = [None, model_name, prompt, 0, 1.0, 0, 1.0, 1.0, n_steps, 0, 0, 0, 0, "chosen", False, False]
+            if legacy:  # state, model, prompt, then the six settings
+                data = [None, model_name, prompt, 1.0, 0, 1.0, 1.0, n_steps, 0]
             session = "bench" + str(port)
             with httpx.Client(timeout=120) as client:
                 start = time.perf_counter()
@@ -295,7 +298,7 @@ def app_path(shape: dict, n_prompt_tokens: int, n_steps: int) -> dict:
                             break
             result = {"first_token_s": first, "bytes_per_step_median": statistics.median(sizes), "bytes_per_step_max": max(sizes),
                       "steps": len(sizes), "prompt_tokens": n_prompt_tokens}
-            result.update(browser_view_latency(base + "/", prompt))
+            result.update((legacy_view_latency if legacy else browser_view_latency)(base + "/", prompt))
             return result
         finally:
             proc.terminate()
@@ -311,8 +314,8 @@ def browser_view_latency(url: str, prompt: str, repeats: int = 3) -> dict:
 
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
     steps, clicks, temps = [], [], []
-    title = "(document.querySelector('#{} .gtitle') || {{}}).textContent || ''"
-    subtitle = "(document.querySelector('#upcoming_plot .gtitle-subtitle') || {}).textContent || ''"
+    title = "((document.querySelector('#{} .gtitle') || {{}}).textContent || '')"
+    subtitle = "((document.querySelector('#upcoming_plot .gtitle-subtitle') || {}).textContent || '')"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
         page = browser.new_page(viewport={"width": 1440, "height": 900})
@@ -359,6 +362,71 @@ def browser_view_latency(url: str, prompt: str, repeats: int = 3) -> dict:
             "temperature_to_upcoming_s": statistics.median(temps[1:]), "step_to_attention_views_s": statistics.median(attention[1:])}
 
 
+def legacy_view_latency(url: str, prompt: str, repeats: int = 3) -> dict:
+    """The same measurements on the page before the Controller (its DOM and its second round trip):
+    Step until the new token's chart shows it and the second event (the picker, the sliders and the views)
+    has set the selected position to it, on its default tab; with the Attention tab open, until its attention
+    row shows the new token; a click on a token until its attention row is drawn."""
+    from playwright.sync_api import sync_playwright
+
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    title = "((document.querySelector('#{} .gtitle') || {{}}).textContent || '')"
+    out = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(url)
+        page.wait_for_selector("#generate")
+        page.locator("#prompt textarea").fill(prompt)
+        for key in ("step_to_views_s", "step_to_attention_views_s"):
+            if key == "step_to_attention_views_s":
+                page.get_by_role("tab", name="Attention").click()
+            times = []
+            for i in range(repeats + 1):
+                n = page.locator("#strip span.token").count()
+                new = n + 1 if n else len(load_tokenizer().encode(prompt)) + 1
+                start = time.perf_counter()
+                page.click("#step")
+                settled = (f"{title.format('row_plot')}.startsWith('What token {new - 1} ')" if key == "step_to_attention_views_s"
+                           else f"(document.querySelector('#position input[type=number]') || {{}}).value === '{new - 1}'")
+                page.wait_for_function(
+                    f"() => document.querySelectorAll('#strip span.token').length === {new} && "
+                    f"{title.format('next_plot')}.startsWith('How token {new - 1} ') && {settled}", timeout=120_000)
+                times.append(time.perf_counter() - start)
+            out[key] = statistics.median(times[1:])
+        clicks = []
+        for i in range(repeats + 1):
+            k = 3 + i
+            start = time.perf_counter()
+            page.locator("#strip span.token").nth(k).click()
+            page.wait_for_function(f"() => {title.format('row_plot')}.startsWith('What token {k} ')", timeout=120_000)
+            clicks.append(time.perf_counter() - start)
+        out["click_to_views_s"] = statistics.median(clicks[1:])
+        browser.close()
+    return out
+
+
+def page_benchmark(peer: str, json_path: Path | None) -> None:
+    """The page now and at git revision `peer` (a worktree), one after the other in one run."""
+    results = {"date": time.strftime("%Y-%m-%d"), "peer": peer}
+    results["page"] = app_path(SHAPES["gpt2"], 128, 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        worktree = Path(tmp) / "peer"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), peer], check=True,
+                       capture_output=True)
+        try:
+            results["peer_page"] = app_path(SHAPES["gpt2"], 128, 20, root=worktree, legacy=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], capture_output=True)
+    for name in ("page", "peer_page"):
+        print(name, json.dumps(results[name]))
+    new, old = results["page"], results["peer_page"]
+    for key in ("step_to_views_s", "step_to_attention_views_s", "click_to_views_s", "bytes_per_step_median"):
+        print(f"{key}: {new[key]:.3f} now, {old[key]:.3f} at {peer}, ratio {new[key] / old[key]:.2f}")
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shape, one repeat: a smoke run")
@@ -366,17 +434,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--skip-app", action="store_true")
-    ap.add_argument("--page", action="store_true", help="only the page: the app on a gpt2-shaped checkpoint, 128-token text")
+    ap.add_argument("--page", action="store_true", help="only the page: the app on a gpt2-shaped checkpoint, 128-token text, "
+                                                         "beside the page at --peer")
+    ap.add_argument("--peer", default="6671db6", help="git revision of the page to compare with (before the Controller)")
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
         return probe(args.probe)
     if args.page:
-        page = app_path(SHAPES["gpt2"], 128, 20)
-        print_shape("gpt2 (page)", {"app": page, "only_app": True})
-        if args.json:
-            args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "page": page}, indent=2) + "\n")
-        return None
+        return page_benchmark(args.peer, args.json)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = 1 if args.quick else args.repeats
     n_new = 8 if args.quick else args.new_tokens
@@ -407,14 +473,6 @@ def main() -> None:
 
 
 def print_shape(name: str, r: dict) -> None:
-    if r.get("only_app"):
-        a = r["app"]
-        print(f"app: first streamed token after {a['first_token_s']:.2f} s; per streamed token {a['bytes_per_step_median']} bytes "
-              f"median, {a['bytes_per_step_max']} max ({a['prompt_tokens']}-token prompt, {a['steps']} messages); in chromium, "
-              f"Step to every view redrawn {a['step_to_views_s']:.2f} s, a click on a token {a['click_to_views_s']:.2f} s, "
-              f"temperature to the upcoming token {a['temperature_to_upcoming_s']:.2f} s; with the Attention tab open "
-              f"(3 figures), Step to every view {a['step_to_attention_views_s']:.2f} s")
-        return
     d = r["decode"]
     ref = d["transformers generate"]["tokens_per_s"]
     print(f"\n## {name}: decode after a {len(PROMPT.split())}-word prompt")

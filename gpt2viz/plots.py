@@ -141,51 +141,66 @@ def _mark_row(fig: go.Figure, category: str, xref: str = "x domain", yref: str =
                   line=dict(color=ORANGE, width=3), layer="above")
 
 
+GRID_GAP = 3  # empty cells between two heads of the all-heads grid (room for a head's title)
+
+
+def grid_blocks(n_head: int, n: int, compact: bool = False) -> tuple[int, int, list[tuple[int, int]]]:
+    """The all-heads grid's layout: `(columns, rows, [(first row, first column) of each head's n x n block])`."""
+    cols = 2 if compact else 3 if n_head <= 12 else 4
+    rows = int(np.ceil(n_head / cols))
+    return cols, rows, [((h // cols) * (n + GRID_GAP) + GRID_GAP, (h % cols) * (n + 1)) for h in range(n_head)]
+
+
 def heads_grid(patterns: np.ndarray, tokens: list[str], start: int, title: str, subtitle: str,
                selected: int | None = None, per_head_scale: bool = False, roles: list[str] | None = None,
                compact: bool = False) -> go.Figure:
-    """All heads of one layer `[head, query, key]` as small heatmaps over one window, one colour scale.
+    """All heads of one layer `[head, query, key]` over one window as small heatmaps, one colour scale.
 
-    `per_head_scale` divides each head by its own largest weight in the window (diffuse heads stay
-    visible); the subplot titles then give each head's maximum. `roles`: a badge per head (or "").
-    `compact`: a phone's width (two columns).
+    Drawn as one heatmap trace with empty cells between the heads (a figure of a dozen subplots takes
+    several times longer to build and to draw). Every row and column is labelled: rows at the left of
+    each row of heads, columns under the bottom ones. `per_head_scale` divides each head by its own
+    largest weight in the window (diffuse heads stay visible); the titles then give each head's
+    maximum. `roles`: a badge per head (or ""). `compact`: a phone's width (two columns).
     """
     n_head, n = patterns.shape[0], patterns.shape[1]
-    cols = 2 if compact else 3 if n_head <= 12 else 4
-    rows = int(np.ceil(n_head / cols))
-    mask = np.tril(np.ones(patterns.shape[1:], dtype=bool))
+    cols, rows, blocks = grid_blocks(n_head, n, compact)
+    height, width = rows * (n + GRID_GAP), cols * (n + 1) - 1
+    z = np.full((height, width), np.nan, dtype=np.float32)
+    mask = np.tril(np.ones((n, n), dtype=bool))
     peak = np.array([float(np.max(patterns[h][mask])) for h in range(n_head)])
     names = []
-    for h in range(n_head):
+    for h, (r0, c0) in enumerate(blocks):
+        values = patterns[h] / peak[h] if per_head_scale and peak[h] > 0 else patterns[h]
+        z[r0:r0 + n, c0:c0 + n] = np.where(mask, f32(values, 2), np.nan)
         badge = f" · {roles[h]}" if roles and roles[h] else ""
         names.append(f"head {h}{badge}" + (f" (max {peak[h]:.2f})" if per_head_scale else ""))
     if compact:
-        names = [n.replace("head ", "h").replace(" · ", " ").replace(" (max 0", " ").replace(" (max ", " ").replace(")", "")
-                 for n in names]
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.03,
-                        vertical_spacing=min(0.3 / max(rows - 1, 1), 0.08))
+        names = [m.replace("head ", "h").replace(" · ", " ").replace(" (max 0", " ").replace(" (max ", " ").replace(")", "")
+                 for m in names]
+    fig = go.Figure(go.Heatmap(z=z, coloraxis="coloraxis", hoverongaps=False, xgap=0, ygap=0,
+                               hovertemplate="%{z:.2f}<extra></extra>"))
     axis = labels(tokens, start, width=8)
-    for h in range(n_head):
-        values = patterns[h] / peak[h] if per_head_scale and peak[h] > 0 else patterns[h]
-        z = np.where(mask, f32(values, 2), np.nan)
-        fig.add_trace(go.Heatmap(z=z, x=axis, y=axis, coloraxis="coloraxis",
-                                 hovertemplate=f"head {h}<br>query %{{y}}<br>key %{{x}}<br>%{{z:.2f}}<extra></extra>"),
-                      row=h // cols + 1, col=h % cols + 1)
-        if selected is not None and start <= selected < start + n:
-            axis_id = "" if h == 0 else str(h + 1)
-            _mark_row(fig, axis[selected - start], xref=f"x{axis_id} domain", yref=f"y{axis_id}")
-    fig.update_annotations(font=dict(size=10 if compact else 12))
-    small = dict(size=9 if n > 12 else 10)
-    fig.update_xaxes(type="category", tickangle=-90, tickfont=small, showticklabels=False)
-    fig.update_yaxes(type="category", autorange="reversed", tickfont=small, showticklabels=False)
-    for c in range(1, cols + 1):  # labels on the outer edges only
-        fig.update_xaxes(showticklabels=True, row=rows, col=c)
-    for r in range(1, rows + 1):
-        fig.update_yaxes(showticklabels=True, row=r, col=1)
+    ys = [r0 + i for r0, _ in blocks[::cols] for i in range(n)]
+    xs = [c0 + i for _, c0 in blocks[:cols] for i in range(n)]
+    small = dict(size=7 if compact else 9 if n > 12 else 10)
+    fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=ys, ticktext=axis * rows, tickfont=small,
+                     showgrid=False, zeroline=False)
+    fig.update_xaxes(tickmode="array", tickvals=xs, ticktext=axis * cols, tickangle=-90, tickfont=small,
+                     showgrid=False, zeroline=False, range=[-0.5, width - 0.5])
+    fig.update_yaxes(range=[height - 0.5, -0.5])
+    # titles and the selected row: set once (plotly's add_annotation / add_shape validate the layout each call)
+    notes = [dict(x=c0 + (n - 1) / 2, y=r0 - 1.1, text=names[h], showarrow=False, yanchor="bottom",
+                  font=dict(size=10 if compact else 12)) for h, (r0, c0) in enumerate(blocks)]
+    marks = []
+    if selected is not None and start <= selected < start + n:
+        marks = [dict(type="rect", x0=c0 - 0.5, x1=c0 + n - 0.5, y0=r0 + selected - start - 0.5, y1=r0 + selected - start + 0.5,
+                      line=dict(color=ORANGE, width=2), layer="above") for r0, c0 in blocks]
+    fig.update_layout(annotations=notes, shapes=marks)
     scale_title = "÷ head's max" if per_head_scale else "attention"
     fig.update_layout(coloraxis=dict(colorscale="Blues", cmin=0, cmax=1,
                                      colorbar=dict(title=dict(text=scale_title, side="right"), thickness=12)))
-    return _layout(fig, title, subtitle, height=(190 if compact else 230) * rows + 190, top=TITLE_SPACE + 18)
+    cell = 11 if compact else 13
+    return _layout(fig, title, subtitle, height=height * cell + 260, top=TITLE_SPACE + 8)
 
 
 def attention_row_figure(row: np.ndarray, tokens: list[str], start: int, title: str, subtitle: str) -> go.Figure:

@@ -134,11 +134,16 @@ def test_views_show_the_recorded_numbers(small_model, tokenizer):
     rs = max(0, pos + 1 - c.WINDOW_ATTENTION)
     np.testing.assert_allclose(row_z, pattern[:, pos, rs: pos + 1], atol=6e-4)
     np.testing.assert_allclose(np.array(row.data[0].y, dtype=np.float32), pattern[:, pos, rs: pos + 1].mean(0), atol=6e-4)
-    heatmaps = [t for t in grid.data if t.type == "heatmap"]
-    assert len(heatmaps) == small_model.cfg.n_head
-    for h, trace_h in enumerate(heatmaps):  # the same window as the single head's heatmap
-        assert list(trace_h.x) == list(one.data[0].x)
-        np.testing.assert_allclose(np.nan_to_num(np.array(trace_h.z, dtype=np.float32)), pattern[h, start:end, start:end], atol=6e-3)
+    from gpt2viz.plots import grid_blocks
+
+    big = np.array(grid.data[0].z, dtype=np.float32)  # every head in one heatmap, the same window as the single head's
+    _, _, blocks = grid_blocks(small_model.cfg.n_head, end - start)
+    for h, (r0, c0) in enumerate(blocks):
+        block = big[r0:r0 + end - start, c0:c0 + end - start]
+        np.testing.assert_allclose(np.nan_to_num(block), pattern[h, start:end, start:end], atol=6e-3)
+    assert np.isnan(big).sum() == big.size - small_model.cfg.n_head * (end - start) * (end - start + 1) // 2  # nothing else drawn
+    assert list(grid.layout.xaxis.ticktext[: end - start]) == list(one.data[0].x)  # every column labelled, as in the heatmap
+    assert [a.text for a in grid.layout.annotations] == [f"head {h}" for h in range(small_model.cfg.n_head)]
     assert f"Layer {layer}, head {head}" in one.layout.title.text
 
     lens = c.logit_lens_view(session, pos)
