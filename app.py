@@ -34,8 +34,9 @@ attention, and each row adds up to 1. A model has several layers, each with seve
 different things: the previous token, the first token, or the token after an earlier copy of the current one
 (*induction heads*). A token never reads the tokens after it, so the upper-right half is empty."""
 
-TEXT_OVERVIEW = """**Every head at a glance.** Each small square is one head's attention over the same tokens as the
-Attention tab, drawn like its heatmap. Heads that do a recognisable job are labelled."""
+TEXT_OVERVIEW = """**Every head at a glance.** First all the heads of the selected layer, over the same tokens as the
+Attention tab and drawn like its heatmap; then every head of every layer as a small square. Heads that do a
+recognisable job are labelled: *prev* (previous-token), *dup* (duplicate-token), *ind* (induction)."""
 
 TEXT_LENS = """**The logit lens** asks every layer: "if you had to guess the next token now, what would it be?"
 Each **row** is a position in the text (the token being read) and each **column** a layer, from the embeddings
@@ -158,10 +159,10 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                             head = gr.Slider(0, MAX_HEADS, value=0, step=1, label="Head", elem_id="head", min_width=140)
                         attn_plot = gr.Plot(elem_id="attn_plot", show_label=False)
                         row_plot = gr.Plot(elem_id="row_plot", show_label=False)
-                        per_head = gr.Checkbox(False, label="All-heads grid: each head on its own scale (diffuse heads stay visible)", elem_id="per_head")
-                        grid_plot = gr.Plot(elem_id="grid_plot", show_label=False)
                     with gr.Tab("All heads", id="overview", elem_id="tab-overview") as tab_overview:
                         gr.Markdown(TEXT_OVERVIEW, elem_classes="explain")
+                        per_head = gr.Checkbox(False, label="All-heads grid: each head on its own scale (diffuse heads stay visible)", elem_id="per_head")
+                        grid_plot = gr.Plot(elem_id="grid_plot", show_label=False)
                         overview = gr.HTML("", js_on_load=OVERVIEW_JS, elem_id="overview")
                     with gr.Tab("Lens", id="lens", elem_id="tab-lens") as tab_lens:
                         gr.Markdown(TEXT_LENS, elem_classes="explain")

@@ -847,10 +847,11 @@ def tab_views(session: GenerationSession, sel: Selection, models=None) -> dict[s
     if sel.tab == "chosen":
         return {"chosen": chosen_view(session, sel.position)}
     if sel.tab == "attention":
-        one, grid, row = attention_views(session, sel.position, sel.layer, sel.head, sel.per_head_scale, sel.compact)
-        return {"attention": one, "row": row, "grid": grid}
+        one, _, row = attention_views(session, sel.position, sel.layer, sel.head, compact=sel.compact, grid=False)
+        return {"attention": one, "row": row}
     if sel.tab == "overview":
-        return {"overview": overview_view(session, sel)}
+        _, grid, _ = attention_views(session, sel.position, sel.layer, sel.head, sel.per_head_scale, sel.compact, head_view=False)
+        return {"grid": grid, "overview": overview_view(session, sel)}
     if sel.tab == "lens":
         return {"lens": logit_lens_view(session, sel.position, sel.compact)}
     emb, norm, traj = embedding_views(session, sel.position)
@@ -873,8 +874,9 @@ def head_badges(model: GPT2) -> dict[tuple[int, int], str]:
 
 
 def attention_views(session: GenerationSession, position: int, layer: int, head: int,
-                    per_head_scale: bool = False, compact: bool = False):
-    """(one head's heatmap, all heads of the layer over the same window, the selected token's attention row)."""
+                    per_head_scale: bool = False, compact: bool = False, grid: bool = True, head_view: bool = True):
+    """(one head's heatmap, all heads of the layer over the same window, the selected token's attention row);
+    `grid=False` skips the second, `head_view=False` the first and third (None in their place)."""
     cfg = session.model.cfg
     n = len(session.records)
     layer = int(np.clip(layer, 0, cfg.n_layer - 1))
@@ -884,20 +886,23 @@ def attention_views(session: GenerationSession, position: int, layer: int, head:
     s, e = window(position, n, size)
     square = session.attention_pattern(layer, s, e)[:, :, s:e]  # [head, query, key] in the window
     token = plots.show(strings[position])
-    one = plots.attention_heatmap(square[head], strings[s:e], s, f"Layer {layer}, head {head}",
-                                  f"{crop_note(s, e, n)} · orange: token {position} ({token}) · darker: more attention",
-                                  selected=position)
-    badges = head_badges(session.model)
-    grid = plots.heads_grid(square, strings[s:e], s, f"All {cfg.n_head} heads of layer {layer}",
-                            f"{crop_note(s, e, n)} · orange: token {position}" + (" · each head on its own scale" if per_head_scale else ""),
-                            selected=position, per_head_scale=per_head_scale,
-                            roles=[badges.get((layer, h), "") for h in range(cfg.n_head)], compact=compact)
-    row = session.attention_pattern(layer, position, position + 1)[:, 0]  # [head, key 0..position]
-    rs = max(0, position + 1 - size)
-    row_fig = plots.attention_row_figure(row[:, rs:], strings[rs: position + 1], rs,
-                                         f"What token {position} ({token}) reads in layer {layer}",
-                                         crop_note(rs, position + 1, position + 1) + " before it · each row sums to 1 over all of them")
-    return one, grid, row_fig
+    one = row_fig = heads = None
+    if head_view:
+        one = plots.attention_heatmap(square[head], strings[s:e], s, f"Layer {layer}, head {head}",
+                                      f"{crop_note(s, e, n)} · orange: token {position} ({token}) · darker: more attention",
+                                      selected=position)
+        row = session.attention_pattern(layer, position, position + 1)[:, 0]  # [head, key 0..position]
+        rs = max(0, position + 1 - size)
+        row_fig = plots.attention_row_figure(row[:, rs:], strings[rs: position + 1], rs,
+                                             f"What token {position} ({token}) reads in layer {layer}",
+                                             crop_note(rs, position + 1, position + 1) + " before it · each row sums to 1 over all of them")
+    if grid:
+        badges = head_badges(session.model)
+        heads = plots.heads_grid(square, strings[s:e], s, f"All {cfg.n_head} heads of layer {layer}",
+                                 f"{crop_note(s, e, n)} · orange: token {position}" + (" · each head on its own scale" if per_head_scale else ""),
+                                 selected=position, per_head_scale=per_head_scale,
+                                 roles=[badges.get((layer, h), "") for h in range(cfg.n_head)], compact=compact)
+    return one, heads, row_fig
 
 
 def overview_view(session: GenerationSession, sel: Selection) -> str:

@@ -95,7 +95,8 @@ def test_inspect_draws_the_visible_views(client):
     out = client.predict(**settings(), position=3, layer=1, head=2, tab="attention", api_name="/inspect")
     assert "Layer 1, head 2" in out[OUT["attention"]]["plot"]
     assert "What token 3" in out[OUT["row"]]["plot"]
-    assert "All 6 heads of layer 1" in out[OUT["grid"]]["plot"]
+    heads = client.predict(**settings(), position=3, layer=1, head=2, tab="overview", api_name="/inspect")
+    assert "All 6 heads of layer 1" in heads[OUT["grid"]]["plot"] and 'data-layer="1"' in heads[OUT["overview"]]
     assert out[OUT["strip"]]["selected"] == 3
     lens = client.predict(**settings(), position=3, layer=1, head=2, tab="lens", api_name="/inspect")
     assert "Logit lens" in lens[OUT["lens"]]["plot"] and "plot" not in lens[OUT["attention"]]  # only the visible tab

@@ -262,7 +262,9 @@ def test_model_switch_and_example_bring_every_view_into_the_new_state(page):
     assert slider_max(page, "layer") == 1 and slider_max(page, "head") == 2
     assert page.locator("#layer input[type=number]").input_value() == "0"
     expect(page.locator("#attn_plot .gtitle")).to_contain_text("Layer 0, head 0")
+    tab(page, "All heads")
     expect(page.locator("#grid_plot .gtitle")).to_contain_text("All 3 heads of layer 0")
+    tab(page, "Attention")
     n = len(strip_tokens(page))
     assert n == n_tokens(PROMPT) and selected_index(page) == n - 1  # the prompt, read by the new model, no token added
     assert slider_max(page, "position") == n - 1
@@ -330,7 +332,7 @@ def check_every_tab(page, size: str, prefix: str) -> None:
         time.sleep(0.5)  # plotly lays out after the update
         overlaps = page.evaluate(OVERLAP_JS)
         assert overlaps == [], f"{prefix} {size} {name}: {overlaps[:5]}"
-        if name == "Attention":
+        if name == "All heads":
             page.locator("#per_head input").check()
             wait_idle(page)
             time.sleep(0.5)

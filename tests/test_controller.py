@@ -236,7 +236,7 @@ def test_one_selection_drives_every_view_and_is_clamped(ctl):
         shown = ctl.select(page.state, SETTINGS, c.Selection(position=1, layer=1, head=2, tab=tab))
         assert shown.selection.position == 1 and shown.strip["selected"] == 1
         assert "token 1" in shown.selected_label
-        assert set(shown.views) == {"chosen": {"chosen"}, "attention": {"attention", "row", "grid"}, "overview": {"overview"},
+        assert set(shown.views) == {"chosen": {"chosen"}, "attention": {"attention", "row"}, "overview": {"grid", "overview"},
                                     "lens": {"lens"}, "embed": {"embed", "norm", "traj"}}[tab]  # only the visible tab
         if tab == "attention":
             assert "What token 1" in shown.views["row"].layout.title.text
@@ -251,7 +251,9 @@ def test_model_switch_brings_every_range_and_view_to_the_new_model(ctl):
     assert switched.state["model"] == "other" and (switched.n_layer, switched.n_head) == (6, 12)
     assert switched.state["ids"] == c.check_prompt(ctl.models, "other", "Hello there")  # the prompt, read by the new model
     assert switched.selection.position == switched.n_tokens - 1 and (switched.selection.layer, switched.selection.head) == (0, 0)
-    assert "All 12 heads" in switched.views["grid"].layout.title.text
+    assert "Layer 0, head 0" in switched.views["attention"].layout.title.text
+    grid = ctl.select(switched.state, SETTINGS, c.Selection(tab="overview"))
+    assert "All 12 heads" in grid.views["grid"].layout.title.text
     assert switched.choices and switched.upcoming is not None
     back = ctl.force(switched.state, "other", "Hello there", SETTINGS, switched.selection, switched.choices[0][1])
     assert back.state["ids"][-1] == switched.choices[0][1] and back.state["model"] == "other"
