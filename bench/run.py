@@ -9,6 +9,7 @@ Prints a table of medians and ratios; `--json FILE` also writes the raw figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -305,23 +306,36 @@ def app_path(shape: dict, n_prompt_tokens: int, n_steps: int, root: Path = ROOT,
             proc.wait(timeout=20)
 
 
+TITLE_JS = "((document.querySelector('#{} .gtitle') || {{}}).textContent || '')"  # a figure's title, by element id
+
+
+@contextlib.contextmanager
+def chromium_page(url: str, prompt: str):
+    """Debian's chromium at 1440x900 on the page at `url`, with `prompt` typed in."""
+    from playwright.sync_api import sync_playwright
+
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.goto(url)
+            page.wait_for_selector("#generate")
+            page.locator("#prompt textarea").fill(prompt)
+            yield page
+        finally:
+            browser.close()
+
+
 def browser_view_latency(url: str, prompt: str, repeats: int = 3) -> dict:
     """In Debian's chromium, medians over `repeats`: from pressing Step until every visible view shows
     the new token (its strip box selected, "How token N was chosen", "Upcoming: token N + 1"); from a
     click on a token until its view is drawn; from moving the temperature until the upcoming
     distribution is redrawn for it."""
-    from playwright.sync_api import sync_playwright
-
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
     steps, clicks, temps = [], [], []
-    title = "((document.querySelector('#{} .gtitle') || {{}}).textContent || '')"
+    title = TITLE_JS
     subtitle = "((document.querySelector('#upcoming_plot .gtitle-subtitle') || {}).textContent || '')"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
-        page = browser.new_page(viewport={"width": 1440, "height": 900})
-        page.goto(url)
-        page.wait_for_selector("#generate")
-        page.locator("#prompt textarea").fill(prompt)
+    with chromium_page(url, prompt) as page:
         for i in range(repeats + 1):
             n = page.locator("#strip .tok").count()
             start = time.perf_counter()
@@ -357,7 +371,6 @@ def browser_view_latency(url: str, prompt: str, repeats: int = 3) -> dict:
                 f"{title.format('row_plot')}.startsWith('What token {n} ') && "
                 f"{title.format('upcoming_plot')}.startsWith('Upcoming: token {n + 1}')", timeout=120_000)
             attention.append(time.perf_counter() - start)
-        browser.close()
     return {"step_to_views_s": statistics.median(steps[1:]), "click_to_views_s": statistics.median(clicks[1:]),
             "temperature_to_upcoming_s": statistics.median(temps[1:]), "step_to_attention_views_s": statistics.median(attention[1:])}
 
@@ -367,17 +380,9 @@ def legacy_view_latency(url: str, prompt: str, repeats: int = 3) -> dict:
     Step until the new token's chart shows it and the second event (the picker, the sliders and the views)
     has set the selected position to it, on its default tab; with the Attention tab open, until its attention
     row shows the new token; a click on a token until its attention row is drawn."""
-    from playwright.sync_api import sync_playwright
-
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-    title = "((document.querySelector('#{} .gtitle') || {{}}).textContent || '')"
+    title = TITLE_JS
     out = {}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
-        page = browser.new_page(viewport={"width": 1440, "height": 900})
-        page.goto(url)
-        page.wait_for_selector("#generate")
-        page.locator("#prompt textarea").fill(prompt)
+    with chromium_page(url, prompt) as page:
         for key in ("step_to_views_s", "step_to_attention_views_s"):
             if key == "step_to_attention_views_s":
                 page.get_by_role("tab", name="Attention").click()
@@ -402,7 +407,6 @@ def legacy_view_latency(url: str, prompt: str, repeats: int = 3) -> dict:
             page.wait_for_function(f"() => {title.format('row_plot')}.startsWith('What token {k} ')", timeout=120_000)
             clicks.append(time.perf_counter() - start)
         out["click_to_views_s"] = statistics.median(clicks[1:])
-        browser.close()
     return out
 
 
