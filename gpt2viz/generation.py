@@ -171,6 +171,16 @@ class GenerationSession:
         self._kv.truncate(0 if n_generated == 0 else min(self._kv.length, len(self._state.ids) - 1))
         self.records.truncate(self._kv.length, len(self._state.ids))
 
+    def unread(self) -> list[int]:
+        """The ids the next forward pass reads: the whole prompt at first, then the last token; empty
+        while a pass is pending. (With `absorb`, how the engine runs this session's passes batched.)"""
+        return [] if self._pending is not None else self._state.ids[self._kv.length:]
+
+    @property
+    def pending(self) -> bool:
+        """A forward pass has been read whose token is not chosen yet."""
+        return self._pending is not None
+
     @torch.no_grad()
     def _read(self) -> _Pending:
         """The forward pass over the tokens not read yet (the whole prompt at first, then one token)."""
@@ -180,40 +190,56 @@ class GenerationSession:
         start = self._kv.length
         new = torch.tensor([ids[start:]], device=model.device)
         store: dict = {}
-        rows = slice(None) if self.record else slice(-1, None)
-        # A recording session keeps the residual stream of every position, from which (with the
-        # KV cache) `attention_pattern` and `logit_lens` recompute exactly what a view shows; it
-        # computes neither per step. Otherwise each step carries its attention row and lens: for
-        # one new token the row comes straight from the forward pass; for a prompt the fused
-        # attention kernel runs and the last row is recomputed from the cached keys.
-        eager = not self.record
-        read_one = new.shape[1] == 1
-        with model.hooks(capture_hooks(model, store, rows=rows, patterns=eager and read_one)):
-            normed = model(new, kv_cache=self._kv, last_only=not self.record, unembed=False)[0]  # [rows, d_model]
-        patterns, resid = stacked_captures(model, store, with_attention=eager and read_one)  # [layer, head, 1, key], [layer + 1, rows, d_model]
-        attention = lens_ids = lens_probs = None
-        if eager:
-            if read_one:
-                attention = patterns[:, :, -1]
-            else:
-                attention = torch.stack([self._attention_of(layer, resid[layer, -1:], len(ids) - 1)[:, 0]
-                                         for layer in range(model.cfg.n_layer)]).to(torch.float16)
-            logits, lens_ids, lens_probs = read_position(model, resid[:, -1], normed[-1], self.top_n)
-        else:
-            logits = model.unembed(normed[-1]).float()
         if self.record:
-            # the log-probabilities of the tokens this pass read after its first (the prompt's)
-            known = next_token_logprobs(model, normed[:-1], ids[start + 1:]) if normed.shape[0] > 1 else []
-            self.records.add(start, resid, store["embed"], store["pos_embed"], known)
+            # A recording session keeps the residual stream of every position, from which (with the
+            # KV cache) `attention_pattern` and `logit_lens` recompute exactly what a view shows; it
+            # computes neither per step.
+            with model.hooks(capture_hooks(model, store, patterns=False)):
+                normed = model(new, kv_cache=self._kv, unembed=False)[0]  # [T, d_model]
+            _, resid = stacked_captures(model, store, with_attention=False)  # [layer + 1, T, d_model]
+            self.absorb(start, normed, resid, store["embed"], store["pos_embed"])
+            return self._pending
+        # Otherwise each step carries its attention row and lens: for one new token the row comes
+        # straight from the forward pass; for a prompt the fused attention kernel runs and the last
+        # row is recomputed from the cached keys.
+        read_one = new.shape[1] == 1
+        with model.hooks(capture_hooks(model, store, rows=slice(-1, None), patterns=read_one)):
+            normed = model(new, kv_cache=self._kv, last_only=True, unembed=False)[0]  # [1, d_model]
+        patterns, resid = stacked_captures(model, store, with_attention=read_one)  # [layer, head, 1, key], [layer + 1, 1, d_model]
+        if read_one:
+            attention = patterns[:, :, -1]
+        else:
+            attention = torch.stack([self._attention_of(layer, resid[layer, -1:], len(ids) - 1)[:, 0]
+                                     for layer in range(model.cfg.n_layer)]).to(torch.float16)
+        logits, lens_ids, lens_probs = read_position(model, resid[:, -1], normed[-1], self.top_n)
         self._pending = _Pending(
             position=len(ids) - 1,
             logits=logits,
-            attention=None if attention is None else attention.cpu().numpy(),  # float16
+            attention=attention.cpu().numpy(),  # float16
             resid=resid[:, -1].float().cpu().numpy().astype(np.float16),
-            lens_ids=None if lens_ids is None else lens_ids.cpu().numpy().astype(np.int32),
-            lens_probs=None if lens_probs is None else lens_probs.cpu().numpy().astype(np.float16),
+            lens_ids=lens_ids.cpu().numpy().astype(np.int32),
+            lens_probs=lens_probs.cpu().numpy().astype(np.float16),
         )
         return self._pending
+
+    @torch.no_grad()
+    def absorb(self, start: int, normed: torch.Tensor, resid: torch.Tensor, embed: torch.Tensor, pos_embed: torch.Tensor,
+               logits: torch.Tensor | None = None) -> None:
+        """Take in a recording session's forward pass over positions start..start+T-1 (`unread()` or a
+        leading chunk of it): final-layer-normed rows `[T, d_model]`, residual stream `[layer + 1, T, d_model]`,
+        embeddings `[T, d_model]`, and, when the pass reached the last token, that row's `logits` `[vocab]`
+        if already computed (the engine unembeds the last rows of a whole batch in one product)."""
+        if not self.record or start != len(self.records):
+            raise ValueError(f"absorb needs a recording session and the pass that starts at {len(self.records)}, got {start}")
+        ids, T = self._state.ids, normed.shape[0]
+        complete = start + T == len(ids)
+        known = normed[:-1] if complete else normed  # rows whose next token is already in the text
+        logprobs = next_token_logprobs(self.model, known, ids[start + 1:start + 1 + known.shape[0]]) if known.shape[0] else []
+        self.records.add(start, resid, embed, pos_embed, logprobs)
+        if complete:
+            if logits is None:
+                logits = self.model.unembed(normed[-1]).float()
+            self._pending = _Pending(len(ids) - 1, logits, None, resid[:, -1].float().cpu().numpy().astype(np.float16), None, None)
 
     def _attention_of(self, layer: int, resid_pre: torch.Tensor, start: int) -> torch.Tensor:
         """`[head, n, start + n]` attention of positions start.. in `layer`, from their residual stream and the cached keys."""

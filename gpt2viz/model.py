@@ -325,6 +325,56 @@ class GPT2(nn.Module):
             x = resid_post(x + mlp_out(F.linear(h, mlp_proj["weight"], mlp_proj["bias"])))
         return x
 
+    @torch.no_grad()
+    def forward_ragged(self, segments: Sequence[torch.Tensor], caches: Sequence[KVCache]) -> "Ragged":
+        """Several sequences in one pass: `segments[i]` `[T_i]` are the ids that follow what `caches[i]`
+        already holds (a decode step is T_i = 1, a chunk of a prompt T_i > 1). Every cache is extended.
+
+        The rows of all sequences are stacked, `[N = sum T_i, ...]`, so each weight matrix is read once
+        for all of them (at batch 1 a decode step streams every weight to compute one row); attention
+        runs per sequence over its own cache, exactly as `forward` does. No hook point runs here: a
+        caller that needs hooks (observers, interventions) uses `forward`. Returns the final-layer-normed
+        rows and the captures a recording session keeps (see `Ragged`).
+        tests/test_engine.py holds it equal to `forward`, sequence by sequence.
+        """
+        cfg = self.cfg
+        C, H, D, eps = cfg.n_embd, cfg.n_head, cfg.d_head, cfg.layer_norm_epsilon
+        lengths = [int(t.shape[0]) for t in segments]
+        pasts = [kv.length for kv in caches]
+        for past, T in zip(pasts, lengths):
+            if T == 0 or past + T > cfg.n_positions:
+                raise ContextLengthError(f"a segment of {T} tokens after {past} does not fit the context of {cfg.n_positions}")
+        tokens = torch.cat([self._check_tokens(t)[0] for t in segments])  # [N]
+        positions = torch.cat([torch.arange(p, p + T, device=tokens.device) for p, T in zip(pasts, lengths)])
+        embed, pos_embed = F.embedding(tokens, self.wte.weight), F.embedding(positions, self.wpe.weight)
+        x = embed + pos_embed  # [N, C]
+        resid = [x]
+        bounds = [0]
+        for T in lengths:
+            bounds.append(bounds[-1] + T)
+        for layer, (params, _) in enumerate(self._decode_plan):
+            ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj = params
+            qkv = F.linear(F.layer_norm(x, (C,), ln_1["weight"], ln_1["bias"], eps), c_attn["weight"], c_attn["bias"])
+            zs = []
+            for i, (kv, past, T) in enumerate(zip(caches, pasts, lengths)):
+                q, k, v = qkv[bounds[i]:bounds[i + 1]].view(1, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # (1, H, T, D)
+                k, v = kv.append(layer, k, v)  # (1, H, S, D)
+                if T == 1:
+                    z = F.scaled_dot_product_attention(q, k, v)
+                elif past == 0:
+                    z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                else:
+                    z = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_bias(T, past + T, x.device, q.dtype))
+                zs.append(z[0].transpose(0, 1).reshape(T, C))
+            x = x + F.linear(torch.cat(zs), attn_proj["weight"], attn_proj["bias"])
+            h = F.gelu(F.linear(F.layer_norm(x, (C,), ln_2["weight"], ln_2["bias"], eps), c_fc["weight"], c_fc["bias"]),
+                       approximate="tanh")
+            x = x + F.linear(h, mlp_proj["weight"], mlp_proj["bias"])
+            resid.append(x)
+        for kv, past, T in zip(caches, pasts, lengths):
+            kv.length = past + T
+        return Ragged(bounds, self.ln_f(x), torch.stack(resid), embed, pos_embed)
+
     def unembed(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Final-layer-normed residual `[..., d_model]` -> logits `[..., vocab]` (tied to the token embedding).
 
@@ -441,6 +491,20 @@ class GPT2(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.wte.weight.device
+
+
+@dataclass
+class Ragged:
+    """What `GPT2.forward_ragged` computed; sequence i owns rows `bounds[i]:bounds[i + 1]`."""
+
+    bounds: list[int]
+    normed: torch.Tensor  # [N, d_model] after the final layer norm
+    resid: torch.Tensor  # [layer + 1, N, d_model]: after the embeddings, after each block
+    embed: torch.Tensor  # [N, d_model] token embedding
+    pos_embed: torch.Tensor  # [N, d_model] position embedding
+
+    def rows(self, i: int) -> slice:
+        return slice(self.bounds[i], self.bounds[i + 1])
 
 
 def _block_plan(block: Block) -> tuple[tuple[dict[str, torch.Tensor], ...], tuple[HookPoint, ...]]:

@@ -1,0 +1,315 @@
+"""One loop that runs the model for every user: continuous batching across generation sessions.
+
+    engine = Engine()
+    for step in engine.generate(session, lock, 30, who=Who("browser-1", "10.0.0.7")):  # thin waiter
+        ...
+    page = engine.call(session, lock, lambda: draw_views(session), who=...)       # other model work
+
+At batch 1 a decode step streams every weight matrix to compute one row. Here each iteration
+stacks the next token of every active generation (and a chunk of any prompt being read) into
+one `GPT2.forward_ragged` pass, unembeds the last rows in one product, then lets each session
+choose its token with its own settings, seed stream and forced tokens (`GenerationSession.step`,
+which finds its pass already read). Sessions join and leave between iterations. Every other
+piece of model work (drawing views, reading a rewound text) is a `call` run on the same thread
+between iterations, so one budget covers all of it and Gradio's thread count decides nothing.
+
+Fairness: jobs are served least recently served first; a long prompt is read at most
+`prefill_tokens` per iteration; calls get at most `call_slice` seconds per iteration (at least
+one); each browser session and each client address has a cap on queued jobs (`Overloaded`).
+One loop serves every loaded model (an iteration batches the sessions of one model): on a
+2-core machine two loops would only take turns on the same cores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .generation import GenerationSession, Step
+
+log = logging.getLogger("gpt2viz.engine")
+
+
+class Overloaded(RuntimeError):
+    """A browser session or a client address has too much work queued: the message says which."""
+
+
+@dataclass(frozen=True)
+class Who:
+    """Whose work a job is: the browser session (owner) and the client's network address."""
+
+    owner: str = ""
+    client: str = ""
+
+
+@dataclass
+class Delivered:
+    """One generated token as the engine hands it over: the step and a snapshot of the text then
+    (ids and per-token log-probabilities, copied so the waiter never reads the live session)."""
+
+    step: Step
+    ids: list[int]
+    logprobs: list[float]
+
+
+_DONE = object()
+
+
+@dataclass(eq=False)
+class _Job:
+    session: GenerationSession
+    lock: threading.Lock
+    who: Who
+    n_tokens: int = 0  # tokens to generate; 0 = only read what is unread
+    force: list[int | None] = field(default_factory=list)  # per generated token, None = sample
+    fn: Callable[[], object] | None = None  # a call instead of a generation
+    rate: float = 0.0  # tokens per second at most (0: as fast as it goes)
+    out: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: bool = False
+    served: int = -1  # the iteration that last served it (new jobs first)
+    next_at: float = 0.0
+    done: int = 0
+
+
+class Generation:
+    """The waiter's side of a generation: iterate for `Delivered` tokens; `cancel()` stops it before
+    its next token (also when the waiter goes away)."""
+
+    def __init__(self, engine: "Engine", job: _Job) -> None:
+        self._engine, self._job = engine, job
+
+    def __iter__(self) -> Iterator[Delivered]:
+        try:
+            while True:
+                item = self._job.out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        if not self._job.cancelled:
+            self._job.cancelled = True
+            self._engine._wake()
+
+
+class Engine:
+    """The model loop. Thread-safe; its thread starts with the first job and ends when idle."""
+
+    def __init__(self, max_batch: int = 32, prefill_tokens: int = 128, call_slice: float = 0.05,
+                 max_jobs_per_owner: int = 3, max_jobs_per_client: int = 48, max_jobs: int = 512,
+                 idle_seconds: float = 30.0, on_idle: Callable[[], None] | None = None) -> None:
+        self.max_batch, self.prefill_tokens, self.call_slice = max_batch, prefill_tokens, call_slice
+        self.max_jobs_per_owner, self.max_jobs_per_client, self.max_jobs = max_jobs_per_owner, max_jobs_per_client, max_jobs
+        self.idle_seconds, self.on_idle = idle_seconds, on_idle  # on_idle: run when the queue empties (at most every 5 s)
+        self._jobs: list[_Job] = []
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._iteration = itertools.count()
+        self.stats = {"iterations": 0, "batched_rows": 0, "calls": 0}
+
+    # -- the waiters' side --
+
+    def generate(self, session: GenerationSession, lock: threading.Lock, n_tokens: int, who: Who = Who(),
+                 force: list[int | None] | None = None, rate: float = 0.0) -> Generation:
+        """Generate up to `n_tokens` (stopping early at end-of-text or a full context); `force[i]` is the
+        token to take at the i-th step (None: sample). `rate` paces it (tokens per second)."""
+        job = _Job(session, lock, who, n_tokens=n_tokens, force=list(force or []), rate=rate)
+        self._submit(job)
+        return Generation(self, job)
+
+    def read(self, session: GenerationSession, lock: threading.Lock, who: Who = Who(), timeout: float = 120.0) -> None:
+        """Read whatever the session has not read yet (a prompt, a replayed text), batched with the others."""
+        if session.record and session.unread():
+            self._wait(self._submit(_Job(session, lock, who)), timeout)
+
+    def call(self, session: GenerationSession, lock: threading.Lock, fn: Callable[[], object], who: Who = Who(),
+             timeout: float = 120.0):
+        """Run `fn()` on the engine's thread while holding `lock`; return its result or raise its exception."""
+        return self._wait(self._submit(_Job(session, lock, who, fn=fn)), timeout)
+
+    def _wait(self, job: _Job, timeout: float):
+        try:
+            item = job.out.get(timeout=timeout)
+        except queue.Empty:
+            job.cancelled = True
+            raise Overloaded("The server is very busy: please try again in a moment.") from None
+        if isinstance(item, BaseException):
+            raise item
+        return None if item is _DONE else item
+
+    def _submit(self, job: _Job) -> _Job:
+        with self._cv:
+            live = [j for j in self._jobs if not j.cancelled]
+            if job.who.owner and sum(j.who.owner == job.who.owner for j in live) >= self.max_jobs_per_owner:
+                raise Overloaded("You already have requests waiting: wait for them to finish (or press Stop).")
+            if job.who.client and sum(j.who.client == job.who.client for j in live) >= self.max_jobs_per_client:
+                raise Overloaded("Too many requests from your network address are waiting: please try again in a moment.")
+            if len(live) >= self.max_jobs:
+                raise Overloaded("The server is full: please try again in a moment.")
+            self._jobs.append(job)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="gpt2viz-engine", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return job
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    @property
+    def queued(self) -> int:
+        with self._cv:
+            return len(self._jobs)
+
+    # -- the loop --
+
+    def _loop(self) -> None:
+        last_idle = 0.0
+        while True:
+            with self._cv:
+                self._jobs = [j for j in self._jobs if not self._finish_if_cancelled(j)]
+                if not self._jobs:
+                    if not self._cv.wait_for(lambda: self._jobs, timeout=self.idle_seconds):
+                        self._thread = None
+                        return
+                    continue
+                now = time.monotonic()
+                ready = [j for j in self._jobs if j.next_at <= now]
+                if not ready:
+                    self._cv.wait(timeout=max(0.001, min(j.next_at for j in self._jobs) - now))
+                    continue
+            try:
+                self._iterate(sorted(ready, key=lambda j: j.served), next(self._iteration))
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("engine iteration failed")
+            if self.on_idle is not None and not self._jobs and time.monotonic() - last_idle > 5.0:
+                last_idle = time.monotonic()
+                try:
+                    self.on_idle()
+                except Exception:  # noqa: BLE001
+                    log.exception("idle hook failed")
+
+    def _finish_if_cancelled(self, job: _Job) -> bool:
+        if job.cancelled:
+            job.out.put(_DONE)
+        return job.cancelled
+
+    def _finish(self, job: _Job, result=_DONE) -> None:
+        if result is not _DONE:
+            job.out.put(result)
+        if job.fn is None or result is _DONE:
+            job.out.put(_DONE)
+        with self._cv:
+            if job in self._jobs:
+                self._jobs.remove(job)
+
+    def _iterate(self, ready: list[_Job], iteration: int) -> None:
+        gens = [j for j in ready if j.fn is None]
+        calls = [j for j in ready if j.fn is not None]
+        if gens:
+            self._advance(gens, iteration)
+        started = time.monotonic()
+        for job in calls:
+            if time.monotonic() - started > self.call_slice and job is not calls[0]:
+                break
+            if not job.lock.acquire(blocking=False):
+                continue  # its session is busy elsewhere: next iteration
+            job.served = iteration
+            try:
+                result = job.fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the waiter
+                result = e
+            finally:
+                job.lock.release()
+            self.stats["calls"] += 1
+            self._finish(job, result)
+
+    def _advance(self, gens: list[_Job], iteration: int) -> None:
+        """One batched forward pass over the generations of one model, then each chooses its token."""
+        model = gens[0].session.model
+        batch: list[tuple[_Job, list[int]]] = []
+        budget = self.prefill_tokens
+        try:
+            for job in gens:
+                if len(batch) >= self.max_batch:
+                    break
+                if job.session.model is not model or job.out.qsize() >= 2:
+                    continue  # another model's turn comes next; or the waiter has not taken its last tokens yet
+                if not job.lock.acquire(blocking=False):
+                    continue
+                unread = job.session.unread()
+                if len(unread) > 1:
+                    if budget <= 0:
+                        job.lock.release()
+                        continue
+                    unread = unread[:budget]
+                    budget -= len(unread)
+                batch.append((job, unread))
+                job.served = iteration
+            reading = [(job, ids) for job, ids in batch if ids and job.session.record]
+            if reading:
+                self._forward(model, reading)
+            for job, _ in batch:
+                self._choose(job, batched=job.session.record)
+        finally:
+            for job, _ in batch:
+                job.lock.release()
+
+    @torch.no_grad()
+    def _forward(self, model, reading: list[tuple[_Job, list[int]]]) -> None:
+        sessions = [job.session for job, _ in reading]
+        starts = [len(s.records) for s in sessions]
+        try:
+            out = model.forward_ragged([torch.tensor(ids) for _, ids in reading], [s._kv for s in sessions])
+        except Exception as e:  # noqa: BLE001
+            for job, _ in reading:
+                self._finish(job, e)
+            raise
+        self.stats["iterations"] += 1
+        self.stats["batched_rows"] += out.bounds[-1]
+        complete = [i for i, s in enumerate(sessions) if len(s.records) + len(reading[i][1]) == len(s._state.ids)]
+        logits = model.unembed(out.normed[[out.bounds[i + 1] - 1 for i in complete]]).float() if complete else None
+        for i, s in enumerate(sessions):
+            rows = out.rows(i)
+            row_logits = logits[complete.index(i)] if i in complete else None
+            s.absorb(starts[i], out.normed[rows], out.resid[:, rows], out.embed[rows], out.pos_embed[rows], row_logits)
+
+    def _choose(self, job: _Job, batched: bool) -> None:
+        """After the pass: a generation takes its next token; a read job is done once nothing is unread.
+        A session that does not record (it captures attention and the lens per step) reads solo.
+        Hooks belong to the thread that attached them (`hooks.py`), so none attached by a waiter runs
+        here: whatever must change a session's forward pass has to travel with the session."""
+        s = job.session
+        try:
+            if job.cancelled:
+                return self._finish(job)
+            if not batched:
+                s.read()
+            if s.unread():
+                return  # a prompt still being read, a chunk per iteration
+            if job.n_tokens == 0:
+                return self._finish(job)
+            if s.room_left <= 0:
+                return self._finish(job)
+            force = job.force[job.done] if job.done < len(job.force) else None
+            step = s.step(force=force)  # its pass is already read: no forward here
+            job.done += 1
+            job.out.put(Delivered(step, s.ids, list(s.records.logprobs)))
+            if job.rate:
+                job.next_at = time.monotonic() + 1.0 / job.rate
+            if step.finish_reason is not None or job.done >= job.n_tokens or s.room_left <= 0:
+                self._finish(job)
+        except Exception as e:  # noqa: BLE001 - handed to the waiter
+            self._finish(job, e)
