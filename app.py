@@ -16,6 +16,7 @@ import time
 import gradio as gr
 
 from gpt2viz import controller as c
+from gpt2viz.memory import configure_allocator
 
 log = logging.getLogger("gpt2viz")
 
@@ -96,6 +97,12 @@ COMPACT_JS = "() => window.innerWidth < 700"
 SCROLL_JS = "(...args) => { if (window.innerWidth < 700) document.querySelector('#actions').scrollIntoView({block: 'start'}); return args; }"
 SETTING_NAMES = ["temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed"]
 VIEW_NAMES = ["position", "layer", "head", "tab", "per_head_scale", "compact"]
+
+
+def who_of(request: gr.Request | None) -> c.Who:
+    """Whose work a request is: the browser session and the client's address (for the engine's caps)."""
+    client = getattr(request, "client", None)
+    return c.Who(str(getattr(request, "session_hash", "") or ""), str(getattr(client, "host", "") or ""))
 
 
 def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
@@ -217,13 +224,15 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         view = [position, layer, head, tab, per_head, compact]
 
         def named(*names, event: bool = False):
-            """Give a handler taking `*args` these parameter names (they name the API's parameters);
-            with `event`, a last parameter receives the browser event's data (gr.EventData)."""
+            """Give a handler taking `*args` these parameter names (they name the API's parameters); a last
+            parameter receives the request (gr.Request: whose work it is), with `event` one before it the
+            browser event's data (gr.EventData). Gradio finds these special arguments by type hint."""
             def wrap(fn):
                 params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
-                if event:
-                    params.append(inspect.Parameter("evt", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.EventData))
-                    fn.__annotations__ = {"evt": gr.EventData}  # Gradio finds its special arguments by type hint
+                special = {"evt": gr.EventData} if event else {}
+                special["request"] = gr.Request
+                params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in special.items()]
+                fn.__annotations__ = special
                 fn.__signature__ = inspect.Signature(params)
                 return fn
             return wrap
@@ -236,69 +245,77 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             """A handler for inputs `state, model, prompt, *extra, *settings, *view` -> use_case(..., *extra)."""
             @named("state", "model", "prompt", *extra, *SETTING_NAMES, *VIEW_NAMES)
             def handler(st, name, text, *rest):
+                *rest, request = rest
                 ctrl, sel = split(rest[len(extra):])
-                return render(use_case(st, name, text, ctrl, sel, *rest[: len(extra)]))
+                return render(use_case(st, name, text, ctrl, sel, *rest[: len(extra)], who=who_of(request)))
             return handler
 
         @named("state", "model", "prompt", "tokens_per_second", *SETTING_NAMES, *VIEW_NAMES)
         def on_generate(st, name, text, rate, *rest):
+            *rest, request = rest
             ctrl, sel = split(rest)
-            for page in ctl.stream(st, name, text, ctrl, sel, rate):
+            for page in ctl.stream(st, name, text, ctrl, sel, rate, who=who_of(request)):
                 yield render(page)
 
         @named("state", *SETTING_NAMES, *VIEW_NAMES)
         def on_stop(st, *rest):
+            *rest, request = rest
             ctl.stop(st)
             ctrl, sel = split(rest)
-            page = ctl.select(st, ctrl, c.Selection(None, sel.layer, sel.head, sel.tab, sel.per_head_scale, sel.compact))
+            page = ctl.select(st, ctrl, c.Selection(None, sel.layer, sel.head, sel.tab, sel.per_head_scale, sel.compact),
+                              who=who_of(request))
             page.status = page.status or "Stopped."
             return render(page)
 
         @named("state", *SETTING_NAMES, *VIEW_NAMES)
         def on_select(st, *rest):
+            *rest, request = rest
             ctrl, sel = split(rest)
-            return render(ctl.select(st, ctrl, sel, from_sliders=True))
+            return render(ctl.select(st, ctrl, sel, from_sliders=True, who=who_of(request)))
 
         @named("state", *SETTING_NAMES, *VIEW_NAMES, event=True)
         def on_strip_click(st, *rest):
-            *rest, evt = rest
+            *rest, evt, request = rest
             ctrl, sel = split(rest)
             sel.position = c.as_index(getattr(evt, "position", None))
-            return render(ctl.select(st, ctrl, sel))
+            return render(ctl.select(st, ctrl, sel, who=who_of(request)))
 
         @named("state", *SETTING_NAMES, *VIEW_NAMES, event=True)
         def on_overview_click(st, *rest):
-            *rest, evt = rest
+            *rest, evt, request = rest
             ctrl, sel = split(rest)
             sel.layer, sel.head = c.as_index(getattr(evt, "layer", None)) or 0, c.as_index(getattr(evt, "head", None)) or 0
             sel.tab = "attention"
-            page = ctl.select(st, ctrl, sel)
+            page = ctl.select(st, ctrl, sel, who=who_of(request))
             page.open_tab = "attention" if not page.warning else None
             return render(page)
 
         def on_tab(tab_id):
             @named("state", *SETTING_NAMES, *VIEW_NAMES)
             def handler(st, *rest):
+                *rest, request = rest
                 ctrl, sel = split(rest)
                 sel.tab = tab_id
-                return {**render(ctl.select(st, ctrl, sel)), tab: tab_id}  # remembered even before there is a text
+                return {**render(ctl.select(st, ctrl, sel, who=who_of(request))), tab: tab_id}  # remembered even before there is a text
             return handler
 
         @named("state", *SETTING_NAMES)
         def on_upcoming(st, *ctrl):
-            return render(ctl.upcoming(st, list(ctrl)))
+            *ctrl, request = ctrl
+            return render(ctl.upcoming(st, list(ctrl), who=who_of(request)))
 
         def on_example(show: bool):
             @named("state", "model", "example", *SETTING_NAMES, *VIEW_NAMES)
             def handler(st, name, ex, *rest):
+                *rest, request = rest
                 ctrl, sel = split(rest)
-                return render(ctl.choose_example(st, name, ex, ctrl, sel, show_me=show))
+                return render(ctl.choose_example(st, name, ex, ctrl, sel, show_me=show, who=who_of(request)))
             return handler
 
         # --- wiring -------------------------------------------------------------------------------
         private = dict(api_visibility="private")
         gen_event = gr.on([generate_btn.click, prompt.submit], on_generate, [state, model_name, prompt, speed] + settings + view,
-                          everything, api_name="generate", concurrency_limit=2, js=SCROLL_JS)
+                          everything, api_name="generate", js=SCROLL_JS)
         text_inputs = [state, model_name, prompt] + settings + view
         step_btn.click(act(ctl.step), text_inputs, everything, api_name="step", js=SCROLL_JS)
         reset_btn.click(act(ctl.reset), text_inputs, everything, api_name="reset")
@@ -335,12 +352,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
+    configure_allocator()  # before the server's threads start (gpt2viz/memory.py)
     started = time.time()
     models = c.Models(default=args.model)
     log.info("model %s ready in %.1fs", models.default, time.time() - started)
     demo = build(models, c.Sessions(models))
-    demo.queue(max_size=64, default_concurrency_limit=2)
-    demo.launch(server_name=args.host, server_port=args.port, css=CSS, theme=gr.themes.Soft(),
+    # Handlers only wait on the engine's loop (gpt2viz/engine.py), which decides who computes, batches
+    # everyone's tokens and caps each client's queued work: Gradio's limits only bound waiting threads.
+    demo.queue(max_size=1024, default_concurrency_limit=128)
+    demo.launch(server_name=args.host, server_port=args.port, css=CSS, theme=gr.themes.Soft(), max_threads=256,
                 max_file_size="1mb", enable_monitoring=False, show_error=False, footer_links=["api"])
 
 

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,8 +25,10 @@ import numpy as np
 import torch
 
 from . import plots
+from .engine import Engine, Generation, Overloaded, Who
 from .generation import GenerationSession, Step
 from .loading import BUNDLED_MODELS, HUB_MODELS, CheckpointError, HubUnavailableError, hub_reachable, load_model, resolve_checkpoint
+from .memory import memory_limit, trim
 from .model import GPT2, ContextLengthError
 from .roles import ROLE_THRESHOLD, head_scores
 from .sampling import SamplingConfig
@@ -124,21 +125,31 @@ class Models:
 class Entry:
     session: GenerationSession
     model_name: str
-    lock: threading.Lock
-    generating: object | None = None  # the running generation's token; cleared by Stop
+    lock: threading.Lock  # held by the engine while it works on the session
+    generating: Generation | None = None  # the running generation; Stop cancels it
+
+
+SESSION_SHARE_OF_MEMORY = 0.4  # of the machine's (or container's) memory, for all users' sessions together
 
 
 class Sessions:
     """Each user's live generation session, keyed by a random id kept in their state.
 
-    Bounded (least recently used ones are dropped first); a dropped one is rebuilt from the
-    user's state (token ids) the next time it is needed.
+    Bounded by count and by bytes (least recently used ones are dropped first; the byte budget is a
+    share of this machine's memory, or GPT2VIZ_SESSIONS_MAX_BYTES); a dropped one is rebuilt from
+    the user's state (token ids) the next time it is needed. All model work on a session runs on the
+    `engine`'s loop, batched with everyone else's.
     """
 
-    def __init__(self, models: Models, max_sessions: int = 16, max_bytes: int | None = None) -> None:
+    def __init__(self, models: Models, max_sessions: int = 256, max_bytes: int | None = None,
+                 engine: Engine | None = None) -> None:
         self.models = models
         self.max_sessions = max_sessions
-        self.max_bytes = max_bytes if max_bytes is not None else int(os.environ.get("GPT2VIZ_SESSIONS_MAX_BYTES", 4 << 30))
+        if max_bytes is None:
+            configured = os.environ.get("GPT2VIZ_SESSIONS_MAX_BYTES", "")
+            max_bytes = int(configured) if configured.isdigit() else int(SESSION_SHARE_OF_MEMORY * memory_limit())
+        self.max_bytes = max_bytes
+        self.engine = engine or Engine(on_idle=trim)
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -160,16 +171,21 @@ class Sessions:
                     if oldest is keep:
                         break
                 del self._entries[key]
+                if oldest.generating is not None:
+                    oldest.generating.cancel()
 
     def drop(self, key: str | None) -> None:
         with self._lock:
-            self._entries.pop(key or "", None)
+            entry = self._entries.pop(key or "", None)
+        if entry is not None and entry.generating is not None:
+            entry.generating.cancel()
 
     def stop(self, key: str | None) -> None:
-        """Ask a running generation to stop before its next token."""
+        """Stop a running generation before its next token."""
         with self._lock:
             entry = self._entries.get(key or "")
-        if entry is not None:
+        if entry is not None and entry.generating is not None:
+            entry.generating.cancel()
             entry.generating = None
 
     def create(self, model_name: str, prompt_ids: list[int], config: SamplingConfig) -> tuple[str, Entry]:
@@ -182,8 +198,8 @@ class Sessions:
         self._evict(keep=entry)
         return key, entry
 
-    def get(self, state: dict, config: SamplingConfig) -> Entry:
-        """The user's entry; rebuilt from `state` if it was dropped."""
+    def get(self, state: dict, config: SamplingConfig, who: Who = Who()) -> Entry:
+        """The user's entry; rebuilt from `state` if it was dropped (its tokens replayed on the engine)."""
         key = state.get("key")
         with self._lock:
             entry = self._entries.get(key or "")
@@ -193,9 +209,10 @@ class Sessions:
             if not state.get("ids"):
                 raise UserError("Write a prompt and press Generate or Step first.")
             new_key, entry = self.create(state["model"], state["ids"][: state["prompt_len"]], config)
-            with entry.lock:
-                for token in state["ids"][state["prompt_len"]:]:
-                    entry.session.step(force=token)
+            replay = [int(t) for t in state["ids"][state["prompt_len"]:]]
+            if replay:
+                for _ in self.engine.generate(entry.session, entry.lock, len(replay), who, force=replay):
+                    pass
             with self._lock:
                 self._entries[key or new_key] = self._entries.pop(new_key)
             state["key"] = key or new_key
@@ -439,72 +456,83 @@ class Controller:
     """
 
     def __init__(self, models: Models, sessions: Sessions) -> None:
-        self.models, self.sessions = models, sessions
+        self.models, self.sessions, self.engine = models, sessions, sessions.engine
 
-    # -- sessions --
+    # -- sessions and the engine --
 
-    def _entry(self, state: dict, model_name: str, prompt, config: SamplingConfig) -> tuple[dict, Entry]:
+    def _entry(self, state: dict, model_name: str, prompt, config: SamplingConfig, who: Who) -> tuple[dict, Entry]:
         """The user's session: continued, or started anew if the prompt or the model changed."""
         ids = check_prompt(self.models, model_name, prompt)
         state = dict(state or new_state(model_name))
         if state.get("ids") and state.get("model") == model_name and state["ids"][: state["prompt_len"]] == ids:
-            return state, self.sessions.get(state, config)
+            return state, self.sessions.get(state, config, who)
         self.sessions.drop(state.get("key"))
         key, entry = self.sessions.create(model_name, ids, config)
         return sync_state(state, entry, key), entry
 
+    def _call(self, entry: Entry, who: Who, fn):
+        """Run `fn()` on the engine's loop (the one budget for everything that runs the model)."""
+        return self.engine.call(entry.session, entry.lock, fn, who)
+
+    def _generate_one(self, entry: Entry, who: Who, force: int | None = None) -> Step:
+        """One token, batched with every other user's: the engine reads the text and chooses (or takes `force`)."""
+        steps = [d.step for d in self.engine.generate(entry.session, entry.lock, 1, who, force=[force])]
+        if not steps:
+            raise ContextLengthError("The text fills the model's context: rewind or reset to continue.")
+        return steps[0]
+
     def _refuse(self, state: dict, error: Exception) -> Page:
-        if isinstance(error, (UserError, ContextLengthError, ValueError)):
+        if isinstance(error, (UserError, ContextLengthError, ValueError, Overloaded)):
             return Page(state, status=warn(str(error)), warning=True)
         log.error("request failed: %s: %s", type(error).__name__, error)
         return Page(state, status=warn(f"Something went wrong ({type(error).__name__}); please try again."), warning=True)
 
-    def _act(self, state, model_name, prompt, settings, selection: Selection, action, follow_newest=True) -> Page:
-        """Open or continue the session, run `action(entry) -> message` under its lock, and render."""
+    def _act(self, state, model_name, prompt, settings, selection: Selection, action, follow_newest=True,
+             who: Who | None = None) -> Page:
+        """Open or continue the session, run `action(entry) -> message` (which puts any model work on the
+        engine), and render every view for the new state."""
+        who = who or Who()
         try:
             config = sampling_config(*settings)
-            state, entry = self._entry(state, model_name, prompt, config)
-            if entry.generating or not entry.lock.acquire(timeout=5):
+            state, entry = self._entry(state, model_name, prompt, config, who)
+            if entry.generating:
                 return Page(state, status=warn("Busy generating: press Stop first."), warning=True)
-            try:
-                message = action(entry) or ""
-                if follow_newest:
-                    selection.position = None
-                return self._render(sync_state(state, entry), entry, selection, message)
-            finally:
-                entry.lock.release()
+            message = action(entry) or ""
+            if follow_newest:
+                selection.position = None
+            return self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, message))
         except Exception as e:  # noqa: BLE001 - every failure becomes a message in the page
             return self._refuse(state, e)
 
     # -- use cases --
 
-    def open(self, state, model_name, prompt, settings, selection: Selection) -> Page:
+    def open(self, state, model_name, prompt, settings, selection: Selection, who: Who | None = None) -> Page:
         """Read the prompt (no token added) and show it: after choosing an example or a model."""
-        return self._act(state, model_name, prompt, settings, selection, lambda e: "", follow_newest=False)
+        return self._act(state, model_name, prompt, settings, selection, lambda e: "", follow_newest=False, who=who)
 
-    def step(self, state, model_name, prompt, settings, selection: Selection) -> Page:
+    def step(self, state, model_name, prompt, settings, selection: Selection, who: Who | None = None) -> Page:
         def action(entry):
-            step = entry.session.step()
+            step = self._generate_one(entry, who or Who())
             return step_summary(step) + (f" Stopped: {step.message}." if step.message else "")
-        return self._act(state, model_name, prompt, settings, selection, action)
+        return self._act(state, model_name, prompt, settings, selection, action, who=who)
 
-    def reset(self, state, model_name, prompt, settings, selection: Selection) -> Page:
+    def reset(self, state, model_name, prompt, settings, selection: Selection, who: Who | None = None) -> Page:
         def action(entry):
-            entry.session.rewind(0)
+            self._call(entry, who or Who(), lambda: entry.session.rewind(0))
             return "Back to the prompt."
-        return self._act(state, model_name, prompt, settings, selection, action)
+        return self._act(state, model_name, prompt, settings, selection, action, who=who)
 
-    def rewind(self, state, model_name, prompt, settings, selection: Selection, keep) -> Page:
+    def rewind(self, state, model_name, prompt, settings, selection: Selection, keep, who: Who | None = None) -> Page:
         def action(entry):
             total = len(entry.session.steps)
             n = as_index(keep)
             if n is None or n > total:
                 raise UserError(f"Can rewind to between 0 and {total} generated tokens, not {keep!r}.")
-            entry.session.rewind(n)
+            self._call(entry, who or Who(), lambda: entry.session.rewind(n))
             return f"Rewound to {n} generated token{'s' if n != 1 else ''}."
-        return self._act(state, model_name, prompt, settings, selection, action)
+        return self._act(state, model_name, prompt, settings, selection, action, who=who)
 
-    def force(self, state, model_name, prompt, settings, selection: Selection, token) -> Page:
+    def force(self, state, model_name, prompt, settings, selection: Selection, token, who: Who | None = None) -> Page:
         """Add the picked candidate (a token id) as the next token."""
         def action(entry):
             token_id = as_index(token)
@@ -512,115 +540,104 @@ class Controller:
                 raise UserError("Pick one of the candidates first.")
             if token_id >= entry.session.model.cfg.vocab_size:
                 raise UserError(f"There is no token #{token_id}: ids go from 0 to {entry.session.model.cfg.vocab_size - 1}.")
-            return step_summary(entry.session.step(force=token_id))
-        return self._act(state, model_name, prompt, settings, selection, action)
+            return step_summary(self._generate_one(entry, who or Who(), token_id))
+        return self._act(state, model_name, prompt, settings, selection, action, who=who)
 
-    def force_text(self, state, model_name, prompt, settings, selection: Selection, typed) -> Page:
+    def force_text(self, state, model_name, prompt, settings, selection: Selection, typed, who: Who | None = None) -> Page:
         """Add a typed token (its exact text, or #id) as the next token, with a hint when a space is likely missing."""
         def action(entry):
             token_id, hint = parse_forced_token(self.models.tokenizer, typed)
-            return step_summary(entry.session.step(force=token_id)) + hint
-        return self._act(state, model_name, prompt, settings, selection, action)
+            return step_summary(self._generate_one(entry, who or Who(), token_id)) + hint
+        return self._act(state, model_name, prompt, settings, selection, action, who=who)
 
-    def stream(self, state, model_name, prompt, settings, selection: Selection, tokens_per_second=0) -> Iterator[Page]:
+    def stream(self, state, model_name, prompt, settings, selection: Selection, tokens_per_second=0,
+               who: Who | None = None) -> Iterator[Page]:
         """Generate up to max_new_tokens, yielding a small `Page` (state, strip, status) per token and a
-        full one at the end. Stops between tokens when the user's Stop clears `entry.generating`.
-        `tokens_per_second` paces the stream (0: as fast as the model goes)."""
+        full one at the end. The engine generates (batched with everyone else's tokens, paced at
+        `tokens_per_second`, 0: as fast as the model goes) and stops before the next token on Stop
+        or when this waiter goes away."""
+        who = who or Who()
         try:
             config = sampling_config(*settings)
-            state, entry = self._entry(state, model_name, prompt, config)
+            state, entry = self._entry(state, model_name, prompt, config, who)
+            if entry.generating:
+                yield Page(state, status=warn("Already generating: press Stop first."), warning=True)
+                return
+            if entry.session.room_left <= 0:
+                yield Page(state, status=warn("The text fills the model's context: rewind or reset to continue."), warning=True)
+                return
+            rate = float(tokens_per_second) if isinstance(tokens_per_second, (int, float)) and tokens_per_second > 0 else 0.0
+            run = entry.generating = self.engine.generate(entry.session, entry.lock, config.max_new_tokens, who,
+                                                          rate=min(rate, 1000.0))
         except Exception as e:  # noqa: BLE001
             yield self._refuse(state, e)
             return
-        if entry.generating:
-            yield Page(state, status=warn("Already generating: press Stop first."), warning=True)
-            return
-        s = entry.session
-        if s.room_left <= 0:
-            yield Page(state, status=warn("The text fills the model's context: rewind or reset to continue."), warning=True)
-            return
-        rate = float(tokens_per_second) if isinstance(tokens_per_second, (int, float)) and tokens_per_second > 0 else 0.0
-        run = entry.generating = object()
-        message, last_yield = "", 0.0
+        s, total, message, n = entry.session, config.max_new_tokens, "Stopped.", 0
         try:
-            for n in range(s.config.max_new_tokens):
-                if entry.generating is not run:
-                    message = "Stopped."
-                    break
-                if not entry.lock.acquire(timeout=10):
-                    message = "Busy: stopped."
-                    break
-                try:
-                    step = s.step()
-                finally:
-                    entry.lock.release()
-                if rate:
-                    time.sleep(max(0.0, last_yield + 1.0 / rate - time.monotonic()))
-                last_yield = time.monotonic()
-                state = sync_state(state, entry)
+            for n, got in enumerate(run, 1):
+                step = got.step
                 message = step_summary(step)
-                if step.finish_reason is not None:
+                if step.finish_reason is not None and step.finish_reason != "max_new_tokens":
                     message += f" Stopped: {step.message}."
-                    break
                 if entry.generating is not run:
                     message = "Stopped."
                     break
-                if n == s.config.max_new_tokens - 1:
-                    break  # the last token comes with the full page below
-                yield Page(state, status=f"Generating… {n + 1} of {s.config.max_new_tokens} tokens.",
-                           strip=token_strip(s, None))
+                if n < total and step.finish_reason is None:  # the last token comes with the full page below
+                    yield Page({**state, "prompt_len": len(s.prompt_ids), "ids": got.ids},
+                               status=f"Generating… {n} of {total} tokens.",
+                               strip=strip_of(self.models.tokenizer, got.ids, got.logprobs, None))
+            if entry.generating is not run:
+                message = "Stopped."
         except Exception as e:  # noqa: BLE001
             log.error("generation failed: %s: %s", type(e).__name__, e)
-            message = warn(f"Generation stopped ({type(e).__name__}).")
+            message = warn(f"Generation stopped ({type(e).__name__}).") if not isinstance(e, Overloaded) else warn(str(e))
         finally:
+            run.cancel()
             if entry.generating is run:
                 entry.generating = None
         selection.position = None
-        with entry.lock:
-            yield self._render(sync_state(state, entry), entry, selection, message)
+        try:
+            yield self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, message))
+        except Exception as e:  # noqa: BLE001
+            yield self._refuse(state, e)
 
     def stop(self, state) -> None:
         self.sessions.stop((state or {}).get("key"))
 
-    def select(self, state, settings, selection: Selection, from_sliders: bool = False) -> Page:
+    def select(self, state, settings, selection: Selection, from_sliders: bool = False, who: Who | None = None) -> Page:
         """Show another token, layer, head or tab: the views only. `from_sliders`: the selection came
         from the sliders themselves, which are then left alone unless clamping changed it."""
+        who = who or Who()
         try:
             if not (state or {}).get("ids"):
                 return Page(state, status="Press Step or Generate first: there is no text to look inside yet.")
-            entry = self.sessions.get(state, sampling_config(*settings))
-            if not entry.lock.acquire(timeout=10):
-                return Page(state, status=warn("Busy: try again in a moment."), warning=True)
-            try:
-                page = self._render(sync_state(state, entry), entry, selection, None, upcoming=False)
-                # A slider being dragged or stepped with the keyboard must not be pulled back to the value of
-                # an earlier event: echo the selection only when clamping changed it.
-                chosen = page.selection
-                page.echo = not from_sliders or (selection.position, selection.layer, selection.head) != (chosen.position, chosen.layer, chosen.head)
-                return page
-            finally:
-                entry.lock.release()
+            entry = self.sessions.get(state, sampling_config(*settings), who)
+            page = self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, None, upcoming=False))
+            # A slider being dragged or stepped with the keyboard must not be pulled back to the value of
+            # an earlier event: echo the selection only when clamping changed it.
+            chosen = page.selection
+            page.echo = not from_sliders or (selection.position, selection.layer, selection.head) != (chosen.position, chosen.layer, chosen.head)
+            return page
         except Exception as e:  # noqa: BLE001
             return self._refuse(state, e)
 
-    def upcoming(self, state, settings) -> Page:
+    def upcoming(self, state, settings, who: Who | None = None) -> Page:
         """After a sampling control moved: the upcoming token's distribution and the picker, no token added."""
+        who = who or Who()
         try:
             config = sampling_config(*settings)
             if not (state or {}).get("ids"):
                 return Page(state)
-            entry = self.sessions.get(state, config)
-            if not entry.lock.acquire(timeout=10):
-                return Page(state, status=warn("Busy: try again in a moment."), warning=True)
-            try:
+            entry = self.sessions.get(state, config, who)
+
+            def draw():
                 fig, choices = upcoming_view(entry.session)
                 return Page(sync_state(state, entry), upcoming=fig, choices=choices)
-            finally:
-                entry.lock.release()
+            return self._call(entry, who, draw)
         except Exception as e:  # noqa: BLE001
             return self._refuse(state, e)
 
-    def switch_model(self, state, model_name, prompt, settings, selection: Selection) -> Page:
+    def switch_model(self, state, model_name, prompt, settings, selection: Selection, who: Who | None = None) -> Page:
         """Load another model and show the same prompt through it; every range and view follows."""
         try:
             self.models.get(model_name)
@@ -638,15 +655,17 @@ class Controller:
                         strip=empty_strip(), selection=selection, n_layer=cfg.n_layer, n_head=cfg.n_head,
                         upcoming=plots.empty_figure("Type a prompt: its next token appears here."), choices=[],
                         views=empty_views(), examples=names)
-        page = self.open(fresh, model_name, prompt, settings, selection)
+        page = self.open(fresh, model_name, prompt, settings, selection, who=who)
         page.examples = names
         if not page.warning:
             page.status = f"Switched to **{model_name}** ({cfg.n_layer} layers × {cfg.n_head} heads)."
         return page
 
-    def choose_example(self, state, model_name, name, settings, selection: Selection, show_me=False) -> Page:
+    def choose_example(self, state, model_name, name, settings, selection: Selection, show_me=False,
+                       who: Who | None = None) -> Page:
         """Put an example in the prompt and read it; with `show_me`, open the tab, layer and head where
         its lesson is, found by measuring this model, or say that this model does not show it."""
+        who = who or Who()
         if name not in EXAMPLES:
             return Page(state, status=warn("Choose an example first."), warning=True)
         ex, text = EXAMPLES[name], example_text(name)
@@ -657,7 +676,8 @@ class Controller:
             selection.tab = ex.tab
             if ex.role:
                 try:
-                    scores = head_scores(self.models.get(model_name))
+                    model = self.models.get(model_name)
+                    scores = self.engine.call(None, None, lambda: head_scores(model), who)
                 except Exception as e:  # noqa: BLE001
                     return self._refuse(state, e)
                 layer, head, score = scores.best(ex.role)
@@ -672,11 +692,8 @@ class Controller:
                     selection.layer, selection.head = layer, head
                     message = f"Layer {layer}, head {head} is this model's strongest {role} head (score {score:.2f})."
 
-        def measure(entry: Entry) -> str:
+        def measure(s: GenerationSession) -> str:
             """Find, in this model and this text, the head that reads `attend_to` most from the last token."""
-            if not (show_me and ex.attend_to):
-                return ""
-            s = entry.session
             s.read()
             target = encode(self.models.tokenizer, ex.attend_to)
             where = [i for i, t in enumerate(s.ids) if t == target[0]] if len(target) == 1 else []
@@ -694,7 +711,10 @@ class Controller:
             selection.layer, selection.head = int(layer), int(head)
             return f"Layer {layer}, head {head} sends {weight:.0%} of the last token's attention to {ex.attend_to!r}."
 
-        page = self._act(state, model_name, text, settings, selection, measure, follow_newest=False)
+        def action(entry: Entry) -> str:
+            return self._call(entry, who, lambda: measure(entry.session)) if show_me and ex.attend_to else ""
+
+        page = self._act(state, model_name, text, settings, selection, action, follow_newest=False, who=who)
         if page.warning and page.strip is None:
             return page
         message = message or page.status or ""
@@ -707,7 +727,7 @@ class Controller:
     # -- rendering --
 
     def _render(self, state, entry: Entry, selection: Selection, message: str | None, upcoming: bool = True) -> Page:
-        """Every view of the page for `selection` (clamped), the visible tab's figures only."""
+        """Every view of the page for `selection` (clamped), the visible tab's figures only (runs on the engine)."""
         s = entry.session
         s.read()
         cfg = s.model.cfg
@@ -745,14 +765,18 @@ def prob_category(logprob: float) -> str:
 
 
 def token_strip(session: GenerationSession, selected: int | None) -> dict:
+    """The session's text as tokens for the strip (`strip_of`)."""
+    return strip_of(session.tokenizer, session.ids, session.records.logprobs, selected)
+
+
+def strip_of(tokenizer, ids: list[int], logprobs: list[float], selected: int | None) -> dict:
     """The text as tokens for the strip: `{"tokens": [{t, c, p, br, sel}], "selected": int}`.
 
     `t` the token as shown everywhere (`plots.show`), `c` its category by the probability the model gave
-    it from the tokens before it (prompt tokens too; the first has none), `p` that probability as text,
-    `br` a line break after a newline token, `sel` "sel" on the selected token.
+    it from the tokens before it (`logprobs[i]`; prompt tokens too; the first has none), `p` that
+    probability as text, `br` a line break after a newline token, `sel` "sel" on the selected token.
     """
-    strings = token_strings(session.tokenizer, session.ids)
-    logprobs = session.records.logprobs
+    strings = token_strings(tokenizer, ids)
     out = []
     for i, text in enumerate(strings):
         known = 0 < i < len(logprobs) and not np.isnan(logprobs[i])

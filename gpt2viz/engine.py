@@ -64,8 +64,8 @@ _DONE = object()
 
 @dataclass(eq=False)
 class _Job:
-    session: GenerationSession
-    lock: threading.Lock
+    session: GenerationSession | None
+    lock: threading.Lock | None
     who: Who
     n_tokens: int = 0  # tokens to generate; 0 = only read what is unread
     force: list[int | None] = field(default_factory=list)  # per generated token, None = sample
@@ -133,9 +133,9 @@ class Engine:
         if session.record and session.unread():
             self._wait(self._submit(_Job(session, lock, who)), timeout)
 
-    def call(self, session: GenerationSession, lock: threading.Lock, fn: Callable[[], object], who: Who = Who(),
-             timeout: float = 120.0):
-        """Run `fn()` on the engine's thread while holding `lock`; return its result or raise its exception."""
+    def call(self, session: GenerationSession | None, lock: threading.Lock | None, fn: Callable[[], object],
+             who: Who = Who(), timeout: float = 120.0):
+        """Run `fn()` on the engine's thread while holding `lock` (if any); return its result or raise its exception."""
         return self._wait(self._submit(_Job(session, lock, who, fn=fn)), timeout)
 
     def _wait(self, job: _Job, timeout: float):
@@ -224,7 +224,7 @@ class Engine:
         for job in calls:
             if time.monotonic() - started > self.call_slice and job is not calls[0]:
                 break
-            if not job.lock.acquire(blocking=False):
+            if job.lock is not None and not job.lock.acquire(blocking=False):
                 continue  # its session is busy elsewhere: next iteration
             job.served = iteration
             try:
@@ -232,7 +232,8 @@ class Engine:
             except BaseException as e:  # noqa: BLE001 - handed to the waiter
                 result = e
             finally:
-                job.lock.release()
+                if job.lock is not None:
+                    job.lock.release()
             self.stats["calls"] += 1
             self._finish(job, result)
 

@@ -1,0 +1,194 @@
+"""A class at once: simulated students against the app through its public API, on loopback.
+
+    python bench/load.py                      # 1, 5, 10, 20, 30, 60 students on a gpt2-small-shaped checkpoint
+    python bench/load.py --clients 1 30 --peer 25db805   # and the app at an earlier commit, in the same run
+
+Each student (a gradio_client in a thread, its own browser session) presses Generate for 30 tokens
+(as fast as the server goes), then Step 5 times; all start together. Reported per level: time to
+the first token (p50 / p95 / max), each student's tokens per second while generating (from its
+first token to its last), all students' tokens per second together, the Steps' latency, the
+server's resident memory before and after, and the ratios against one student alone measured in
+the same run. Not a test: figures go to bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0)
+PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+STRIP = 2  # the strip's place in each endpoint's outputs
+
+
+def make_checkpoint(folder: Path) -> Path:
+    from gpt2viz import GPT2, GPT2Config, save_checkpoint
+    from gpt2viz.model import init_weights
+
+    if not (folder / "config.json").exists():
+        save_checkpoint(init_weights(GPT2(GPT2Config(n_layer=12, n_head=12, n_embd=768, n_positions=1024))), folder)
+    return folder
+
+
+def server_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class Server:
+    """`python app.py --model FOLDER` from a source tree (this one, or a worktree of an earlier commit)."""
+
+    def __init__(self, tree: Path, checkpoint: Path, port: int, log: Path) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, "app.py", "--model", str(checkpoint), "--port", str(port)],
+                                     cwd=tree, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}/"
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the app did not start; see {log}")
+                time.sleep(0.5)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def student(url: str, model: str, n_tokens: int, n_steps: int, seed: int, start: threading.Event, out: dict) -> None:
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    args = dict(model=model, prompt=PROMPT, **{**DEFAULTS, "seed": seed}, max_new_tokens=n_tokens)
+    start.wait()
+    t0 = time.perf_counter()
+    times, last = [], None
+    job = client.submit(**args, tokens_per_second=0, api_name="/generate")
+    for output in job:
+        strip = output[STRIP]
+        if not isinstance(strip, dict) or not strip.get("tokens"):
+            continue
+        n = len(strip["tokens"])
+        if last is None or n > last:
+            times.append((time.perf_counter() - t0, n))
+            last = n
+    steps = []
+    for _ in range(n_steps):
+        s0 = time.perf_counter()
+        client.predict(**args, api_name="/step")
+        steps.append(time.perf_counter() - s0)
+    out.update(times=times, steps=steps, status=str(job.outputs()[-1][1] if job.outputs() else ""))
+
+
+def level(url: str, model: str, n_clients: int, n_tokens: int, n_steps: int) -> dict:
+    start = threading.Event()
+    results = [dict() for _ in range(n_clients)]
+    threads = [threading.Thread(target=student, args=(url, model, n_tokens, n_steps, i, start, results[i]))
+               for i in range(n_clients)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0 + 0.05 * n_clients)  # every client has fetched the app's config
+    t0 = time.perf_counter()
+    start.set()
+    for t in threads:
+        t.join(timeout=1800)
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r.get("times")]
+    first = [r["times"][0][0] for r in ok]
+    rates, generated = [], 0
+    for r in ok:
+        (t_first, n_first), (t_last, n_last) = r["times"][0], r["times"][-1]
+        generated += n_last - n_first + 1
+        if n_last > n_first:
+            rates.append((n_last - n_first) / (t_last - t_first))
+    gen_end = max(r["times"][-1][0] for r in ok) if ok else float("nan")
+    steps = [s for r in ok for s in r["steps"]]
+    return dict(clients=n_clients, finished=len(ok), wall_s=wall,
+                ttft=pct(first), student_tps=pct(rates), min_student_tps=min(rates) if rates else float("nan"),
+                aggregate_tps=generated / gen_end if ok else float("nan"), step_s=pct(steps))
+
+
+def pct(xs: list[float]) -> dict:
+    if not xs:
+        return {}
+    xs = sorted(xs)
+    return dict(p50=statistics.median(xs), p95=xs[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))], max=xs[-1])
+
+
+def run_tree(tree: Path, checkpoint: Path, clients: list[int], n_tokens: int, n_steps: int, log: Path, port: int) -> dict:
+    server = Server(tree, checkpoint, port, log)
+    model = f"local: {checkpoint.name}"
+    try:
+        level(server.url, model, 1, 3, 0)  # warm up
+        rss_before = server_rss(server.proc.pid)
+        levels = []
+        for n in clients:
+            levels.append(level(server.url, model, n, n_tokens, n_steps))
+            print(json.dumps(levels[-1]), flush=True)
+        return dict(levels=levels, rss_before=rss_before, rss_after=server_rss(server.proc.pid))
+    finally:
+        server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 5, 10, 20, 30, 60])
+    parser.add_argument("--tokens", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--peer", help="also run the app at this git commit (a worktree), same checkpoint, same levels")
+    parser.add_argument("--json", type=Path, help="write the raw figures here")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="gpt2viz-load-"))
+    checkpoint = make_checkpoint(work / "gpt2-small-random")
+    report = {"this": run_tree(ROOT, checkpoint, args.clients, args.tokens, args.steps, work / "this.log", 7901)}
+    if args.peer:
+        peer = work / "peer"
+        subprocess.run(["git", "worktree", "add", "--detach", str(peer), args.peer], cwd=ROOT, check=True, capture_output=True)
+        try:
+            report["peer"] = run_tree(peer, checkpoint, args.clients, args.tokens, args.steps, work / "peer.log", 7902)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(peer)], cwd=ROOT, capture_output=True)
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+def print_report(report: dict) -> None:
+    for name, run in report.items():
+        base = run["levels"][0] if run["levels"][0]["clients"] == 1 else None
+        print(f"\n{name}: resident memory {run['rss_before'] / 2**30:.2f} GiB before, {run['rss_after'] / 2**30:.2f} GiB after")
+        print("| students | finished | first token p50 / p95 / max (s) | tokens/s per student p50 (min) | all together tokens/s"
+              + (" (× one alone)" if base else "") + " | Step p50 / p95 (s) |")
+        print("|---|---|---|---|---|---|")
+        for lv in run["levels"]:
+            t, r, st = lv["ttft"], lv["student_tps"], lv["step_s"]
+            ratio = f" (×{lv['aggregate_tps'] / base['aggregate_tps']:.1f})" if base else ""
+            print(f"| {lv['clients']} | {lv['finished']} | {t.get('p50', 0):.2f} / {t.get('p95', 0):.2f} / {t.get('max', 0):.2f} "
+                  f"| {r.get('p50', 0):.1f} ({lv['min_student_tps']:.1f}) | {lv['aggregate_tps']:.1f}{ratio} "
+                  f"| {st.get('p50', 0):.2f} / {st.get('p95', 0):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
