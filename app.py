@@ -11,9 +11,11 @@ import argparse
 import inspect
 import logging
 import os
+import re
 import time
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from gpt2viz import controller as c
 from gpt2viz.memory import configure_allocator
@@ -99,6 +101,38 @@ SETTING_NAMES = ["temperature", "top_k", "top_p", "repetition_penalty", "max_new
 VIEW_NAMES = ["position", "layer", "head", "tab", "per_head_scale", "compact"]
 
 
+def quiet(component):
+    """An input component whose refusals (a value out of range, not one of the choices) reach the client as
+    the component's own message and the log as one line, not as a traceback per request."""
+    preprocess = component.preprocess
+
+    def refuse_quietly(payload):
+        try:
+            return preprocess(payload)
+        except Exception as e:  # noqa: BLE001 - every refusal becomes one message
+            message = str(getattr(e, "message", None) or f"{component.label or component.elem_id}: that is not a valid value.")
+            message = re.sub(r"\S{41,}", lambda m: m.group()[:20] + "…", message)[:300]  # never echo a huge value back
+            log.warning("refused input for %s: %s", component.elem_id, message)
+            raise gr.Error(message, print_exception=False) from None
+
+    component.preprocess = refuse_quietly  # an instance attribute: subclassing a component makes Gradio write a .pyi
+    return component
+
+
+class RefuseUploads:
+    """ASGI middleware: the page has no file input, so Gradio's upload route refuses instead of caching files."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/gradio_api/upload"):
+            await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"This app takes no files."})
+            return
+        await self.app(scope, receive, send)
+
+
 def who_of(request: gr.Request | None) -> c.Who:
     """Whose work a request is: the browser session and the client's address (for the engine's caps)."""
     client = getattr(request, "client", None)
@@ -119,8 +153,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         gr.Markdown(INTRO, elem_id="intro")
         gr.Markdown(models.notice, visible=bool(models.notice), elem_id="notice")
         with gr.Row(equal_height=True):
-            model_name = gr.Dropdown(models.names(), value=models.default, label="Model", elem_id="model", scale=1, min_width=160)
-            example = gr.Dropdown(c.examples_for(models.default), value=None, label="Example", elem_id="example", scale=2, min_width=200)
+            model_name = quiet(gr.Dropdown(models.names(), value=models.default, label="Model", elem_id="model", scale=1, min_width=160))
+            example = quiet(gr.Dropdown(c.examples_for(models.default), value=None, label="Example", elem_id="example", scale=2, min_width=200))
             show_me = gr.Button("Show me", elem_id="show_me", scale=0, min_width=100)
         example_hint = gr.Markdown(elem_classes="explain", elem_id="example_hint")
         prompt = gr.Textbox(label="Prompt", lines=2, max_lines=8, elem_id="prompt", value=default_prompt)
@@ -133,26 +167,26 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         strip = gr.HTML(c.empty_strip(), html_template=STRIP_TEMPLATE, js_on_load=STRIP_JS, elem_id="strip")
         gr.HTML(f"Colour: how likely the model found each token, given the text before it. {STRIP_KEY}", elem_id="strip_key")
         with gr.Row(equal_height=True):
-            position = gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Selected token", elem_id="position", scale=1, min_width=200)
+            position = quiet(gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Selected token", elem_id="position", scale=1, min_width=200))
             selected_label = gr.Markdown(elem_id="selected_label")
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 upcoming = gr.Plot(elem_id="upcoming_plot", show_label=False)
                 with gr.Accordion("Sampling controls (they reshape the upcoming token's distribution)", open=True):
-                    temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0 = always the likeliest)", elem_id="temperature")
-                    top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)", elem_id="top_k")
-                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p (1 = off)", elem_id="top_p")
-                    penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty (1 = off)", elem_id="penalty")
-                    max_new = gr.Slider(1, 200, value=30, step=1, label="Max new tokens", elem_id="max_new")
-                    speed = gr.Slider(0, 10, value=5, step=1, label="Speed: tokens per second (0: as fast as it goes)", elem_id="speed",)
-                    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (same seed, same text)", elem_id="seed")
+                    temperature = quiet(gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0 = always the likeliest)", elem_id="temperature"))
+                    top_k = quiet(gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)", elem_id="top_k"))
+                    top_p = quiet(gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p (1 = off)", elem_id="top_p"))
+                    penalty = quiet(gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty (1 = off)", elem_id="penalty"))
+                    max_new = quiet(gr.Slider(1, 200, value=30, step=1, label="Max new tokens", elem_id="max_new"))
+                    speed = quiet(gr.Slider(0, 10, value=5, step=1, label="Speed: tokens per second (0: as fast as it goes)", elem_id="speed",))
+                    seed = quiet(gr.Number(value=0, precision=0, minimum=0, label="Seed (same seed, same text)", elem_id="seed"))
                 with gr.Accordion("Choose the next token yourself", open=True):
-                    pick = gr.Dropdown(choices=[], label="The upcoming token's candidates", elem_id="pick")
+                    pick = quiet(gr.Dropdown(choices=[], label="The upcoming token's candidates", elem_id="pick"))
                     pick_btn = gr.Button("Use this token", elem_id="pick_btn")
                     typed = gr.Textbox(label="...or type a token (' Paris' with its space, or #464 for an id)", elem_id="typed")
                     typed_btn = gr.Button("Use typed token", elem_id="typed_btn")
                 with gr.Accordion("Rewind", open=False):
-                    rewind_to = gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Keep this many generated tokens", elem_id="rewind_to")
+                    rewind_to = quiet(gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Keep this many generated tokens", elem_id="rewind_to"))
                     rewind_btn = gr.Button("Rewind", elem_id="rewind_btn")
             with gr.Column(scale=2, min_width=320):
                 with gr.Tabs(selected="chosen", elem_id="tabs") as tabs:
@@ -162,8 +196,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                     with gr.Tab("Attention", id="attention", elem_id="tab-attention") as tab_attention:
                         gr.Markdown(TEXT_ATTENTION, elem_classes="explain")
                         with gr.Row():
-                            layer = gr.Slider(0, MAX_LAYERS, value=0, step=1, label="Layer", elem_id="layer", min_width=140)
-                            head = gr.Slider(0, MAX_HEADS, value=0, step=1, label="Head", elem_id="head", min_width=140)
+                            layer = quiet(gr.Slider(0, MAX_LAYERS, value=0, step=1, label="Layer", elem_id="layer", min_width=140))
+                            head = quiet(gr.Slider(0, MAX_HEADS, value=0, step=1, label="Head", elem_id="head", min_width=140))
                         attn_plot = gr.Plot(elem_id="attn_plot", show_label=False)
                         row_plot = gr.Plot(elem_id="row_plot", show_label=False)
                     with gr.Tab("All heads", id="overview", elem_id="tab-overview") as tab_overview:
@@ -361,6 +395,7 @@ def main() -> None:
     # everyone's tokens and caps each client's queued work: Gradio's limits only bound waiting threads.
     demo.queue(max_size=1024, default_concurrency_limit=128)
     demo.launch(server_name=args.host, server_port=args.port, css=CSS, theme=gr.themes.Soft(), max_threads=256,
+                app_kwargs={"middleware": [Middleware(RefuseUploads)]},
                 max_file_size="1mb", enable_monitoring=False, show_error=False, footer_links=["api"])
 
 

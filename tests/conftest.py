@@ -133,6 +133,7 @@ def start_app(tmp_path_factory, extra_args=()):
     text = log.read_text()
     ours = re.findall(r'File ".*(?:app\.py|gpt2viz/[a-z_]+\.py)".*', text) + re.findall(r"ERROR:gpt2viz.*", text)
     assert not ours, f"the app's own code failed:\n{text[-4000:]}"
+    assert "Traceback" not in text, f"a refused request logged a traceback:\n{text[-4000:]}"  # one line each instead
 
 
 @pytest.fixture(scope="session")

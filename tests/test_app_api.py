@@ -169,6 +169,31 @@ def test_out_of_range_values_are_refused_with_a_reason(client, overrides, messag
         client.predict(**args(**overrides), api_name="/step")
 
 
+@pytest.mark.parametrize("token_id", ["²", "9" * 5000, "12abc"], ids=["superscript", "5000-digits", "letters"])
+def test_a_bad_candidate_id_is_refused_with_a_short_message(client, token_id):
+    with pytest.raises(AppError) as refused:
+        client.predict(**args(), token_id=token_id, api_name="/force_candidate")
+    assert "not in the list of choices" in str(refused.value) and len(str(refused.value)) < 200
+
+
+def test_a_value_of_the_wrong_type_is_refused_in_words(client):
+    with pytest.raises(AppError, match="Keep this many generated tokens: that is not a valid value"):
+        client.predict(**args(), keep="abc", api_name="/rewind")
+
+
+def test_uploads_are_refused(app_url):
+    """The page has no file input: nothing sent to Gradio's upload route is stored."""
+    import urllib.error
+    import urllib.request
+
+    body = b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.txt"\r\n\r\nhello\r\n--x--\r\n'
+    request = urllib.request.Request(app_url + "gradio_api/upload", data=body,
+                                     headers={"Content-Type": "multipart/form-data; boundary=x"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403
+
+
 def test_unknown_model_is_refused(client):
     with pytest.raises(AppError, match="not in the list of choices"):
         client.predict(**args(model="../../etc/passwd"), api_name="/set_model")
