@@ -13,8 +13,13 @@ which finds its pass already read). Sessions join and leave between iterations. 
 piece of model work (drawing views, reading a rewound text) is a `call` run on the same thread
 between iterations, so one budget covers all of it and Gradio's thread count decides nothing.
 
-Fairness: jobs are served least recently served first; a long prompt is read at most
-`prefill_tokens` per iteration; calls get at most `call_slice` seconds per iteration (at least
+Every session gets the same numbers, bit for bit, whoever it is batched with: `forward_ragged`'s
+products give a row the same result whatever the other rows, and prompts are read in chunks whose
+boundaries depend only on the position (tests/test_engine.py). So a seed replays the same text on
+a busy server as on an idle one.
+
+Fairness: jobs are served least recently served first; prompts are read at most `prefill_tokens`
+per iteration in all; calls get at most `call_slice` seconds per iteration (at least
 one); each browser session and each client address has a cap on queued jobs (`Overloaded`).
 One loop serves every loaded model (an iteration batches the sessions of one model): on a
 2-core machine two loops would only take turns on the same cores.
@@ -255,7 +260,9 @@ class Engine:
                     if budget <= 0:
                         job.lock.release()
                         continue
-                    unread = unread[:budget]
+                    # Chunks end at multiples of `prefill_tokens`, whatever else runs: a session's passes,
+                    # and so its numbers, never depend on the load.
+                    unread = unread[: self.prefill_tokens - len(job.session.records) % self.prefill_tokens]
                     budget -= len(unread)
                 batch.append((job, unread))
                 job.served = iteration
@@ -281,7 +288,7 @@ class Engine:
         self.stats["iterations"] += 1
         self.stats["batched_rows"] += out.bounds[-1]
         complete = [i for i, s in enumerate(sessions) if len(s.records) + len(reading[i][1]) == len(s._state.ids)]
-        logits = model.unembed(out.normed[[out.bounds[i + 1] - 1 for i in complete]]).float() if complete else None
+        logits = model.unembed_rows(out.normed[[out.bounds[i + 1] - 1 for i in complete]]).float() if complete else None
         for i, s in enumerate(sessions):
             rows = out.rows(i)
             row_logits = logits[complete.index(i)] if i in complete else None

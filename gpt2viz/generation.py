@@ -325,7 +325,9 @@ class GenerationSession:
         self._check_room()
         pending = self._read()
         dist = distributions(pending.logits, self._state.ids, self.config)
-        return Prediction(pending.position, self._candidates(dist, None), entropy(dist.probs), entropy(dist.probs_final))
+        raw = entropy(dist.probs)
+        return Prediction(pending.position, self._candidates(dist, None), raw,
+                          raw if dist.probs_final is dist.probs else entropy(dist.probs_final))
 
     def step(self, force: int | None = None) -> Step:
         """Generate one token (or take `force` as it): exactly one forward pass."""
@@ -357,8 +359,8 @@ class GenerationSession:
             rank=rank_of(dist.probs, token),
             prob_final=float(dist.probs_final[token]),
             rank_final=rank_of(dist.probs_final, token),
-            entropy=entropy(dist.probs),
-            entropy_final=entropy(dist.probs_final),
+            entropy=(raw_entropy := entropy(dist.probs)),
+            entropy_final=raw_entropy if dist.probs_final is dist.probs else entropy(dist.probs_final),
             candidates=self._candidates(dist, token),
             attention=pending.attention,
             resid=pending.resid,
@@ -437,7 +439,8 @@ class Records:
         """Store rows for positions start..start+T-1 from one forward pass, and the log-probabilities
         of the tokens at start+1..start+T-1 (already in the text when the pass ran)."""
         T = resid.shape[1]
-        res, emb, pos = (t.float().cpu().numpy() for t in (resid, embed, pos_embed))
+        # copies: rows sliced from a batched pass must not keep the whole batch's tensors alive
+        res, emb, pos = (np.array(t.float().cpu().numpy(), copy=True) for t in (resid, embed, pos_embed))
         for r in range(T):
             self.resid.append(res[:, r])
             self.embed.append(emb[r])

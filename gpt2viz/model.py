@@ -207,6 +207,39 @@ class Attention(nn.Module):
         return self.c_proj(z.transpose(1, 2).reshape(B, T, C))
 
 
+def _onednn_packing() -> bool:
+    """Whether this torch can pack a linear layer's weight for oneDNN (CPU builds with mkldnn)."""
+    try:
+        w, x = torch.randn(8, 4), torch.randn(3, 4)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 32)
+        return torch.allclose(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), x @ w.T, atol=1e-5)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+ONEDNN_PACKING = _onednn_packing()
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`[out, in]` weight in the layout `packed_linear` multiplies fastest: oneDNN's blocked layout on a
+    CPU that has it (float32), else the weight itself."""
+    if ONEDNN_PACKING and weight.device.type == "cpu" and weight.dtype == torch.float32:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+    return weight
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, W, b)` with W from `pack_linear_weight`.
+
+    On this project's CPUs oneDNN with a packed weight multiplies a few rows 2-3x faster than the
+    default BLAS call (which serves F.linear), and, unlike it, gives each row the same result
+    whatever the number of rows: what makes batched sessions equal to solo ones bit for bit.
+    """
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 @functools.lru_cache(maxsize=4)
 def causal_bias(n_query: int, n_key: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """`[query, key]`: 0 where the query (the last n_query positions) may attend, -inf where it may not."""
@@ -332,10 +365,12 @@ class GPT2(nn.Module):
 
         The rows of all sequences are stacked, `[N = sum T_i, ...]`, so each weight matrix is read once
         for all of them (at batch 1 a decode step streams every weight to compute one row); attention
-        runs per sequence over its own cache, exactly as `forward` does. No hook point runs here: a
-        caller that needs hooks (observers, interventions) uses `forward`. Returns the final-layer-normed
-        rows and the captures a recording session keeps (see `Ragged`).
-        tests/test_engine.py holds it equal to `forward`, sequence by sequence.
+        runs per sequence over its own cache, as `forward` does. The matrix products use weights
+        packed once for oneDNN (`packed_linear`), whose result for a row does not depend on the other
+        rows: a sequence gets the same numbers bit for bit whoever it is batched with.
+        No hook point runs here: a caller that needs hooks (observers, interventions) uses `forward`.
+        Returns the final-layer-normed rows (`unembed_rows` reads them out) and the captures a recording
+        session keeps (see `Ragged`). tests/test_engine.py holds it equal to `forward`.
         """
         cfg = self.cfg
         C, H, D, eps = cfg.n_embd, cfg.n_head, cfg.d_head, cfg.layer_norm_epsilon
@@ -352,9 +387,11 @@ class GPT2(nn.Module):
         bounds = [0]
         for T in lengths:
             bounds.append(bounds[-1] + T)
+        packed = self._packed_weights()
         for layer, (params, _) in enumerate(self._decode_plan):
             ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj = params
-            qkv = F.linear(F.layer_norm(x, (C,), ln_1["weight"], ln_1["bias"], eps), c_attn["weight"], c_attn["bias"])
+            w_attn, w_proj, w_fc, w_mlp = packed[layer]
+            qkv = packed_linear(F.layer_norm(x, (C,), ln_1["weight"], ln_1["bias"], eps), w_attn, c_attn["bias"])
             zs = []
             for i, (kv, past, T) in enumerate(zip(caches, pasts, lengths)):
                 q, k, v = qkv[bounds[i]:bounds[i + 1]].view(1, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # (1, H, T, D)
@@ -366,14 +403,32 @@ class GPT2(nn.Module):
                 else:
                     z = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_bias(T, past + T, x.device, q.dtype))
                 zs.append(z[0].transpose(0, 1).reshape(T, C))
-            x = x + F.linear(torch.cat(zs), attn_proj["weight"], attn_proj["bias"])
-            h = F.gelu(F.linear(F.layer_norm(x, (C,), ln_2["weight"], ln_2["bias"], eps), c_fc["weight"], c_fc["bias"]),
+            x = x + packed_linear(torch.cat(zs), w_proj, attn_proj["bias"])
+            h = F.gelu(packed_linear(F.layer_norm(x, (C,), ln_2["weight"], ln_2["bias"], eps), w_fc, c_fc["bias"]),
                        approximate="tanh")
-            x = x + F.linear(h, mlp_proj["weight"], mlp_proj["bias"])
+            x = x + packed_linear(h, w_mlp, mlp_proj["bias"])
             resid.append(x)
         for kv, past, T in zip(caches, pasts, lengths):
             kv.length = past + T
         return Ragged(bounds, self.ln_f(x), torch.stack(resid), embed, pos_embed)
+
+    @torch.no_grad()
+    def unembed_rows(self, normed: torch.Tensor) -> torch.Tensor:
+        """`[n, d_model]` final-layer-normed rows -> logits `[n, vocab]` through the packed unembedding
+        (a row's logits do not depend on the other rows; `forward_ragged`'s companion)."""
+        return packed_linear(normed, self._packed_weights()[-1], None)
+
+    def _packed_weights(self) -> list:
+        """Per block the packed c_attn, attn c_proj, c_fc, mlp c_proj weights, then the unembedding;
+        rebuilt whenever a weight changes (`packed_linear`)."""
+        weights = [m.weight for b in self.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        weights.append(self.wte.weight)
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        cached = self.__dict__.get("_packed_cache")
+        if cached is None or cached[0] != key:
+            flat = [pack_linear_weight(w.detach()) for w in weights]
+            self.__dict__["_packed_cache"] = cached = (key, [tuple(flat[4 * i:4 * i + 4]) for i in range(self.cfg.n_layer)] + [flat[-1]])
+        return cached[1]
 
     def unembed(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Final-layer-normed residual `[..., d_model]` -> logits `[..., vocab]` (tied to the token embedding).

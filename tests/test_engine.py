@@ -92,6 +92,20 @@ def test_eight_sessions_batched_get_what_each_gets_alone(trained, tokenizer):
         assert_same(s, solo)
 
 
+def test_batched_is_bit_for_bit_what_the_engine_computes_for_a_session_alone(model, tokenizer):
+    """On nearly flat distributions (random weights) any difference in rounding would change sampled tokens."""
+    n_tokens = [14, 6, 9, 11, 3, 8, 12, 5]
+    together = [GenerationSession(model, tokenizer, PROMPTS[i], CONFIGS[i], record=True) for i in range(8)]
+    run_all(Engine(prefill_tokens=8), together, n_tokens)
+    for i, s in enumerate(together):
+        solo = GenerationSession(model, tokenizer, PROMPTS[i], CONFIGS[i], record=True)
+        run_all(Engine(prefill_tokens=8), [solo], [n_tokens[i]])
+        assert s.ids == solo.ids
+        for a, b in zip(s.records.resid, solo.records.resid):
+            np.testing.assert_array_equal(a, b)
+        assert [st.candidates[0].prob_final for st in s.steps] == [st.candidates[0].prob_final for st in solo.steps]
+
+
 def test_batched_captures_equal_the_module_path_on_a_gpt2_sized_layer(model, tokenizer):
     engine = Engine(prefill_tokens=16)
     n_tokens = [6, 2, 9, 4]
