@@ -421,6 +421,13 @@ class Page:
     warning: bool = False
     echo: bool = True  # send the selection back to the sliders (False: the user just set them to these values)
 
+    def build(self) -> "Page":
+        """Draw the figures the engine's part of a render left as recipes (`recipe`), on the waiter's thread."""
+        if isinstance(self.upcoming, functools.partial):
+            self.upcoming = self.upcoming()
+        self.views = {k: v() if isinstance(v, functools.partial) else v for k, v in self.views.items()}
+        return self
+
 
 def as_index(value) -> int | None:
     """A non-negative integer from a UI or API value, or None (ASCII digits only, at most 7 of them)."""
@@ -500,7 +507,7 @@ class Controller:
             message = action(entry) or ""
             if follow_newest:
                 selection.position = None
-            return self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, message))
+            return self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, message)).build()
         except Exception as e:  # noqa: BLE001 - every failure becomes a message in the page
             return self._refuse(state, e)
 
@@ -597,7 +604,7 @@ class Controller:
                 entry.generating = None
         selection.position = None
         try:
-            yield self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, message))
+            yield self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, message)).build()
         except Exception as e:  # noqa: BLE001
             yield self._refuse(state, e)
 
@@ -612,7 +619,7 @@ class Controller:
             if not (state or {}).get("ids"):
                 return Page(state, status="Press Step or Generate first: there is no text to look inside yet.")
             entry = self.sessions.get(state, sampling_config(*settings), who)
-            page = self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, None, upcoming=False))
+            page = self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, None, upcoming=False)).build()
             # A slider being dragged or stepped with the keyboard must not be pulled back to the value of
             # an earlier event: echo the selection only when clamping changed it.
             chosen = page.selection
@@ -631,9 +638,9 @@ class Controller:
             entry = self.sessions.get(state, config, who)
 
             def draw():
-                fig, choices = upcoming_view(entry.session)
+                fig, choices = upcoming_view(entry.session, draw=False)
                 return Page(sync_state(state, entry), upcoming=fig, choices=choices)
-            return self._call(entry, who, draw)
+            return self._call(entry, who, draw).build()
         except Exception as e:  # noqa: BLE001
             return self._refuse(state, e)
 
@@ -737,7 +744,7 @@ class Controller:
                     n_generated=len(s.steps), n_layer=cfg.n_layer, n_head=cfg.n_head,
                     selected_label=selected_label(s, sel.position))
         if upcoming:
-            page.upcoming, page.choices = upcoming_view(s)
+            page.upcoming, page.choices = upcoming_view(s, draw=False)
         page.views = tab_views(s, sel, self.models)
         return page
 
@@ -818,12 +825,13 @@ def step_summary(step: Step) -> str:
             f"{plots.pct(step.prob)} (rank {step.rank}); after your settings {plots.pct(step.prob_final)}.")
 
 
-def chosen_view(session: GenerationSession, position: int):
+def chosen_view(session: GenerationSession, position: int, draw: bool = True):
     """How the token at `position` came to be: for a generated token the distribution it was drawn from
-    (raw and final, the chosen one marked); for a prompt token what the model predicted there."""
+    (raw and final, the chosen one marked); for a prompt token what the model predicted there.
+    `draw=False` returns the figure as a recipe to draw later (`Page.build`), away from the engine's loop."""
     token = plots.show(token_strings(session.tokenizer, [session.ids[position]])[0])
     if position == 0:
-        return plots.empty_figure(f"Token 0 ({token}) is the first token: nothing came before it, so the model predicted nothing.")
+        return recipe(draw, plots.empty_figure, f"Token 0 ({token}) is the first token: nothing came before it, so the model predicted nothing.")
     n_prompt = len(session.prompt_ids)
     if position >= n_prompt:
         step = session.steps[position - n_prompt]
@@ -831,7 +839,7 @@ def chosen_view(session: GenerationSession, position: int):
         chosen = next(i for i, c in enumerate(cands) if c.token_id == step.token_id)
         how = {"sampled": "drawn at random from the blue bars", "greedy": "the likeliest (temperature 0)",
                "forced": "chosen by you"}[step.method]
-        return plots.next_token_figure(
+        return recipe(draw, plots.next_token_figure,
             [c.text for c in cands], np.array([c.prob for c in cands]), np.array([c.prob_final for c in cands]), chosen,
             f"How token {position} ({token}) was chosen",
             f"after reading token {position - 1} · grey: the model · blue: after your settings then · ▶ {how}")
@@ -843,22 +851,23 @@ def chosen_view(session: GenerationSession, position: int):
         top.append(actual)
     texts = token_strings(session.tokenizer, top)
     p = probs[top].numpy()
-    return plots.next_token_figure(
+    return recipe(draw, plots.next_token_figure,
         texts, p, None, top.index(actual), f"What the model predicted for token {position} ({token})",
         f"a prompt token (you wrote it, nothing was sampled) · grey: the model's probabilities · ▶ the actual token: rank {rank}")
 
 
-def upcoming_view(session: GenerationSession):
-    """The next token's distribution under the current settings, and the picker's choices: `(figure, [(label, id)])`."""
+def upcoming_view(session: GenerationSession, draw: bool = True):
+    """The next token's distribution under the current settings, and the picker's choices: `(figure, [(label, id)])`
+    (`draw=False`: the figure as a recipe, see `chosen_view`)."""
     if session.room_left <= 0:
-        return plots.empty_figure("The text fills the model's context: rewind or reset to continue."), []
+        return recipe(draw, plots.empty_figure, "The text fills the model's context: rewind or reset to continue."), []
     pred = session.peek()
     cands = pred.candidates
     cfg = session.config
     settings = "temperature 0: greedy" if cfg.greedy else f"temperature {cfg.temperature:g}, top-k {cfg.top_k or 'off'}, top-p {cfg.top_p:g}"
     if cfg.repetition_penalty != 1:
         settings += f", penalty {cfg.repetition_penalty:g}"
-    fig = plots.next_token_figure([c.text for c in cands], np.array([c.prob for c in cands]),
+    fig = recipe(draw, plots.next_token_figure, [c.text for c in cands], np.array([c.prob for c in cands]),
                                   np.array([c.prob_final for c in cands]), None,
                                   f"Upcoming: token {pred.position + 1}",
                                   f"grey: the model · blue: after your settings · {settings}")
@@ -866,10 +875,15 @@ def upcoming_view(session: GenerationSession):
     return fig, choices
 
 
+def recipe(draw: bool, figure, *args):
+    """`figure(*args)` now, or (draw=False) later: what the engine's loop leaves for the waiter to draw."""
+    return figure(*args) if draw else functools.partial(figure, *args)
+
+
 def tab_views(session: GenerationSession, sel: Selection, models=None) -> dict[str, object]:
-    """The figures of the visible tab only (the others are drawn when opened)."""
+    """The figures of the visible tab only (the others are drawn when opened); the chosen tab's as a recipe."""
     if sel.tab == "chosen":
-        return {"chosen": chosen_view(session, sel.position)}
+        return {"chosen": chosen_view(session, sel.position, draw=False)}
     if sel.tab == "attention":
         one, _, row = attention_views(session, sel.position, sel.layer, sel.head, compact=sel.compact, grid=False)
         return {"attention": one, "row": row}

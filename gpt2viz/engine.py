@@ -121,7 +121,7 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._iteration = itertools.count()
-        self.stats = {"iterations": 0, "batched_rows": 0, "calls": 0}
+        self.stats = {"iterations": 0, "batched_rows": 0, "calls": 0, "advance_s": 0.0, "calls_s": 0.0}
 
     # -- the waiters' side --
 
@@ -223,8 +223,10 @@ class Engine:
     def _iterate(self, ready: list[_Job], iteration: int) -> None:
         gens = [j for j in ready if j.fn is None]
         calls = [j for j in ready if j.fn is not None]
+        started = time.monotonic()
         if gens:
             self._advance(gens, iteration)
+            self.stats["advance_s"] += time.monotonic() - started
         started = time.monotonic()
         for job in calls:
             if time.monotonic() - started > self.call_slice and job is not calls[0]:
@@ -232,6 +234,7 @@ class Engine:
             if job.lock is not None and not job.lock.acquire(blocking=False):
                 continue  # its session is busy elsewhere: next iteration
             job.served = iteration
+            began = time.monotonic()
             try:
                 result = job.fn()
             except BaseException as e:  # noqa: BLE001 - handed to the waiter
@@ -240,6 +243,7 @@ class Engine:
                 if job.lock is not None:
                     job.lock.release()
             self.stats["calls"] += 1
+            self.stats["calls_s"] += time.monotonic() - began
             self._finish(job, result)
 
     def _advance(self, gens: list[_Job], iteration: int) -> None:
@@ -318,6 +322,9 @@ class Engine:
             if job.rate:
                 job.next_at = time.monotonic() + 1.0 / job.rate
             if step.finish_reason is not None or job.done >= job.n_tokens or s.room_left <= 0:
-                self._finish(job)
+                if batched:
+                    job.n_tokens = 0  # read the last token in the next batched pass: the page drawn next needs it read
+                else:
+                    self._finish(job)
         except Exception as e:  # noqa: BLE001 - handed to the waiter
             self._finish(job, e)
