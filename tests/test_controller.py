@@ -101,7 +101,7 @@ def test_sessions_are_isolated_bounded_and_rebuilt(models):
     assert len(store) == 2
     rebuilt = store.get(state_a, cfg)
     assert rebuilt is not a and rebuilt.session.ids == a.session.ids
-    assert len(rebuilt.session.records) == len(rebuilt.session.ids) - 1
+    assert len(rebuilt.session.records) == len(rebuilt.session.ids)  # replayed on the engine, the last token read too
     store.drop(state_a["key"])
     assert len(store) == 2 - 1
 
