@@ -223,7 +223,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             """A `Page` as updates of the components it names (the others stay as they are)."""
             if page.warning and page.status:
                 gr.Warning(page.status.removeprefix("⚠️ "))
-            out: dict = {state: page.state}
+            new_state = dict(page.state or {})
+            out: dict = {state: new_state}
             if page.status is not None:
                 out[status] = page.status
             if page.strip is not None:
@@ -231,11 +232,20 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             sel = page.selection
             if sel is not None:
                 out[tab] = sel.tab
-                echo = (lambda v: dict(value=v)) if page.echo else (lambda v: {})
-                out[position] = gr.update(maximum=max(page.n_tokens - 1, 1), interactive=page.n_tokens > 1, **echo(sel.position))
-                out[layer] = gr.update(maximum=max(page.n_layer - 1, 1), interactive=page.n_layer > 1, **echo(sel.layer))
-                out[head] = gr.update(maximum=max(page.n_head - 1, 1), interactive=page.n_head > 1, **echo(sel.head))
-                out[rewind_to] = gr.update(maximum=max(page.n_generated, 1), value=page.n_generated, interactive=page.n_generated > 0)
+                # A slider's range is sent only when it changed since the page last drew it (kept in the state):
+                # Gradio rebuilds a component for every property update, and a re-render can swallow a click.
+                sent = dict(new_state.get("ranges") or {})
+                for slider, size, value, echo in ((position, page.n_tokens - 1, sel.position, page.echo),
+                                                  (layer, page.n_layer - 1, sel.layer, page.echo),
+                                                  (head, page.n_head - 1, sel.head, page.echo),
+                                                  (rewind_to, page.n_generated, page.n_generated, True)):
+                    name = slider.elem_id
+                    if sent.get(name) != size:
+                        sent[name] = size
+                        out[slider] = gr.update(maximum=max(size, 1), interactive=size > 0, **({"value": value} if echo else {}))
+                    elif echo:
+                        out[slider] = value
+                new_state["ranges"] = sent
             if page.selected_label is not None:
                 out[selected_label] = page.selected_label
             if page.upcoming is not None:
@@ -289,7 +299,14 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             *rest, request = rest
             ctrl, sel = split(rest)
             for page in ctl.stream(st, name, text, ctrl, sel, rate, who=who_of(request)):
-                yield render(page)
+                yield {**render(page), tab: sel.tab}  # only these outputs: Gradio rebuilds every output a message skips
+
+        @named("state", *SETTING_NAMES, *VIEW_NAMES)
+        def on_generated(st, *rest):
+            *rest, request = rest
+            ctrl, sel = split(rest)
+            sel.position = None
+            return render(ctl.select(st, ctrl, sel, who=who_of(request), upcoming=True))
 
         @named("state", *SETTING_NAMES, *VIEW_NAMES)
         def on_stop(st, *rest):
@@ -349,7 +366,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         # --- wiring -------------------------------------------------------------------------------
         private = dict(api_visibility="private")
         gen_event = gr.on([generate_btn.click, prompt.submit], on_generate, [state, model_name, prompt, speed] + settings + view,
-                          everything, api_name="generate", js=SCROLL_JS)
+                          [state, tab, status, strip], api_name="generate", js=SCROLL_JS)
+        gen_event.then(on_generated, [state] + settings + view, everything, **private)
         text_inputs = [state, model_name, prompt] + settings + view
         step_btn.click(act(ctl.step), text_inputs, everything, api_name="step", js=SCROLL_JS)
         reset_btn.click(act(ctl.reset), text_inputs, everything, api_name="reset")

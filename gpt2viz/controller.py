@@ -377,8 +377,9 @@ def new_state(model_name: str) -> dict:
 
 
 def sync_state(state: dict, entry: Entry, key: str | None = None) -> dict:
+    """The state after a use case (other keys, such as what the page last drew, are kept)."""
     s = entry.session
-    return {"key": key or state.get("key"), "model": entry.model_name, "prompt_len": len(s.prompt_ids), "ids": s.ids}
+    return {**state, "key": key or state.get("key"), "model": entry.model_name, "prompt_len": len(s.prompt_ids), "ids": s.ids}
 
 
 @dataclass
@@ -559,8 +560,8 @@ class Controller:
 
     def stream(self, state, model_name, prompt, settings, selection: Selection, tokens_per_second=0,
                who: Who | None = None) -> Iterator[Page]:
-        """Generate up to max_new_tokens, yielding a small `Page` (state, strip, status) per token and a
-        full one at the end. The engine generates (batched with everyone else's tokens, paced at
+        """Generate up to max_new_tokens, yielding a small `Page` (state, strip, status) per token, the last
+        one with the closing message; the views follow from `select(..., upcoming=True)`. The engine generates (batched with everyone else's tokens, paced at
         `tokens_per_second`, 0: as fast as the model goes) and stops before the next token on Stop
         or when this waiter goes away."""
         who = who or Who()
@@ -602,24 +603,24 @@ class Controller:
             run.cancel()
             if entry.generating is run:
                 entry.generating = None
-        selection.position = None
-        try:
-            yield self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, message)).build()
-        except Exception as e:  # noqa: BLE001
-            yield self._refuse(state, e)
+        # The last page carries the text and the message only: the page then asks for every view (`select`
+        # with the upcoming token), in a second event whose outputs are all the components.
+        yield Page(sync_state(state, entry), status=message, strip=token_strip(s, None))
 
     def stop(self, state) -> None:
         self.sessions.stop((state or {}).get("key"))
 
-    def select(self, state, settings, selection: Selection, from_sliders: bool = False, who: Who | None = None) -> Page:
-        """Show another token, layer, head or tab: the views only. `from_sliders`: the selection came
-        from the sliders themselves, which are then left alone unless clamping changed it."""
+    def select(self, state, settings, selection: Selection, from_sliders: bool = False, who: Who | None = None,
+               upcoming: bool = False) -> Page:
+        """Show another token, layer, head or tab: the views only (`upcoming`: the upcoming token's too, after a
+        generation). `from_sliders`: the selection came from the sliders themselves, which are then left alone
+        unless clamping changed it."""
         who = who or Who()
         try:
             if not (state or {}).get("ids"):
                 return Page(state, status="Press Step or Generate first: there is no text to look inside yet.")
             entry = self.sessions.get(state, sampling_config(*settings), who)
-            page = self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, None, upcoming=False)).build()
+            page = self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, None, upcoming)).build()
             # A slider being dragged or stepped with the keyboard must not be pulled back to the value of
             # an earlier event: echo the selection only when clamping changed it.
             chosen = page.selection

@@ -46,16 +46,18 @@ def test_endpoints_are_the_documented_ones(client):
 
 
 def test_generate_streams_one_token_at_a_time(client):
+    """Streaming sends the text and the status only (tab, status, strip); the views are drawn after it."""
     job = client.submit(**args(max_new_tokens=6), tokens_per_second=0, api_name="/generate")
     updates = list(job)
+    assert all(len(u) == 3 for u in updates)
     strips = [u[OUT["strip"]] for u in updates if isinstance(u[OUT["strip"]], dict) and "tokens" in u[OUT["strip"]]]
     n_prompt = len(tokens(strips[0])) - 1
-    assert [len(tokens(s)) for s in strips] == list(range(n_prompt + 1, n_prompt + 7))  # the last with the full page
+    assert [len(tokens(s)) for s in strips] == list(range(n_prompt + 1, n_prompt + 7))
     last = updates[-1]
     assert text(last[OUT["strip"]]).startswith(PROMPT)
-    assert last[OUT["chosen"]]["type"] == "plotly" and "How token" in last[OUT["chosen"]]["plot"]
-    assert "Upcoming: token" in last[OUT["upcoming"]]["plot"]
     assert "was sampled" in last[OUT["status"]]
+    views = client.predict(**settings(), position=999, layer=0, head=0, tab="chosen", api_name="/inspect")  # clamped: the newest
+    assert views[OUT["chosen"]]["type"] == "plotly" and f"How token {n_prompt + 5}" in views[OUT["chosen"]]["plot"]
 
 
 def test_step_adds_exactly_one_token_and_continues_the_text(client):
