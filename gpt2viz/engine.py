@@ -121,7 +121,7 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._iteration = itertools.count()
-        self.stats = {"iterations": 0, "batched_rows": 0, "calls": 0, "advance_s": 0.0, "calls_s": 0.0}
+        self.stats = {"iterations": 0, "batched_rows": 0, "calls": 0, "advance_s": 0.0, "calls_s": 0.0, "forward_s": 0.0}
 
     # -- the waiters' side --
 
@@ -182,7 +182,16 @@ class Engine:
 
     def _loop(self) -> None:
         last_idle = 0.0
+        last_report, reported = time.monotonic(), dict(self.stats)
         while True:
+            if time.monotonic() - last_report > 30:
+                last_report, was, reported = time.monotonic(), reported, dict(self.stats)
+                n = reported["iterations"] - was["iterations"]
+                if n:
+                    log.info("engine: %d passes of %.1f rows, %.0f ms each (%.0f ms forward), %d calls (%.0f%% of the time), "
+                             "%d jobs queued", n, (reported["batched_rows"] - was["batched_rows"]) / n,
+                             1000 * (reported["advance_s"] - was["advance_s"]) / n, 1000 * (reported["forward_s"] - was["forward_s"]) / n,
+                             reported["calls"] - was["calls"], 100 * (reported["calls_s"] - was["calls_s"]) / 30, len(self._jobs))
             with self._cv:
                 self._jobs = [j for j in self._jobs if not self._finish_if_cancelled(j)]
                 if not self._jobs:
@@ -272,7 +281,9 @@ class Engine:
                 job.served = iteration
             reading = [(job, ids) for job, ids in batch if ids and job.session.record]
             if reading:
+                began = time.monotonic()
                 self._forward(model, reading)
+                self.stats["forward_s"] += time.monotonic() - began
             for job, _ in batch:
                 self._choose(job, batched=job.session.record)
         finally:
