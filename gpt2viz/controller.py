@@ -149,9 +149,14 @@ class Sessions:
             configured = os.environ.get("GPT2VIZ_SESSIONS_MAX_BYTES", "")
             max_bytes = int(configured) if configured.isdigit() else int(SESSION_SHARE_OF_MEMORY * memory_limit())
         self.max_bytes = max_bytes
-        self.engine = engine or Engine(on_idle=trim)
+        self.engine = engine or Engine(on_idle=self._idle)
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _idle(self) -> None:
+        """When the engine's queue empties: hand freed memory back to the OS, and say how big the store is."""
+        trim()
+        log.info("sessions: %d live, %d MB (budget %d MB)", len(self), self.nbytes >> 20, self.max_bytes >> 20)
 
     def __len__(self) -> int:
         return len(self._entries)

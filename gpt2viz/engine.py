@@ -19,8 +19,8 @@ boundaries depend only on the position (tests/test_engine.py). So a seed replays
 a busy server as on an idle one.
 
 Fairness: jobs are served least recently served first; prompts are read at most `prefill_tokens`
-per iteration in all; calls get at most `call_slice` seconds per iteration (at least
-one); each browser session and each client address has a cap on queued jobs (`Overloaded`).
+per iteration in all; calls get as long as the pass took (at least `call_slice`, at least one);
+each browser session and each client address has a cap on queued jobs (`Overloaded`).
 One loop serves every loaded model (an iteration batches the sessions of one model): on a
 2-core machine two loops would only take turns on the same cores.
 """
@@ -236,9 +236,12 @@ class Engine:
         if gens:
             self._advance(gens, iteration)
             self.stats["advance_s"] += time.monotonic() - started
+        # Calls (views, rewinds) get as long as the pass took, at least `call_slice`: under load, half the
+        # loop's time goes to the pages that wait for them, half to the tokens.
+        slice_s = max(self.call_slice, time.monotonic() - started)
         started = time.monotonic()
         for job in calls:
-            if time.monotonic() - started > self.call_slice and job is not calls[0]:
+            if time.monotonic() - started > slice_s and job is not calls[0]:
                 break
             if job.lock is not None and not job.lock.acquire(blocking=False):
                 continue  # its session is busy elsewhere: next iteration
