@@ -101,22 +101,29 @@ SETTING_NAMES = ["temperature", "top_k", "top_p", "repetition_penalty", "max_new
 VIEW_NAMES = ["position", "layer", "head", "tab", "per_head_scale", "compact"]
 
 
-def quiet(component):
-    """An input component whose refusals (a value out of range, not one of the choices) reach the client as
-    the component's own message and the log as one line, not as a traceback per request."""
-    preprocess = component.preprocess
+def quiet_refusals(component_class) -> None:
+    """Make an input component class's refusals (a value out of range, not one of the choices) reach the client
+    as the component's own message and the log as one line, not as a traceback per request. Patched on the
+    class: Gradio builds a new instance of a component for each session whose properties an event updated."""
+    preprocess = component_class.preprocess
+    if getattr(preprocess, "quiet", False):
+        return
 
-    def refuse_quietly(payload):
+    def refuse_quietly(self, payload):
         try:
-            return preprocess(payload)
+            return preprocess(self, payload)
         except Exception as e:  # noqa: BLE001 - every refusal becomes one message
-            message = str(getattr(e, "message", None) or f"{component.label or component.elem_id}: that is not a valid value.")
+            message = str(getattr(e, "message", None) or f"{self.label or self.elem_id}: that is not a valid value.")
             message = re.sub(r"\S{41,}", lambda m: m.group()[:20] + "…", message)[:300]  # never echo a huge value back
-            log.warning("refused input for %s: %s", component.elem_id, message)
+            log.warning("refused input for %s: %s", self.elem_id, message)
             raise gr.Error(message, print_exception=False) from None
 
-    component.preprocess = refuse_quietly  # an instance attribute: subclassing a component makes Gradio write a .pyi
-    return component
+    refuse_quietly.quiet = True
+    component_class.preprocess = refuse_quietly
+
+
+for _input in (gr.Slider, gr.Number, gr.Dropdown):
+    quiet_refusals(_input)
 
 
 class RefuseUploads:
@@ -153,8 +160,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         gr.Markdown(INTRO, elem_id="intro")
         gr.Markdown(models.notice, visible=bool(models.notice), elem_id="notice")
         with gr.Row(equal_height=True):
-            model_name = quiet(gr.Dropdown(models.names(), value=models.default, label="Model", elem_id="model", scale=1, min_width=160))
-            example = quiet(gr.Dropdown(c.examples_for(models.default), value=None, label="Example", elem_id="example", scale=2, min_width=200))
+            model_name = gr.Dropdown(models.names(), value=models.default, label="Model", elem_id="model", scale=1, min_width=160)
+            example = gr.Dropdown(c.examples_for(models.default), value=None, label="Example", elem_id="example", scale=2, min_width=200)
             show_me = gr.Button("Show me", elem_id="show_me", scale=0, min_width=100)
         example_hint = gr.Markdown(elem_classes="explain", elem_id="example_hint")
         prompt = gr.Textbox(label="Prompt", lines=2, max_lines=8, elem_id="prompt", value=default_prompt)
@@ -167,26 +174,26 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         strip = gr.HTML(c.empty_strip(), html_template=STRIP_TEMPLATE, js_on_load=STRIP_JS, elem_id="strip")
         gr.HTML(f"Colour: how likely the model found each token, given the text before it. {STRIP_KEY}", elem_id="strip_key")
         with gr.Row(equal_height=True):
-            position = quiet(gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Selected token", elem_id="position", scale=1, min_width=200))
+            position = gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Selected token", elem_id="position", scale=1, min_width=200)
             selected_label = gr.Markdown(elem_id="selected_label")
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 upcoming = gr.Plot(elem_id="upcoming_plot", show_label=False)
                 with gr.Accordion("Sampling controls (they reshape the upcoming token's distribution)", open=True):
-                    temperature = quiet(gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0 = always the likeliest)", elem_id="temperature"))
-                    top_k = quiet(gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)", elem_id="top_k"))
-                    top_p = quiet(gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p (1 = off)", elem_id="top_p"))
-                    penalty = quiet(gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty (1 = off)", elem_id="penalty"))
-                    max_new = quiet(gr.Slider(1, 200, value=30, step=1, label="Max new tokens", elem_id="max_new"))
-                    speed = quiet(gr.Slider(0, 10, value=5, step=1, label="Speed: tokens per second (0: as fast as it goes)", elem_id="speed",))
-                    seed = quiet(gr.Number(value=0, precision=0, minimum=0, label="Seed (same seed, same text)", elem_id="seed"))
+                    temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0 = always the likeliest)", elem_id="temperature")
+                    top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)", elem_id="top_k")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="Top-p (1 = off)", elem_id="top_p")
+                    penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty (1 = off)", elem_id="penalty")
+                    max_new = gr.Slider(1, 200, value=30, step=1, label="Max new tokens", elem_id="max_new")
+                    speed = gr.Slider(0, 10, value=5, step=1, label="Speed: tokens per second (0: as fast as it goes)", elem_id="speed",)
+                    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (same seed, same text)", elem_id="seed")
                 with gr.Accordion("Choose the next token yourself", open=True):
-                    pick = quiet(gr.Dropdown(choices=[], label="The upcoming token's candidates", elem_id="pick"))
+                    pick = gr.Dropdown(choices=[], label="The upcoming token's candidates", elem_id="pick")
                     pick_btn = gr.Button("Use this token", elem_id="pick_btn")
                     typed = gr.Textbox(label="...or type a token (' Paris' with its space, or #464 for an id)", elem_id="typed")
                     typed_btn = gr.Button("Use typed token", elem_id="typed_btn")
                 with gr.Accordion("Rewind", open=False):
-                    rewind_to = quiet(gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Keep this many generated tokens", elem_id="rewind_to"))
+                    rewind_to = gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Keep this many generated tokens", elem_id="rewind_to")
                     rewind_btn = gr.Button("Rewind", elem_id="rewind_btn")
             with gr.Column(scale=2, min_width=320):
                 with gr.Tabs(selected="chosen", elem_id="tabs") as tabs:
@@ -196,8 +203,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                     with gr.Tab("Attention", id="attention", elem_id="tab-attention") as tab_attention:
                         gr.Markdown(TEXT_ATTENTION, elem_classes="explain")
                         with gr.Row():
-                            layer = quiet(gr.Slider(0, MAX_LAYERS, value=0, step=1, label="Layer", elem_id="layer", min_width=140))
-                            head = quiet(gr.Slider(0, MAX_HEADS, value=0, step=1, label="Head", elem_id="head", min_width=140))
+                            layer = gr.Slider(0, MAX_LAYERS, value=0, step=1, label="Layer", elem_id="layer", min_width=140)
+                            head = gr.Slider(0, MAX_HEADS, value=0, step=1, label="Head", elem_id="head", min_width=140)
                         attn_plot = gr.Plot(elem_id="attn_plot", show_label=False)
                         row_plot = gr.Plot(elem_id="row_plot", show_label=False)
                     with gr.Tab("All heads", id="overview", elem_id="tab-overview") as tab_overview:

@@ -48,7 +48,7 @@ def user(url: str, model: str, seed: int, stop: threading.Event, counts: dict) -
             action = rnd.choices(["step", "generate", "inspect", "upcoming", "rewind", "reset", "prompt"],
                                  [30, 10, 35, 10, 5, 3, 7])[0]
             base = dict(model=model, prompt=prompt, **settings, max_new_tokens=rnd.randrange(5, 40))
-            view = dict(position=rnd.randrange(200), layer=rnd.randrange(12), head=rnd.randrange(12), tab=rnd.choice(TABS))
+            view = dict(position=rnd.randrange(5), layer=rnd.randrange(12), head=rnd.randrange(12), tab=rnd.choice(TABS))  # within any text
             try:
                 if action == "step":
                     client.predict(**base, **view, api_name="/step")
@@ -60,7 +60,7 @@ def user(url: str, model: str, seed: int, stop: threading.Event, counts: dict) -
                     client.predict(**{**settings, "temperature": rnd.choice([0.3, 0.7, 1.0, 1.5])}, max_new_tokens=30,
                                    api_name="/upcoming")
                 elif action == "rewind":
-                    client.predict(**base, keep=rnd.randrange(5), **view, api_name="/rewind")
+                    client.predict(**base, keep=rnd.randrange(2), **view, api_name="/rewind")
                 elif action == "reset":
                     client.predict(**base, **view, api_name="/reset")
                 else:

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -152,11 +153,18 @@ class Sessions:
         self.engine = engine or Engine(on_idle=self._idle)
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.Lock()
+        self._reported = 0.0
 
     def _idle(self) -> None:
-        """When the engine's queue empties: hand freed memory back to the OS, and say how big the store is."""
+        """When the engine's queue empties: hand freed memory back to the OS."""
         trim()
-        log.info("sessions: %d live, %d MB (budget %d MB)", len(self), self.nbytes >> 20, self.max_bytes >> 20)
+
+    def _report(self) -> None:
+        """At most every 10 s, a log line with the store's size (bench/soak.py reads it)."""
+        now = time.monotonic()
+        if now - self._reported > 10:
+            self._reported = now
+            log.info("sessions: %d live, %d MB (budget %d MB)", len(self), self.nbytes >> 20, self.max_bytes >> 20)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -167,6 +175,7 @@ class Sessions:
 
     def _evict(self, keep: Entry) -> None:
         """Drop least recently used sessions (never `keep`) while over the count or memory budget."""
+        self._report()
         with self._lock:
             while len(self._entries) > 1 and (len(self._entries) > self.max_sessions or self.nbytes > self.max_bytes):
                 key, oldest = next(iter(self._entries.items()))

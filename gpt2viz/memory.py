@@ -27,14 +27,18 @@ def _libc():
 _LIBC = _libc()
 
 
+# GPT2VIZ_ALLOCATOR=default leaves glibc as it is (no arena cap, no trimming): the soak's comparison.
+TUNED = os.environ.get("GPT2VIZ_ALLOCATOR", "tuned") != "default"
+
+
 def configure_allocator(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas (False where there is no glibc). Call before starting threads."""
-    return bool(_LIBC is not None and hasattr(_LIBC, "mallopt") and _LIBC.mallopt(M_ARENA_MAX, arenas))
+    return bool(TUNED and _LIBC is not None and hasattr(_LIBC, "mallopt") and _LIBC.mallopt(M_ARENA_MAX, arenas))
 
 
 def trim() -> bool:
     """Return the free memory of every malloc arena to the OS (False where there is no glibc)."""
-    return bool(_LIBC is not None and hasattr(_LIBC, "malloc_trim") and _LIBC.malloc_trim(0))
+    return bool(TUNED and _LIBC is not None and hasattr(_LIBC, "malloc_trim") and _LIBC.malloc_trim(0))
 
 
 def memory_limit() -> int:

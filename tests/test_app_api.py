@@ -178,6 +178,12 @@ def test_a_bad_candidate_id_is_refused_with_a_short_message(client, token_id):
     assert "not in the list of choices" in str(refused.value) and len(str(refused.value)) < 200
 
 
+def test_a_position_past_the_text_is_refused_once_the_slider_knows_the_text(client):
+    client.predict(**args(), api_name="/step")  # the page's position slider now ends at the last token
+    with pytest.raises(AppError, match="greater than maximum value"):
+        client.predict(**settings(), position=999, layer=0, head=0, tab="chosen", api_name="/inspect")
+
+
 def test_a_value_of_the_wrong_type_is_refused_in_words(client):
     with pytest.raises(AppError, match="Keep this many generated tokens: that is not a valid value"):
         client.predict(**args(), keep="abc", api_name="/rewind")
