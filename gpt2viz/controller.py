@@ -575,9 +575,9 @@ class Controller:
     def stream(self, state, model_name, prompt, settings, selection: Selection, tokens_per_second=0,
                who: Who | None = None) -> Iterator[Page]:
         """Generate up to max_new_tokens, yielding a small `Page` (state, strip, status) per token, the last
-        one with the closing message; the views follow from `select(..., upcoming=True)`. The engine generates (batched with everyone else's tokens, paced at
-        `tokens_per_second`, 0: as fast as the model goes) and stops before the next token on Stop
-        or when this waiter goes away."""
+        one with the closing message; the views follow from `select(..., upcoming=True)`. The engine
+        generates (batched with everyone else's tokens, paced at `tokens_per_second`, 0: as fast as the
+        model goes) and stops before the next token on Stop or when this waiter goes away."""
         who = who or Who()
         try:
             config = sampling_config(*settings)
