@@ -173,11 +173,6 @@ class Engine:
         with self._cv:
             self._cv.notify()
 
-    @property
-    def queued(self) -> int:
-        with self._cv:
-            return len(self._jobs)
-
     # -- the loop --
 
     def _loop(self) -> None:
@@ -305,12 +300,12 @@ class Engine:
             raise
         self.stats["iterations"] += 1
         self.stats["batched_rows"] += out.bounds[-1]
-        complete = [i for i, s in enumerate(sessions) if len(s.records) + len(reading[i][1]) == len(s._state.ids)]
-        logits = model.unembed_rows(out.normed[[out.bounds[i + 1] - 1 for i in complete]]).float() if complete else None
+        # the sequences whose pass reached their last token: their last rows are unembedded in one product
+        complete = [i for i, (s, (_, ids)) in enumerate(zip(sessions, reading)) if starts[i] + len(ids) == len(s._state.ids)]
+        logits = dict(zip(complete, model.unembed_rows(out.normed[[out.bounds[i + 1] - 1 for i in complete]]).float())) if complete else {}
         for i, s in enumerate(sessions):
             rows = out.rows(i)
-            row_logits = logits[complete.index(i)] if i in complete else None
-            s.absorb(starts[i], out.normed[rows], out.resid[:, rows], out.embed[rows], out.pos_embed[rows], row_logits)
+            s.absorb(starts[i], out.normed[rows], out.resid[:, rows], out.embed[rows], out.pos_embed[rows], logits.get(i))
 
     def _choose(self, job: _Job, batched: bool) -> None:
         """After the pass: a generation takes its next token; a read job is done once nothing is unread.
