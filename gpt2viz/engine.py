@@ -293,7 +293,8 @@ class Engine:
         sessions = [job.session for job, _ in reading]
         starts = [len(s.records) for s in sessions]
         try:
-            out = model.forward_ragged([torch.tensor(ids) for _, ids in reading], [s._kv for s in sessions])
+            out = model.forward_ragged([torch.tensor(ids) for _, ids in reading], [s._kv for s in sessions],
+                                       [s.plan for s in sessions])
         except Exception as e:  # noqa: BLE001
             for job, _ in reading:
                 self._finish(job, e)

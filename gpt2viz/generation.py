@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import tiktoken
 import torch
 
 from .capture import attention_from_keys, capture_hooks, logit_lens, next_token_logprobs, read_position, stacked_captures
+from .interventions import Intervention, Plan, resolve
 from .model import GPT2, ContextLengthError
 from .sampling import SamplingConfig, distributions, draw, entropy, rank_of, step_generator
 from .tokenizer import ENDOFTEXT_ID, encode, token_strings
@@ -109,10 +110,13 @@ class GenerationSession:
         config: SamplingConfig | None = None,
         top_n: int = 10,
         record: bool = False,
+        interventions: Sequence[Intervention] = (),
     ) -> None:
         """`record=True` keeps, for every position read, its residual stream, embeddings and the
         log-probability of each token: with the KV cache, everything a UI shows for the whole text
-        (attention and the logit lens are recomputed from them exactly, on demand)."""
+        (attention and the logit lens are recomputed from them exactly, on demand).
+        `interventions` (see `interventions.py`) change every forward pass of this session; the
+        records are those of the changed model."""
         if isinstance(top_n, bool) or not isinstance(top_n, int) or not 10 <= top_n <= 1000:
             raise ValueError(f"top_n must be an integer in [10, 1000], got {top_n!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -136,6 +140,11 @@ class GenerationSession:
         self.record = record
         self.records = Records()
         self._pending: _Pending | None = None
+        self.plan: Plan = resolve(tuple(interventions), model, tokenizer)
+
+    @property
+    def interventions(self) -> tuple:
+        return self.plan.interventions
 
     @property
     def ids(self) -> list[int]:
@@ -194,7 +203,7 @@ class GenerationSession:
             # A recording session keeps the residual stream of every position, from which (with the
             # KV cache) `attention_pattern` and `logit_lens` recompute exactly what a view shows; it
             # computes neither per step.
-            with model.hooks(capture_hooks(model, store, patterns=False)):
+            with model.hooks(self.plan.hooks(start) + capture_hooks(model, store, patterns=False)):
                 normed = model(new, kv_cache=self._kv, unembed=False)[0]  # [T, d_model]
             _, resid = stacked_captures(model, store, with_attention=False)  # [layer + 1, T, d_model]
             self.absorb(start, normed, resid, store["embed"], store["pos_embed"])
@@ -203,7 +212,7 @@ class GenerationSession:
         # straight from the forward pass; for a prompt the fused attention kernel runs and the last
         # row is recomputed from the cached keys.
         read_one = new.shape[1] == 1
-        with model.hooks(capture_hooks(model, store, rows=slice(-1, None), patterns=read_one)):
+        with model.hooks(self.plan.hooks(start) + capture_hooks(model, store, rows=slice(-1, None), patterns=read_one)):
             normed = model(new, kv_cache=self._kv, last_only=True, unembed=False)[0]  # [1, d_model]
         patterns, resid = stacked_captures(model, store, with_attention=read_one)  # [layer, head, 1, key], [layer + 1, 1, d_model]
         if read_one:

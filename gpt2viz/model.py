@@ -359,7 +359,7 @@ class GPT2(nn.Module):
         return x
 
     @torch.no_grad()
-    def forward_ragged(self, segments: Sequence[torch.Tensor], caches: Sequence[KVCache]) -> "Ragged":
+    def forward_ragged(self, segments: Sequence[torch.Tensor], caches: Sequence[KVCache], plans: Sequence | None = None) -> "Ragged":
         """Several sequences in one pass: `segments[i]` `[T_i]` are the ids that follow what `caches[i]`
         already holds (a decode step is T_i = 1, a chunk of a prompt T_i > 1). Every cache is extended.
 
@@ -368,7 +368,9 @@ class GPT2(nn.Module):
         runs per sequence over its own cache, as `forward` does. The matrix products use weights
         packed once for oneDNN (`packed_linear`), whose result for a row does not depend on the other
         rows: a sequence gets the same numbers bit for bit whoever it is batched with.
-        No hook point runs here: a caller that needs hooks (observers, interventions) uses `forward`.
+        No hook point runs here (hooks belong to the thread that attached them); a sequence's
+        interventions travel with it instead: `plans[i]` (an `interventions.Plan` or None) makes its
+        edits at the same places as the hook points of `forward`.
         Returns the final-layer-normed rows (`unembed_rows` reads them out) and the captures a recording
         session keeps (see `Ragged`). tests/test_engine.py holds it equal to `forward`.
         """
@@ -382,19 +384,34 @@ class GPT2(nn.Module):
         tokens = torch.cat([self._check_tokens(t)[0] for t in segments])  # [N]
         positions = torch.cat([torch.arange(p, p + T, device=tokens.device) for p, T in zip(pasts, lengths)])
         embed, pos_embed = F.embedding(tokens, self.wte.weight), F.embedding(positions, self.wpe.weight)
-        x = embed + pos_embed  # [N, C]
-        resid = [x]
         bounds = [0]
         for T in lengths:
             bounds.append(bounds[-1] + T)
+        plans = list(plans) if plans is not None else [None] * len(segments)
+        edited = [i for i, plan in enumerate(plans) if plan]
+
+        def edit(name: str, rows: torch.Tensor) -> torch.Tensor:
+            """rows `[N, width]` (a fresh result, changed in place) after each sequence's edits at hook point `name`."""
+            for i in edited:
+                if name in plans[i].edits:
+                    rows[bounds[i]:bounds[i + 1]] = plans[i].apply(name, rows[None, bounds[i]:bounds[i + 1]], pasts[i])[0]
+            return rows
+
+        x = embed + pos_embed  # [N, C]
+        x = edit("blocks.0.resid_pre", x) if edited else x
+        resid = [x]
         packed = self._packed_weights()
         for layer, (params, _) in enumerate(self._decode_plan):
             ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj = params
             w_attn, w_proj, w_fc, w_mlp = packed[layer]
+            name = f"blocks.{layer}."
             qkv = packed_linear(F.layer_norm(x, (C,), ln_1["weight"], ln_1["bias"], eps), w_attn, c_attn["bias"])
             zs = []
             for i, (kv, past, T) in enumerate(zip(caches, pasts, lengths)):
                 q, k, v = qkv[bounds[i]:bounds[i + 1]].view(1, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # (1, H, T, D)
+                plan = plans[i]
+                if plan:
+                    k, v = plan.apply(name + "attn.k", k, past), plan.apply(name + "attn.v", v, past)
                 k, v = kv.append(layer, k, v)  # (1, H, S, D)
                 if T == 1:
                     z = F.scaled_dot_product_attention(q, k, v)
@@ -402,11 +419,20 @@ class GPT2(nn.Module):
                     z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
                 else:
                     z = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_bias(T, past + T, x.device, q.dtype))
+                if plan:
+                    z = plan.apply(name + "attn.z", z, past)
                 zs.append(z[0].transpose(0, 1).reshape(T, C))
-            x = x + packed_linear(torch.cat(zs), w_proj, attn_proj["bias"])
-            h = F.gelu(packed_linear(F.layer_norm(x, (C,), ln_2["weight"], ln_2["bias"], eps), w_fc, c_fc["bias"]),
-                       approximate="tanh")
-            x = x + packed_linear(h, w_mlp, mlp_proj["bias"])
+            a = packed_linear(torch.cat(zs), w_proj, attn_proj["bias"])
+            if not edited:
+                x = x + a
+                h = F.gelu(packed_linear(F.layer_norm(x, (C,), ln_2["weight"], ln_2["bias"], eps), w_fc, c_fc["bias"]),
+                           approximate="tanh")
+                x = x + packed_linear(h, w_mlp, mlp_proj["bias"])
+            else:
+                x = edit(name + "resid_mid", x + edit(name + "attn_out", a))
+                h = packed_linear(F.layer_norm(x, (C,), ln_2["weight"], ln_2["bias"], eps), w_fc, c_fc["bias"])
+                h = edit(name + "mlp.post", F.gelu(edit(name + "mlp.pre", h), approximate="tanh"))
+                x = edit(name + "resid_post", x + edit(name + "mlp_out", packed_linear(h, w_mlp, mlp_proj["bias"])))
             resid.append(x)
         for kv, past, T in zip(caches, pasts, lengths):
             kv.length = past + T

@@ -18,6 +18,7 @@ import torch
 
 from gpt2viz import GenerationSession, SamplingConfig, load_model
 from gpt2viz.engine import Engine, Overloaded, Who
+from gpt2viz.interventions import AblateHeads, AblateMLP, AblateNeurons, ScaleHead, Steer
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21",
            "Hello", "In the beginning", "A B C", "Shall I compare thee to a summer's day? Thou art more lovely",
@@ -37,8 +38,8 @@ def trained():
     return load_model("tiny-shakespeare")
 
 
-def alone(model, tokenizer, i, n, force=None, prompt=None):
-    s = GenerationSession(model, tokenizer, prompt or PROMPTS[i], CONFIGS[i], record=True)
+def alone(model, tokenizer, i, n, force=None, prompt=None, interventions=()):
+    s = GenerationSession(model, tokenizer, prompt or PROMPTS[i], CONFIGS[i], record=True, interventions=interventions)
     for k in range(n):
         s.step(force=(force or {}).get(k))
     s.read()
@@ -104,6 +105,32 @@ def test_batched_is_bit_for_bit_what_the_engine_computes_for_a_session_alone(mod
         for a, b in zip(s.records.resid, solo.records.resid):
             np.testing.assert_array_equal(a, b)
         assert [st.candidates[0].prob_final for st in s.steps] == [st.candidates[0].prob_final for st in solo.steps]
+
+
+INTERVENTIONS = {1: [AblateHeads(layer=2, heads=(0, 5, 11))], 3: [AblateMLP(layer=1, mode="mean"), ScaleHead(layer=4, head=3, factor=2.0)],
+                 6: [Steer(layer=3, plus="summer", minus="winter", scale=2.0)], 7: [AblateNeurons(layer=5, neurons=(1, 2, 3000))]}
+
+
+def test_sessions_with_interventions_batched_with_plain_ones_get_what_each_gets_alone(model, tokenizer):
+    """Each session's interventions travel with it into the batched pass and touch only its rows."""
+    n_tokens = [7, 9, 4, 8, 3, 6, 10, 5]
+
+    def session(i):
+        return GenerationSession(model, tokenizer, PROMPTS[i], CONFIGS[i], record=True, interventions=INTERVENTIONS.get(i, ()))
+
+    together = [session(i) for i in range(8)]
+    run_all(Engine(prefill_tokens=8), together, n_tokens)
+    for i, s in enumerate(together):
+        solo = session(i)
+        run_all(Engine(prefill_tokens=8), [solo], [n_tokens[i]])
+        assert s.ids == solo.ids
+        for a, b in zip(s.records.resid, solo.records.resid):
+            np.testing.assert_array_equal(a, b)
+        # and the engine's body makes the same edits as the module path (hooks), to rounding
+        engine = Engine(prefill_tokens=8)
+        engine.read(s, threading.Lock())
+        assert_same(s, alone(model, tokenizer, i, n_tokens[i], {k: st.token_id for k, st in enumerate(s.steps)},
+                             interventions=INTERVENTIONS.get(i, ())))
 
 
 def test_batched_captures_equal_the_module_path_on_a_gpt2_sized_layer(model, tokenizer):
