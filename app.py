@@ -51,6 +51,13 @@ plus a *position embedding* that says where it sits. Every block then adds to th
 stream*: the line shows how long the vector is after each block, and the map draws its path through the
 layers on two axes (PCA). Hover a point of the path to see the logit lens's guess for the next token there."""
 
+TEXT_EXPERIMENT = """**Experiment: switch parts of the model off and see what changes.** Choose heads or whole layers,
+then **Run**: the text is generated twice from your prompt with your settings, once by the model as it is and once
+with those parts switched off. Both runs draw every token with the *same random number*, so where they differ,
+it is because of what you switched off, not chance. Below: both texts (the first difference outlined), how far apart
+the two models' predictions are at each step, how surprised each is by every token of the original text, and, for
+the selected token, both models' probabilities."""
+
 STRIP_TEMPLATE = """<div class="strip">{{#if value.tokens.length}}{{#each value.tokens}}<span class="tok {{this.c}} {{this.sel}}" data-pos="{{@index}}" title="{{this.p}}">{{this.t}}</span>{{#if this.br}}<br>{{/if}}{{/each}}{{else}}<span class="strip-empty">The text appears here token by token. Press Step or Generate, or choose an example.</span>{{/if}}</div>"""
 STRIP_JS = """element.addEventListener('click', (e) => {
   const t = e.target.closest('[data-pos]');
@@ -84,12 +91,17 @@ CSS = """
 .ov-cell { padding: 1px; border: 2px solid transparent; background: none; cursor: pointer; display: flex; flex-direction: column; align-items: center; }
 .ov-cell img { width: 100%; max-width: 64px; image-rendering: pixelated; aspect-ratio: 1; }
 .ov-cell.ov-sel { border-color: #e8762d; } .ov-badge { font-size: 10px; color: #1f3f8f; min-height: 12px; }
+.exp-strip { margin: 4px 0; } .exp-label { display: inline-block; min-width: 9em; font-family: system-ui, sans-serif;
+  font-size: 13px; color: #4a5561; margin-right: 6px; } .exp-more { color: #5b6570; }
+.strip .tok.div { background: #e8762d33; } .strip .tok.div-first { outline: 3px solid #c0392b; outline-offset: 1px; font-weight: 700; }
+.exp-div { font-size: 12px; line-height: 2; } .exp-cell { display: inline-block; min-width: 2.6em; text-align: center; border-radius: 3px;
+  margin: 1px; } .exp-note, .exp-empty { font-size: 13px; color: #4a5561; }
 @media (max-width: 700px) {
   .gradio-container { padding: 4px !important; }
   #intro p { display: none; }
   #intro h1 { font-size: 22px; }
   .js-plotly-plot .modebar-container { display: none !important; }  /* it covers the titles of a phone-wide figure */
-  #tabs .tab-container button { padding: 4px 5px !important; font-size: 12px !important; }
+  #tabs .tab-container button { padding: 4px 2px !important; font-size: 11px !important; }
 }
 """
 
@@ -207,7 +219,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                             head = gr.Slider(0, MAX_HEADS, value=0, step=1, label="Head", elem_id="head", min_width=140)
                         attn_plot = gr.Plot(elem_id="attn_plot", show_label=False)
                         row_plot = gr.Plot(elem_id="row_plot", show_label=False)
-                    with gr.Tab("All heads", id="overview", elem_id="tab-overview") as tab_overview:
+                    with gr.Tab("Heads", id="overview", elem_id="tab-overview") as tab_overview:
                         gr.Markdown(TEXT_OVERVIEW, elem_classes="explain")
                         per_head = gr.Checkbox(False, label="All-heads grid: each head on its own scale (diffuse heads stay visible)", elem_id="per_head")
                         grid_plot = gr.Plot(elem_id="grid_plot", show_label=False)
@@ -220,11 +232,25 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                         emb_plot = gr.Plot(elem_id="emb_plot", show_label=False)
                         norm_plot = gr.Plot(elem_id="norm_plot", show_label=False)
                         traj_plot = gr.Plot(elem_id="traj_plot", show_label=False)
+                    with gr.Tab("Experiment", id="experiment", elem_id="tab-experiment") as tab_experiment:
+                        gr.Markdown(TEXT_EXPERIMENT, elem_classes="explain")
+                        targets = gr.Dropdown(c.target_choices(models.get(models.default).cfg), value=[], multiselect=True,
+                                              label="Switch off", elem_id="targets")
+                        with gr.Row():
+                            mode = gr.Radio([("set to zero", "zero"), ("set to their average", "mean")], value="zero",
+                                            label="How", elem_id="mode", min_width=200)
+                            add_head = gr.Button("Add the selected head", elem_id="add_head", min_width=120)
+                            run_exp = gr.Button("Run experiment", variant="primary", elem_id="run_exp", min_width=120)
+                        lesson = gr.Button("Lesson: switch off the induction heads (on the induction example)", elem_id="lesson", size="sm")
+                        exp_strips = gr.HTML(c.experiment_views(None, 0, None)["exp_strips"], elem_id="exp_strips")
+                        exp_loss = gr.Plot(elem_id="exp_loss", show_label=False)
+                        exp_bars = gr.Plot(elem_id="exp_bars", show_label=False)
 
         view_components = {"chosen": chosen_plot, "attention": attn_plot, "row": row_plot, "grid": grid_plot,
-                           "overview": overview, "lens": lens_plot, "embed": emb_plot, "norm": norm_plot, "traj": traj_plot}
+                           "overview": overview, "lens": lens_plot, "embed": emb_plot, "norm": norm_plot, "traj": traj_plot,
+                           "exp_strips": exp_strips, "exp_loss": exp_loss, "exp_bars": exp_bars}
         everything = [state, tab, status, strip, position, selected_label, layer, head, rewind_to, upcoming, pick,
-                      tabs, prompt, example_hint, example] + list(view_components.values())
+                      tabs, prompt, example_hint, example, targets] + list(view_components.values())
 
         def render(page: c.Page) -> dict:
             """A `Page` as updates of the components it names (the others stay as they are)."""
@@ -269,6 +295,10 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                 out[example_hint] = page.hint
             if page.examples is not None:
                 out[example] = gr.update(choices=page.examples, value=None)
+            if page.targets is not None:
+                out[targets] = gr.update(choices=page.targets, value=page.targets_value or [])
+            elif page.targets_value is not None:
+                out[targets] = page.targets_value
             return out
 
         settings = [temperature, top_k, top_p, penalty, max_new, seed]
@@ -370,6 +400,21 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                 return render(ctl.choose_example(st, name, ex, ctrl, sel, show_me=show, who=who_of(request)))
             return handler
 
+        @named("state", "model", "prompt", "targets", "mode", *SETTING_NAMES, *VIEW_NAMES)
+        def on_experiment(st, name, text, chosen, how, *rest):
+            *rest, request = rest
+            ctrl, sel = split(rest)
+            return render(ctl.experiment(st, name, text, ctrl, sel, chosen, how, who=who_of(request)))
+
+        @named("state", "model", *SETTING_NAMES, *VIEW_NAMES)
+        def on_lesson(st, name, *rest):
+            *rest, request = rest
+            ctrl, sel = split(rest)
+            return render(ctl.induction_lesson(st, name, ctrl, sel, who=who_of(request)))
+
+        def on_add_head(chosen, model_choice, layer_value, head_value):
+            return c.add_head(chosen, models, model_choice, layer_value, head_value)
+
         # --- wiring -------------------------------------------------------------------------------
         private = dict(api_visibility="private")
         gen_event = gr.on([generate_btn.click, prompt.submit], on_generate, [state, model_name, prompt, speed] + settings + view,
@@ -390,7 +435,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         strip.click(on_strip_click, select_inputs, everything, **private)
         overview.click(on_overview_click, select_inputs, everything, **private)
         for tab_id, t in (("chosen", tab_chosen), ("attention", tab_attention), ("overview", tab_overview),
-                          ("lens", tab_lens), ("embed", tab_embed)):
+                          ("lens", tab_lens), ("embed", tab_embed), ("experiment", tab_experiment)):
             # The browser knows the open tab at once (a Step right after the click must draw it), then the server draws it.
             t.select(None, None, tab, js=f"() => '{tab_id}'", **private)
             t.select(on_tab(tab_id), select_inputs, everything, **private)
@@ -399,6 +444,9 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
               trigger_mode="always_last")
         example.select(on_example(False), [state, model_name, example] + settings + view, everything, **private)
         show_me.click(on_example(True), [state, model_name, example] + settings + view, everything, api_name="show_me")
+        run_exp.click(on_experiment, [state, model_name, prompt, targets, mode] + settings + view, everything, api_name="experiment")
+        lesson.click(on_lesson, [state, model_name] + settings + view, everything, api_name="induction_lesson")
+        add_head.click(on_add_head, [targets, model_name, layer, head], targets, **private)
         model_name.select(act(ctl.switch_model), [state, model_name, prompt] + settings + view, everything, api_name="set_model")
         demo.load(None, None, compact, js=COMPACT_JS, **private)
     return demo

@@ -48,6 +48,8 @@ class Comparison:
     logprob_intervened: np.ndarray  # [T] the same under the intervened model
     prompt_loss_original: float  # mean -log p over the prompt's tokens 1.. (nats; NaN for a one-token prompt)
     prompt_loss_intervened: float
+    original: "TeacherForced | None" = None  # both models' passes over the original text (for the views)
+    intervened: "TeacherForced | None" = None
 
     @property
     def loss_change(self) -> float:
@@ -105,33 +107,40 @@ class CoupledSession:
         self.original.rewind(n_generated)
         self.intervened.rewind(n_generated)
 
-    @torch.no_grad()
     def report(self) -> Comparison:
-        o, i = self.original, self.intervened
-        n_prompt = len(o.prompt_ids)
-        steps = min(len(o.steps), len(i.steps))
-        first = next((k for k in range(steps) if o.steps[k].token_id != i.steps[k].token_id), None)
-        ids = o.ids
-        clean = teacher_forced(self.model, ids, None)
-        changed = teacher_forced(self.model, ids, i.plan)
-        lp_o, lp_i = clean.logprobs, changed.logprobs
-        kl, tv, kl_model = [], [], []
-        for k in range(len(o.steps)):
-            row = n_prompt - 1 + k  # the position read before step k's token
-            previous = ids[: row + 1]
-            d_o = distributions(clean.logits(row), previous, self.config)
-            d_i = distributions(changed.logits(row), previous, self.config)
-            kl.append(kl_divergence(d_o.probs_final, d_i.probs_final))
-            tv.append(0.5 * float((d_o.probs_final.double() - d_i.probs_final.double()).abs().sum()))
-            kl_model.append(kl_divergence(d_o.probs, d_i.probs))
-        prompt = slice(1, n_prompt)
-        return Comparison(
-            original_text=o.text, intervened_text=i.text, original_ids=ids, intervened_ids=i.ids, prompt_length=n_prompt,
-            first_divergence=first, kl=np.array(kl, dtype=np.float64), tv=np.array(tv, dtype=np.float64),
-            kl_model=np.array(kl_model, dtype=np.float64), logprob_original=lp_o, logprob_intervened=lp_i,
-            prompt_loss_original=float(-np.mean(lp_o[prompt])) if n_prompt > 1 else float("nan"),
-            prompt_loss_intervened=float(-np.mean(lp_i[prompt])) if n_prompt > 1 else float("nan"),
-        )
+        return coupled_report(self.original, self.intervened)
+
+
+@torch.no_grad()
+def coupled_report(o: GenerationSession, i: GenerationSession) -> Comparison:
+    """Compare two recording sessions over the same prompt and config, `i` with interventions: on `o`'s text
+    (see the module docstring)."""
+    model, config = o.model, o.config
+    n_prompt = len(o.prompt_ids)
+    steps = min(len(o.steps), len(i.steps))
+    first = next((k for k in range(steps) if o.steps[k].token_id != i.steps[k].token_id), None)
+    ids = o.ids
+    clean = teacher_forced(model, ids, None)
+    changed = teacher_forced(model, ids, i.plan)
+    lp_o, lp_i = clean.logprobs, changed.logprobs
+    kl, tv, kl_model = [], [], []
+    for k in range(len(o.steps)):
+        row = n_prompt - 1 + k  # the position read before step k's token
+        previous = ids[: row + 1]
+        d_o = distributions(clean.logits(row), previous, config)
+        d_i = distributions(changed.logits(row), previous, config)
+        kl.append(kl_divergence(d_o.probs_final, d_i.probs_final))
+        tv.append(0.5 * float((d_o.probs_final.double() - d_i.probs_final.double()).abs().sum()))
+        kl_model.append(kl_divergence(d_o.probs, d_i.probs))
+    prompt = slice(1, n_prompt)
+    return Comparison(
+        original_text=o.text, intervened_text=i.text, original_ids=ids, intervened_ids=i.ids, prompt_length=n_prompt,
+        first_divergence=first, kl=np.array(kl, dtype=np.float64), tv=np.array(tv, dtype=np.float64),
+        kl_model=np.array(kl_model, dtype=np.float64), logprob_original=lp_o, logprob_intervened=lp_i,
+        prompt_loss_original=float(-np.mean(lp_o[prompt])) if n_prompt > 1 else float("nan"),
+        prompt_loss_intervened=float(-np.mean(lp_i[prompt])) if n_prompt > 1 else float("nan"),
+        original=clean, intervened=changed,
+    )
 
 
 def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -181,4 +190,4 @@ def compare(model: GPT2, tokenizer: tiktoken.Encoding, prompt: str | list[int], 
     return session.report()
 
 
-__all__ = ["Comparison", "CoupledSession", "compare", "kl_divergence", "teacher_forced"]
+__all__ = ["Comparison", "CoupledSession", "compare", "coupled_report", "kl_divergence", "teacher_forced"]

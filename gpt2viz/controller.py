@@ -26,7 +26,10 @@ import numpy as np
 import torch
 
 from . import plots
+from .compare import coupled_report
 from .engine import Engine, Generation, Overloaded, Who
+from .experiments import (Experiment, TargetError, bars_view, head_label, parse_targets, strips_html, summary, surprisal_view,
+                          target_choices)
 from .generation import GenerationSession, Step
 from .loading import BUNDLED_MODELS, HUB_MODELS, CheckpointError, HubUnavailableError, hub_reachable, load_model, resolve_checkpoint
 from .memory import memory_limit, trim
@@ -128,6 +131,11 @@ class Entry:
     model_name: str
     lock: threading.Lock  # held by the engine while it works on the session
     generating: Generation | None = None  # the running generation; Stop cancels it
+    experiment: Experiment | None = None  # the last run of the Experiment view
+
+    @property
+    def nbytes(self) -> int:
+        return self.session.nbytes + (self.experiment.nbytes if self.experiment else 0)
 
 
 SESSION_SHARE_OF_MEMORY = 0.4  # of the machine's (or container's) memory, for all users' sessions together
@@ -171,7 +179,7 @@ class Sessions:
 
     @property
     def nbytes(self) -> int:
-        return sum(e.session.nbytes for e in list(self._entries.values()))
+        return sum(e.nbytes for e in list(self._entries.values()))
 
     def _evict(self, keep: Entry) -> None:
         """Drop least recently used sessions (never `keep`) while over the count or memory budget."""
@@ -382,7 +390,7 @@ def examples_for(model_name: str) -> list[str]:
 
 # --- the page's state and what a use case returns ---------------------------------------------
 
-TABS = ("chosen", "attention", "overview", "lens", "embed")
+TABS = ("chosen", "attention", "overview", "lens", "embed", "experiment")
 
 
 def new_state(model_name: str) -> dict:
@@ -433,6 +441,8 @@ class Page:
     choices: list[tuple[str, int]] | None = None
     views: dict[str, object] = field(default_factory=dict)
     open_tab: str | None = None  # switch the page to this tab
+    targets: list[str] | None = None  # what the Experiment view can switch off (after a model switch)
+    targets_value: list[str] | None = None  # what it switches off (the induction lesson sets it)
     warning: bool = False
     echo: bool = True  # send the selection back to the sliders (False: the user just set them to these values)
 
@@ -504,7 +514,7 @@ class Controller:
         return steps[0]
 
     def _refuse(self, state: dict, error: Exception) -> Page:
-        if isinstance(error, (UserError, ContextLengthError, ValueError, Overloaded)):
+        if isinstance(error, (UserError, ContextLengthError, ValueError, Overloaded, TargetError)):
             return Page(state, status=warn(str(error)), warning=True)
         log.error("request failed: %s: %s", type(error).__name__, error)
         return Page(state, status=warn(f"Something went wrong ({type(error).__name__}); please try again."), warning=True)
@@ -676,9 +686,10 @@ class Controller:
             return Page(fresh, status=f"Switched to **{model_name}**. Type a prompt and press Step or Generate.",
                         strip=empty_strip(), selection=selection, n_layer=cfg.n_layer, n_head=cfg.n_head,
                         upcoming=plots.empty_figure("Type a prompt: its next token appears here."), choices=[],
-                        views=empty_views(), examples=names)
+                        views=empty_views(), examples=names, targets=target_choices(cfg), targets_value=[])
         page = self.open(fresh, model_name, prompt, settings, selection, who=who)
         page.examples = names
+        page.targets, page.targets_value = target_choices(cfg), []
         if not page.warning:
             page.status = f"Switched to **{model_name}** ({cfg.n_layer} layers × {cfg.n_head} heads)."
         return page
@@ -746,6 +757,71 @@ class Controller:
         page.open_tab = selection.tab if show_me else None
         return page
 
+    def experiment(self, state, model_name, prompt, settings, selection: Selection, targets, mode,
+                   who: Who | None = None) -> Page:
+        """Generate from the prompt twice with the current settings, as the model is and with `targets` switched
+        off (`mode` "zero" or "mean"), coupled (the same random draw at every step, `compare.py`), as many tokens
+        as the text has generated (or the max new tokens), taking the same forced tokens; open the Experiment view."""
+        who = who or Who()
+        try:
+            config = sampling_config(*settings)
+            interventions = parse_targets(targets, mode, self.models.get(model_name).cfg)
+            state, entry = self._entry(state, model_name, prompt, config, who)
+            if entry.generating:
+                return Page(state, status=warn("Busy generating: press Stop first."), warning=True)
+            s = entry.session
+            n = min(len(s.steps) or config.max_new_tokens, s.model.cfg.n_positions - len(s.prompt_ids))
+            if n <= 0:
+                raise UserError("The prompt fills the model's context: shorten it to leave room for generation.")
+            force = [st.token_id if st.method == "forced" else None for st in s.steps[:n]]
+            runs = [GenerationSession(s.model, s.tokenizer, s.prompt_ids, config, top_n=TOP_N, record=True, interventions=ivs)
+                    for ivs in ((), interventions)]
+            # both runs in the engine's batch, with every other user's tokens
+            generations = [self.engine.generate(run, threading.Lock(), n, who, force=force) for run in runs]
+            for g in generations:
+                for _ in g:
+                    pass
+            report = self.engine.call(None, None, lambda: coupled_report(*runs), who)
+            labels = [targets] if isinstance(targets, str) else list(targets)
+            entry.experiment = Experiment(labels, mode, interventions, report, runs[0].steps, runs[1].steps)
+            selection.tab = "experiment"
+            page = self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, summary(entry.experiment))).build()
+            page.open_tab = "experiment"
+            return page
+        except Exception as e:  # noqa: BLE001
+            return self._refuse(state, e)
+
+    def induction_lesson(self, state, model_name, settings, selection: Selection, who: Who | None = None) -> Page:
+        """The induction example, with the heads this model's detector calls induction heads switched off."""
+        who = who or Who()
+        try:
+            model = self.models.get(model_name)
+            scores = self.engine.call(None, None, lambda: head_scores(model), who)
+        except Exception as e:  # noqa: BLE001
+            return self._refuse(state, e)
+        layers, heads = np.nonzero(scores.induction >= ROLE_THRESHOLD)
+        if not len(layers):
+            layer, head, score = scores.best("induction")
+            return Page(state, status=warn(
+                f"{model_name} has no induction head to switch off: the best, head {layer}.{head}, scores {score:.2f} "
+                f"(a head needs {ROLE_THRESHOLD:.2f}). Try {_models_with_role_hint('induction')}."), warning=True)
+        labels = [head_label(int(layer), int(head)) for layer, head in zip(layers, heads)]
+        text = induction_text()
+        page = self.experiment(state, model_name, text, settings, selection, labels, "zero", who=who)
+        page.prompt, page.targets_value = text, labels
+        entry_exp = self.sessions.get(page.state, sampling_config(*settings), who).experiment if not page.warning else None
+        if entry_exp is not None:
+            r, half = entry_exp.report, INDUCTION_LENGTH
+            first = [-r.logprob_original[1:half].mean(), -r.logprob_intervened[1:half].mean()]
+            second = [-r.logprob_original[half + 1:2 * half].mean(), -r.logprob_intervened[half + 1:2 * half].mean()]
+            page.status = (f"**Lesson: induction heads.** The prompt is {half} random words, then the same words again. "
+                           f"Switched off: {', '.join(labels)} (the heads whose induction score is at least {ROLE_THRESHOLD:.2f}). "
+                           f"Loss on the second copy, which only copying can predict: {second[0]:.2f} → **{second[1]:.2f}** nats "
+                           f"per token; on the first copy, which nothing can predict: {first[0]:.2f} → {first[1]:.2f}. "
+                           + ("The runs first differ at generated token "
+                              f"{r.first_divergence + 1}." if r.first_divergence is not None else "The generated texts are the same."))
+        return page
+
     # -- rendering --
 
     def _render(self, state, entry: Entry, selection: Selection, message: str | None, upcoming: bool = True) -> Page:
@@ -760,7 +836,7 @@ class Controller:
                     selected_label=selected_label(s, sel.position))
         if upcoming:
             page.upcoming, page.choices = upcoming_view(s, draw=False)
-        page.views = tab_views(s, sel, self.models)
+        page.views = tab_views(s, sel, self.models, entry.experiment)
         return page
 
 
@@ -895,8 +971,10 @@ def recipe(draw: bool, figure, *args):
     return figure(*args) if draw else functools.partial(figure, *args)
 
 
-def tab_views(session: GenerationSession, sel: Selection, models=None) -> dict[str, object]:
+def tab_views(session: GenerationSession, sel: Selection, models=None, experiment: Experiment | None = None) -> dict[str, object]:
     """The figures of the visible tab only (the others are drawn when opened); the chosen tab's as a recipe."""
+    if sel.tab == "experiment":
+        return experiment_views(experiment, sel.position, session.tokenizer)
     if sel.tab == "chosen":
         return {"chosen": chosen_view(session, sel.position, draw=False)}
     if sel.tab == "attention":
@@ -911,9 +989,27 @@ def tab_views(session: GenerationSession, sel: Selection, models=None) -> dict[s
     return {"embed": emb, "norm": norm, "traj": traj}
 
 
+EXPERIMENT_EMPTY = ("No experiment yet. Choose what to switch off (select a head in the Attention or Heads view "
+                    "and press “Add the selected head”, or pick from the list), then press “Run experiment”.")
+
+
+def experiment_views(experiment: Experiment | None, position: int, tokenizer) -> dict[str, object]:
+    """The Experiment view for the selected position (figures as recipes)."""
+    if experiment is None:
+        return {"exp_strips": f'<div class="exp-empty">{EXPERIMENT_EMPTY}</div>',
+                "exp_loss": plots.empty_figure("Run an experiment: both models' surprise at each token appears here."),
+                "exp_bars": plots.empty_figure("Run an experiment, then select a token.")}
+    bars = bars_view(experiment, position, tokenizer)
+    n = len(experiment.report.original_ids)
+    return {"exp_strips": strips_html(experiment, tokenizer), "exp_loss": recipe(False, *surprisal_view(experiment)),
+            "exp_bars": recipe(False, *bars) if bars else plots.empty_figure(
+                f"Select a token from 1 to {n - 1} of the original text: how both models predicted it appears here.")}
+
+
 def empty_views() -> dict[str, object]:
     blank = plots.empty_figure("Press Step or Generate, or choose an example.")
-    return {name: blank for name in ("chosen", "attention", "row", "grid", "lens", "embed", "norm", "traj")} | {"overview": ""}
+    return ({name: blank for name in ("chosen", "attention", "row", "grid", "lens", "embed", "norm", "traj")} | {"overview": ""}
+            | experiment_views(None, 0, None))
 
 
 def head_badges(model: GPT2) -> dict[tuple[int, int], str]:
@@ -1010,3 +1106,14 @@ def embedding_views(session: GenerationSession, position: int):
                                    "its residual stream after each block, projected on 2 axes (PCA) · "
                                    "hover a point: the logit lens's guess for the next token there")
     return emb, norms, traj
+
+
+def add_head(labels, models: Models, model_name: str, layer, head) -> list[str]:
+    """The Experiment view's list with the head selected in the views added (clamped into the model)."""
+    labels = [x for x in (labels or []) if isinstance(x, str)]
+    try:
+        cfg = models.get(model_name).cfg
+    except Exception:  # noqa: BLE001 - an unknown model: the list stays as it is
+        return labels
+    label = head_label(min(as_index(layer) or 0, cfg.n_layer - 1), min(as_index(head) or 0, cfg.n_head - 1))
+    return labels if label in labels else labels + [label]

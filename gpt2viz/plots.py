@@ -357,3 +357,44 @@ def heads_overview_html(patterns: np.ndarray, badges: dict[tuple[int, int], str]
             f'ind = induction head (measured on repeated random tokens). Click a head to open it in the Attention tab.</div>'
             f'<div class="ov-grid" style="grid-template-columns: 3.2em repeat({n_head}, minmax(0, 1fr))">'
             + "".join(cells) + "</div></div>")
+
+
+def compare_bars_figure(tokens: list[str], p_original: np.ndarray, p_intervened: np.ndarray, chosen: int | None,
+                        title: str, subtitle: str) -> go.Figure:
+    """The same candidates' probabilities under the model (grey) and with the interventions (orange).
+
+    tokens `[N]`, p_original `[N]`, p_intervened `[N]`; `chosen` is the index of the token that came next (▶).
+    """
+    names = unique([("▶ " if i == chosen else "") + short(t, 14) for i, t in enumerate(tokens)])
+    fig = go.Figure()
+    for probs, name, colour in ((p_original, "the model", GREY), (p_intervened, "with your interventions", ORANGE)):
+        fig.add_bar(y=names, x=f32(probs, 4), orientation="h", name=name, marker_color=colour,
+                    text=[pct(p) for p in probs], textposition="outside", textfont=dict(size=12), cliponaxis=False,
+                    hovertemplate="%{y}<br>" + name + ": %{text}<extra></extra>")
+    top = max(float(np.max(p_original)) if len(p_original) else 0.0, float(np.max(p_intervened)) if len(p_intervened) else 0.0)
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(title="probability", tickformat=".0%", range=[0, min(1.0, top) * 1.3 + 0.03], nticks=6)
+    fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
+    return _layout(fig, title, subtitle, height=max(300, 36 * len(tokens) + 150))
+
+
+def surprisal_figure(surprisal_original: np.ndarray, surprisal_intervened: np.ndarray, prompt_length: int,
+                     divergence: int | None, title: str, subtitle: str) -> go.Figure:
+    """Per position t >= 1 of a text, -log p(token t) under the model (grey) and with the interventions (orange).
+
+    Both `[T]` (NaN at t = 0); a dotted line where the generated tokens start, ✕ where the runs first differ.
+    """
+    x = np.arange(1, len(surprisal_original))
+    fig = go.Figure()
+    for values, name, colour in ((surprisal_original, "the model", GREY), (surprisal_intervened, "with your interventions", ORANGE)):
+        fig.add_scatter(x=x, y=f32(values[1:], 2), mode="lines+markers", name=name, line=dict(color=colour, width=2),
+                        marker=dict(size=5), hovertemplate="token %{x}<br>" + name + ": %{y:.2f} nats<extra></extra>")
+    top = float(np.nanmax(np.concatenate([surprisal_original[1:], surprisal_intervened[1:]]))) if len(x) else 1.0
+    if prompt_length < len(surprisal_original):
+        fig.add_vline(x=prompt_length - 0.5, line=dict(color="#4a5561", dash="dot", width=1))
+    if divergence is not None:
+        fig.add_scatter(x=[divergence], y=[top * 1.05], mode="markers", marker=dict(symbol="x", size=12, color="#c0392b"),
+                        hovertemplate="the runs first differ here (token %{x})<extra></extra>")
+    fig.update_xaxes(title="position in the original text", range=[0.5, max(len(surprisal_original) - 0.5, 1.5)])  # no 0 tick beside the y axis's
+    fig.update_yaxes(title="surprise, nats (−log p)", rangemode="tozero")
+    return _layout(fig, title, subtitle, height=360)

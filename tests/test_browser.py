@@ -21,7 +21,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou"
 OVERLAP_JS = (Path(__file__).parent / "overlap.js").read_text()
 VIEWPORTS = {"desktop": (1440, 900), "projector": (1280, 720), "phone": (390, 844)}
-TABS = ["Chosen", "Attention", "All heads", "Lens", "Embeddings"]
+TABS = ["Chosen", "Attention", "Heads", "Lens", "Embeddings", "Experiment"]
 
 
 def n_tokens(text: str) -> int:
@@ -266,7 +266,7 @@ def test_model_switch_and_example_bring_every_view_into_the_new_state(page):
     assert slider_max(page, "layer") == 1 and slider_max(page, "head") == 2
     assert page.locator("#layer input[type=number]").input_value() == "0"
     expect(page.locator("#attn_plot .gtitle")).to_contain_text("Layer 0, head 0")
-    tab(page, "All heads")
+    tab(page, "Heads")
     expect(page.locator("#grid_plot .gtitle")).to_contain_text("All 3 heads of layer 0")
     tab(page, "Attention")
     n = len(strip_tokens(page))
@@ -309,7 +309,7 @@ def test_show_me_finds_the_induction_head_or_says_it_cannot(page):
     expect(page.get_by_role("tab", name="Attention", exact=True)).to_have_attribute("aria-selected", "true")
     expect(page.locator("#attn_plot .gtitle")).to_contain_text(f"Layer {layer}, head {head}")
     # the head's badge in the all-heads overview
-    tab(page, "All heads")
+    tab(page, "Heads")
     cell = page.locator(f'.ov-cell[data-layer="{layer}"][data-head="{head}"]')
     expect(cell).to_contain_text("ind")
     # clicking another head in the overview selects it in the Attention tab
@@ -319,6 +319,71 @@ def test_show_me_finds_the_induction_head_or_says_it_cannot(page):
     # a previous-token head on the bundled model
     status = show_me(page, "Shakespeare: the previous-token head", "tiny-shakespeare")
     assert "Layer 0, head 0 is this model's strongest previous-token head" in status
+
+
+def test_switch_off_a_head_picked_in_the_overview_and_see_where_the_texts_part(page):
+    set_prompt(page, PROMPT)
+    set_number(page, "max_new", 12)
+    set_number(page, "speed", 0)
+    page.click("#generate")
+    expect(page.locator("#strip .tok")).to_have_count(n_tokens(PROMPT) + 12, timeout=60_000)
+    wait_idle(page)
+    # pick head 0.0 (the bundled model's previous-token head) in the overview, then switch it off
+    tab(page, "Heads")
+    page.locator('.ov-cell[data-layer="0"][data-head="0"]').click()
+    wait_idle(page)
+    tab(page, "Experiment")
+    expect(page.locator("#exp_strips")).to_contain_text("No experiment yet")
+    page.click("#add_head")
+    wait_idle(page)
+    expect(page.locator("#targets")).to_contain_text("head 0.0")
+    page.click("#run_exp")
+    expect(page.locator("#exp_loss .gtitle")).to_contain_text("Surprise at each token", timeout=60_000)
+    wait_idle(page)
+    status = page.locator("#status").inner_text()
+    assert "Switched off: head 0.0 set to zero" in status and "first differ at token" in status
+    first = int(re.search(r"first differ at token (\d+)", status).group(1))
+    strips = page.locator("#exp_strips .exp-strip")
+    expect(strips).to_have_count(2)
+    marked = strips.nth(1).locator(".tok.div-first")
+    expect(marked).to_have_count(1)
+    assert marked.get_attribute("title") == f"token {first}"
+    expect(page.locator("#exp_strips .exp-cell")).to_have_count(12)  # one difference per generated step
+    # the same token in both runs before the first difference
+    before = [t for t in strips.nth(0).locator(".tok").all() if int(t.get_attribute("title").split()[1]) < first]
+    after = [t for t in strips.nth(1).locator(".tok").all() if int(t.get_attribute("title").split()[1]) < first]
+    assert [t.inner_text() for t in before] == [t.inner_text() for t in after]
+    # selecting a token shows both models' probabilities for it
+    page.locator("#strip .tok").nth(first).click()
+    wait_idle(page)
+    expect(page.locator("#exp_bars .gtitle")).to_contain_text(f"Token {first} (")
+    expect(page.get_by_role("tab", name="Experiment", exact=True)).to_have_attribute("aria-selected", "true")
+    # nothing chosen: a message, not an error
+    page.locator("#targets .token-remove, #targets button[aria-label*='emove']").first.click()
+    wait_idle(page)
+    page.click("#run_exp")
+    wait_idle(page)
+    expect(page.locator("#status")).to_contain_text("Choose what to switch off first")
+
+
+def test_the_induction_lesson_runs_end_to_end_or_says_it_cannot(page):
+    tab(page, "Experiment")
+    page.click("#lesson")
+    wait_idle(page)
+    expect(page.locator("#status")).to_contain_text("has no induction head to switch off")  # the bundled Shakespeare model
+    choose(page, "model", "toy-induction")
+    tab(page, "Experiment")
+    page.click("#lesson")
+    expect(page.locator("#exp_loss .gtitle")).to_contain_text("Surprise at each token", timeout=60_000)
+    wait_idle(page)
+    status = page.locator("#status").inner_text()
+    assert "Switched off: head 1.0, head 1.1" in status
+    before, after = map(float, re.search(r"second copy, which only copying can predict: ([0-9]+\.[0-9]+) → ([0-9]+\.[0-9]+)", status).groups())
+    first_before, first_after = map(float, re.search(r"first copy, which nothing can predict: ([0-9]+\.[0-9]+) → ([0-9]+\.[0-9]+)", status).groups())
+    assert before < 1.0 and after > before + 3.0 and abs(first_after - first_before) < 0.5
+    expect(page.locator("#targets")).to_contain_text("head 1.0")
+    expect(page.locator("#prompt textarea")).to_have_value(re.compile(r"^( [a-z]+){24}$"))
+    expect(page.locator("#exp_strips .tok.div-first")).to_have_count(1)  # the copying stops: the texts part
 
 
 def check_every_tab(page, size: str, prefix: str) -> None:
@@ -333,10 +398,16 @@ def check_every_tab(page, size: str, prefix: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     for name in TABS:
         tab(page, name)
+        if name == "Experiment":  # its figures exist once an experiment ran: switch off the selected head
+            page.click("#add_head")
+            wait_idle(page)
+            page.click("#run_exp")
+            expect(page.locator("#exp_loss .gtitle")).to_contain_text("Surprise at each token", timeout=60_000)
+            wait_idle(page)
         time.sleep(0.5)  # plotly lays out after the update
         overlaps = page.evaluate(OVERLAP_JS)
         assert overlaps == [], f"{prefix} {size} {name}: {overlaps[:5]}"
-        if name == "All heads":
+        if name == "Heads":
             page.locator("#per_head input").check()
             wait_idle(page)
             time.sleep(0.5)
@@ -370,7 +441,7 @@ def test_no_text_overlaps_at_gpt2s_layer_and_head_counts(browser, deep_app_url, 
         tab(page, "Lens")
         layers = 12 if shape == "12x12" else 24
         assert "emb" in page.locator("#lens_plot").inner_text() and str(layers - 1) in page.locator("#lens_plot").inner_text()
-        tab(page, "All heads")
+        tab(page, "Heads")
         assert page.locator(".ov-cell").count() == {"12x12": 144, "24x16": 384}[shape]
     finally:
         context.close()
