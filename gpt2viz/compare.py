@@ -25,7 +25,7 @@ import tiktoken
 import torch
 
 from .capture import unembedded_blocks
-from .generation import GenerationSession, Step
+from .generation import GenerationSession, Step, read_together
 from .interventions import Intervention, Plan
 from .model import GPT2
 from .sampling import SamplingConfig, distributions
@@ -85,7 +85,11 @@ class CoupledSession:
         return min(self.original.room_left, self.intervened.room_left)
 
     def step(self, force: int | None = None) -> tuple[Step, Step]:
-        """One token in each run (`force`: the same token in both)."""
+        """One token in each run (`force`: the same token in both), from one batched pass over both
+        (`read_together`: the weights are read once for the two runs' rows)."""
+        runs = [s for s in (self.original, self.intervened) if s.unread()]
+        if runs and all(s.room_left > 0 for s in runs):
+            read_together(runs)
         return self.original.step(force=force), self.intervened.step(force=force)
 
     def run(self, max_new_tokens: int | None = None, force: dict[int, int] | None = None) -> Iterator[tuple[Step, Step]]:
@@ -120,8 +124,8 @@ def coupled_report(o: GenerationSession, i: GenerationSession) -> Comparison:
     steps = min(len(o.steps), len(i.steps))
     first = next((k for k in range(steps) if o.steps[k].token_id != i.steps[k].token_id), None)
     ids = o.ids
-    clean = teacher_forced(model, ids, None)
-    changed = teacher_forced(model, ids, i.plan)
+    clean = teacher_forced(model, ids, None, keep_from=n_prompt - 1)
+    changed = teacher_forced(model, ids, i.plan, keep_from=n_prompt - 1)
     lp_o, lp_i = clean.logprobs, changed.logprobs
     kl, tv, kl_model = [], [], []
     for k in range(len(o.steps)):
@@ -132,6 +136,7 @@ def coupled_report(o: GenerationSession, i: GenerationSession) -> Comparison:
         kl.append(kl_divergence(d_o.probs_final, d_i.probs_final))
         tv.append(0.5 * float((d_o.probs_final.double() - d_i.probs_final.double()).abs().sum()))
         kl_model.append(kl_divergence(d_o.probs, d_i.probs))
+    clean.kept = changed.kept = None  # 200 KB a token: the report keeps the normed rows only
     prompt = slice(1, n_prompt)
     return Comparison(
         original_text=o.text, intervened_text=i.text, original_ids=ids, intervened_ids=i.ids, prompt_length=n_prompt,
@@ -159,25 +164,35 @@ class TeacherForced:
     model: GPT2
     normed: torch.Tensor  # [T, d_model]
     logprobs: np.ndarray  # [T] float64, NaN at t = 0
+    kept: torch.Tensor | None = None  # [T - keep_from, vocab] the logits after positions keep_from.. (for the report)
+    keep_from: int = 0
 
     def logits(self, position: int) -> torch.Tensor:
         """`[vocab]` float32 next-token logits after `position`."""
+        if self.kept is not None and 0 <= position - self.keep_from < self.kept.shape[0]:
+            return self.kept[position - self.keep_from]
         return self.model.unembed(self.normed[position]).float()
 
 
 @torch.no_grad()
-def teacher_forced(model: GPT2, ids: list[int], plan: Plan | None) -> TeacherForced:
-    """Read `ids` in one forward pass (module path) with `plan`'s edits, if any."""
+def teacher_forced(model: GPT2, ids: list[int], plan: Plan | None, keep_from: int | None = None) -> TeacherForced:
+    """Read `ids` in one forward pass (module path) with `plan`'s edits, if any; `keep_from`: also keep the
+    logits after positions keep_from.. (the unembedding is then read once for all of them)."""
     tokens = torch.tensor([ids], device=model.device)
     with model.hooks(plan.hooks(0) if plan else []):
         normed = model(tokens, unembed=False)[0]
     logprobs = np.full(len(ids), np.nan)
     targets = torch.tensor(ids[1:] + [0], device=model.device)
+    kept = []
     for start, block in unembedded_blocks(model, normed):
         n = block.shape[0]
+        if keep_from is not None and start + n > keep_from:
+            kept.append(block[max(0, keep_from - start):].clone())
         lp = torch.log_softmax(block, -1).gather(1, targets[start:start + n, None])[:, 0].double().cpu().numpy()
         logprobs[start + 1:start + 1 + n] = lp[: max(0, len(ids) - 1 - start)]
-    return TeacherForced(model, normed, logprobs)
+    if keep_from is None:
+        return TeacherForced(model, normed, logprobs)
+    return TeacherForced(model, normed, logprobs, torch.cat(kept) if kept else None, keep_from)
 
 
 def compare(model: GPT2, tokenizer: tiktoken.Encoding, prompt: str | list[int], config: SamplingConfig | None,

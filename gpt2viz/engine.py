@@ -35,9 +35,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import torch
 
-from .generation import GenerationSession, Step
+from .generation import GenerationSession, read_together, Step
 
 log = logging.getLogger("gpt2viz.engine")
 
@@ -288,25 +287,15 @@ class Engine:
             for job, _ in batch:
                 job.lock.release()
 
-    @torch.no_grad()
     def _forward(self, model, reading: list[tuple[_Job, list[int]]]) -> None:
-        sessions = [job.session for job, _ in reading]
-        starts = [len(s.records) for s in sessions]
         try:
-            out = model.forward_ragged([torch.tensor(ids) for _, ids in reading], [s._kv for s in sessions],
-                                       [s.plan for s in sessions])
+            rows = read_together([job.session for job, _ in reading], [ids for _, ids in reading])
         except Exception as e:  # noqa: BLE001
             for job, _ in reading:
                 self._finish(job, e)
             raise
         self.stats["iterations"] += 1
-        self.stats["batched_rows"] += out.bounds[-1]
-        # the sequences whose pass reached their last token: their last rows are unembedded in one product
-        complete = [i for i, (s, (_, ids)) in enumerate(zip(sessions, reading)) if starts[i] + len(ids) == len(s._state.ids)]
-        logits = dict(zip(complete, model.unembed_rows(out.normed[[out.bounds[i + 1] - 1 for i in complete]]).float())) if complete else {}
-        for i, s in enumerate(sessions):
-            rows = out.rows(i)
-            s.absorb(starts[i], out.normed[rows], out.resid[:, rows], out.embed[rows], out.pos_embed[rows], logits.get(i))
+        self.stats["batched_rows"] += rows
 
     def _choose(self, job: _Job, batched: bool) -> None:
         """After the pass: a generation takes its next token; a read job is done once nothing is unread.

@@ -417,6 +417,24 @@ class GenerationSession:
                 return
 
 
+@torch.no_grad()
+def read_together(sessions: list[GenerationSession], segments: list[list[int]] | None = None) -> int:
+    """One batched pass (`GPT2.forward_ragged`) over recording sessions of one model: session i reads
+    `segments[i]` (default: all its `unread()` ids; a leading chunk of them is allowed), each with its own
+    interventions, then takes its rows in (`absorb`). The last rows of the sessions whose text is then read
+    are unembedded in one product. Returns the number of rows."""
+    model = sessions[0].model
+    segments = [s.unread() for s in sessions] if segments is None else segments
+    starts = [len(s.records) for s in sessions]
+    out = model.forward_ragged([torch.tensor(ids) for ids in segments], [s._kv for s in sessions], [s.plan for s in sessions])
+    complete = [i for i, (s, ids) in enumerate(zip(sessions, segments)) if starts[i] + len(ids) == len(s._state.ids)]
+    logits = dict(zip(complete, model.unembed_rows(out.normed[[out.bounds[i + 1] - 1 for i in complete]]).float())) if complete else {}
+    for i, s in enumerate(sessions):
+        rows = out.rows(i)
+        s.absorb(starts[i], out.normed[rows], out.resid[:, rows], out.embed[rows], out.pos_embed[rows], logits.get(i))
+    return out.bounds[-1]
+
+
 class Records:
     """Per-position captures kept by a recording session (index = position).
 
