@@ -293,6 +293,7 @@ class GPT2(nn.Module):
         # The module tree is fixed once built (hook names are found in it once, above).
         self._decode_plan = [_block_plan(block) for block in self.blocks]
         self._score_hooks = [hp for block in self.blocks for hp in (block.attn.scores, block.attn.pattern)]
+        self._hookable = [m for m in self.modules() if not isinstance(m, HookPoint)]
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layer)
@@ -313,7 +314,7 @@ class GPT2(nn.Module):
             raise ContextLengthError(
                 f"sequence of {past + T} tokens exceeds the model's context of {self.cfg.n_positions} positions"
             )
-        if kv_cache is not None and T == 1 and not any(hp.observed for hp in self._score_hooks):
+        if kv_cache is not None and T == 1 and not any(hp.observed for hp in self._score_hooks) and not self._module_hooks():
             x = self._decode_step(tokens, kv_cache)
         else:
             positions = torch.arange(past, past + T, device=tokens.device)
@@ -326,6 +327,15 @@ class GPT2(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.logits(self.unembed(x)) if unembed else x
+
+    def _module_hooks(self) -> bool:
+        """Whether a PyTorch forward (pre-)hook is registered on a block's module or globally: then decode steps
+        take the modules (the flat step calls none of them, so the hook would not fire)."""
+        from torch.nn.modules import module as nn_module
+
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._hookable)
 
     def _decode_step(self, tokens: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """The blocks for one new position per sequence, `[batch, 1]` -> residual `[batch, 1, d_model]`:
@@ -376,6 +386,8 @@ class GPT2(nn.Module):
         """
         cfg = self.cfg
         C, H, D, eps = cfg.n_embd, cfg.n_head, cfg.d_head, cfg.layer_norm_epsilon
+        if self._module_hooks():
+            raise RuntimeError("forward_ragged runs no nn.Module hooks: remove them, or use hook points (forward) or interventions")
         lengths = [int(t.shape[0]) for t in segments]
         pasts = [kv.length for kv in caches]
         for past, T in zip(pasts, lengths):

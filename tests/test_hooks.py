@@ -160,3 +160,24 @@ def test_hooks_belong_to_the_thread_that_attached_them(small_model):
     t.join()
     assert seen_main == [(1, small_model.cfg.n_head, 5, 5)]
     assert seen_other == [(1, small_model.cfg.n_head, 3, 3)]
+
+
+def test_pytorch_module_hooks_fire_on_decode_steps_and_are_refused_where_they_cannot(small_model):
+    """A forward hook registered with PyTorch on a module fires on every decode step (the flat step calls
+    no module, so the model takes the modules while one is registered); the engine's ragged pass refuses."""
+    model = small_model
+    seen = []
+    handle = model.blocks[1].mlp.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    try:
+        kv = model.new_kv_cache()
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]), kv_cache=kv)
+            model(torch.tensor([[4]]), kv_cache=kv)
+            model(torch.tensor([[5]]), kv_cache=kv)
+        assert seen == [(1, 3, model.cfg.n_embd), (1, 1, model.cfg.n_embd), (1, 1, model.cfg.n_embd)]
+        with pytest.raises(RuntimeError, match="forward_ragged runs no nn.Module hooks"):
+            model.forward_ragged([torch.tensor([1, 2])], [model.new_kv_cache()])
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        model.forward_ragged([torch.tensor([1, 2])], [model.new_kv_cache()])  # without the hook it runs
