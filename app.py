@@ -134,7 +134,7 @@ def quiet_refusals(component_class) -> None:
     component_class.preprocess = refuse_quietly
 
 
-for _input in (gr.Slider, gr.Number, gr.Dropdown):
+for _input in (gr.Slider, gr.Number, gr.Dropdown, gr.Radio):
     quiet_refusals(_input)
 
 

@@ -378,3 +378,20 @@ def test_show_me_for_agreement_opens_the_head_that_reads_the_subject(ctl, hf_che
         assert f"Layer {layer}, head {head} sends {best:.0%}" in page.status
     else:
         assert page.warning and f"the most is {best:.0%}" in page.status and page.open_tab == "chosen"
+
+
+def test_experiment_targets_are_parsed_strictly():
+    from gpt2viz import GPT2Config
+    from gpt2viz.experiments import TargetError, parse_targets, target_choices
+    from gpt2viz.interventions import AblateAttn, AblateHeads, AblateMLP
+
+    cfg = GPT2Config(n_layer=2, n_head=3, n_embd=48)
+    assert len(target_choices(cfg)) == 2 * 3 + 2 + 2
+    assert parse_targets(["head 1.2", "MLP 0", "head 1.0", "attention 1", "head 1.2"], "mean", cfg) == [
+        AblateHeads(layer=1, heads=(0, 2), mode="mean"), AblateMLP(layer=0, mode="mean"), AblateAttn(layer=1, mode="mean")]
+    for labels, mode, message in ((["head 2.0"], "zero", "This model has no head 2.0"), (["MLP 5"], "zero", "no MLP 5"),
+                                  (["head ²"], "zero", "is not something"), (["head 0.0 "], "zero", "is not something"),
+                                  ([], "zero", "Choose what to switch off first"), (["head 0.0"], "half", "Choose how"),
+                                  ([3], "zero", "is not something")):
+        with pytest.raises(TargetError, match=message):
+            parse_targets(labels, mode, cfg)
