@@ -241,6 +241,12 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                                             label="How", elem_id="mode", min_width=200)
                             add_head = gr.Button("Add the selected head", elem_id="add_head", min_width=120)
                             run_exp = gr.Button("Run experiment", variant="primary", elem_id="run_exp", min_width=120)
+                        with gr.Accordion("More: MLP neurons, patching from another text", open=False):
+                            neurons = gr.Textbox(label="MLP neurons to switch off, as layer: neuron, neuron (e.g. 2: 12, 700)",
+                                                 elem_id="neurons", max_lines=1)
+                            patch_text = gr.Textbox(label="Patch: the residual stream entering the selected layer (Attention "
+                                                    "tab), taken from the model reading this text instead", elem_id="patch_text",
+                                                    max_lines=3)
                         lesson = gr.Button("Lesson: switch off the induction heads (on the induction example)", elem_id="lesson", size="sm")
                         exp_strips = gr.HTML(c.experiment_views(None, 0, None)["exp_strips"], elem_id="exp_strips")
                         exp_loss = gr.Plot(elem_id="exp_loss", show_label=False)
@@ -400,11 +406,11 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                 return render(ctl.choose_example(st, name, ex, ctrl, sel, show_me=show, who=who_of(request)))
             return handler
 
-        @named("state", "model", "prompt", "targets", "mode", *SETTING_NAMES, *VIEW_NAMES)
-        def on_experiment(st, name, text, chosen, how, *rest):
+        @named("state", "model", "prompt", "targets", "mode", "neurons", "patch_text", *SETTING_NAMES, *VIEW_NAMES)
+        def on_experiment(st, name, text, chosen, how, cells, source, *rest):
             *rest, request = rest
             ctrl, sel = split(rest)
-            return render(ctl.experiment(st, name, text, ctrl, sel, chosen, how, who=who_of(request)))
+            return render(ctl.experiment(st, name, text, ctrl, sel, chosen, how, cells, source, who=who_of(request)))
 
         @named("state", "model", *SETTING_NAMES, *VIEW_NAMES)
         def on_lesson(st, name, *rest):
@@ -444,7 +450,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
               trigger_mode="always_last")
         example.select(on_example(False), [state, model_name, example] + settings + view, everything, **private)
         show_me.click(on_example(True), [state, model_name, example] + settings + view, everything, api_name="show_me")
-        run_exp.click(on_experiment, [state, model_name, prompt, targets, mode] + settings + view, everything, api_name="experiment")
+        run_exp.click(on_experiment, [state, model_name, prompt, targets, mode, neurons, patch_text] + settings + view, everything,
+                      api_name="experiment")
         lesson.click(on_lesson, [state, model_name] + settings + view, everything, api_name="induction_lesson")
         add_head.click(on_add_head, [targets, model_name, layer, head], targets, **private)
         model_name.select(act(ctl.switch_model), [state, model_name, prompt] + settings + view, everything, api_name="set_model")

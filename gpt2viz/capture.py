@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .model import GPT2, causal_bias
+from .model import GPT2
 
 ATTENTION_LEVELS = 255  # uint8 code q stands for probability q / 255
 
@@ -70,14 +69,8 @@ def attention_from_keys(model: GPT2, layer: int, resid_pre: torch.Tensor, keys: 
     (zero above the causal diagonal). Nothing of the pattern has to be stored: the keys are in
     the KV cache anyway, and the residual stream is captured.
     """
-    attn = model.blocks[layer].attn
-    n, C = resid_pre.shape
-    H, D = attn.n_head, attn.d_head
-    q = F.linear(model.blocks[layer].ln_1(resid_pre), attn.c_attn.weight[:C], attn.c_attn.bias[:C])
-    q = q.view(n, H, D).transpose(0, 1)  # [head, n, d_head]
-    S = start + n
-    scores = torch.baddbmm(causal_bias(n, S, q.device, q.dtype).expand(H, n, S), q, keys[:, :S].transpose(1, 2), alpha=D**-0.5)
-    return torch.softmax(scores, dim=-1)
+    block = model.blocks[layer]
+    return block.attn.pattern_from_keys(block.ln_1(resid_pre), keys[:, : start + resid_pre.shape[0]])
 
 
 def stacked_captures(model: GPT2, store: dict, with_attention: bool = True) -> tuple:

@@ -757,15 +757,18 @@ class Controller:
         page.open_tab = selection.tab if show_me else None
         return page
 
-    def experiment(self, state, model_name, prompt, settings, selection: Selection, targets, mode,
-                   who: Who | None = None) -> Page:
+    def experiment(self, state, model_name, prompt, settings, selection: Selection, targets, mode, neurons="",
+                   patch_text="", who: Who | None = None) -> Page:
         """Generate from the prompt twice with the current settings, as the model is and with `targets` switched
-        off (`mode` "zero" or "mean"), coupled (the same random draw at every step, `compare.py`), as many tokens
-        as the text has generated (or the max new tokens), taking the same forced tokens; open the Experiment view."""
+        off (`mode` "zero" or "mean"; also MLP `neurons` "layer: n, n", and the residual stream entering the
+        selected layer patched from `patch_text`), coupled (the same random draw at every step, `compare.py`),
+        as many tokens as the text has generated (or the max new tokens), taking the same forced tokens; open
+        the Experiment view."""
         who = who or Who()
         try:
             config = sampling_config(*settings)
-            interventions = parse_targets(targets, mode, self.models.get(model_name).cfg)
+            cfg = self.models.get(model_name).cfg
+            interventions = parse_targets(targets, mode, cfg, neurons, patch_text, min(selection.layer, cfg.n_layer - 1))
             state, entry = self._entry(state, model_name, prompt, config, who)
             if entry.generating:
                 return Page(state, status=warn("Busy generating: press Stop first."), warning=True)

@@ -13,12 +13,14 @@ import torch
 from . import plots
 from .compare import Comparison
 from .generation import Step
-from .interventions import AblateAttn, AblateHeads, AblateMLP, Intervention
+from .interventions import MAX_TEXT_CHARS, AblateAttn, AblateHeads, AblateMLP, AblateNeurons, Intervention, Patch
 from .model import GPT2Config
 from .tokenizer import token_strings
 
 MAX_TARGETS = 48
 TARGET = re.compile(r"(head) ([0-9]{1,2})\.([0-9]{1,2})|(attention|MLP) ([0-9]{1,2})")
+NEURONS = re.compile(r"\s*([0-9]{1,2})\s*:\s*([0-9]{1,5}(?:\s*,\s*[0-9]{1,5})*)\s*")  # "5: 12, 700"
+MAX_NEURONS = 64
 
 
 class TargetError(ValueError):
@@ -35,14 +37,46 @@ def head_label(layer: int, head: int) -> str:
     return f"head {layer}.{head}"
 
 
-def parse_targets(labels, mode: str, cfg: GPT2Config) -> list[Intervention]:
-    """Labels from `target_choices` and a mode ("zero" or "mean") -> interventions (heads of a layer in one)."""
+def parse_neurons(text, cfg: GPT2Config) -> tuple[int, tuple[int, ...]] | None:
+    """`"5: 12, 700"` -> (layer 5, neurons (12, 700)); empty -> None."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    m = NEURONS.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        raise TargetError("Write neurons as layer: neuron, neuron, ... (for example 5: 12, 700).")
+    layer, neurons = int(m.group(1)), sorted({int(n) for n in m.group(2).split(",")})
+    if layer >= cfg.n_layer:
+        raise TargetError(f"This model has no MLP {layer} (it has {cfg.n_layer} layers).")
+    if neurons[-1] >= cfg.d_mlp:
+        raise TargetError(f"MLP {layer} has neurons 0 to {cfg.d_mlp - 1}, not {neurons[-1]}.")
+    if len(neurons) > MAX_NEURONS:
+        raise TargetError(f"Choose at most {MAX_NEURONS} neurons.")
+    return layer, tuple(neurons)
+
+
+def parse_targets(labels, mode: str, cfg: GPT2Config, neurons: str = "", patch_text: str = "",
+                  patch_layer=None) -> list[Intervention]:
+    """Labels from `target_choices`, a mode ("zero" or "mean"), MLP neurons (`parse_neurons`) and a patch
+    source (the residual stream entering `patch_layer` taken from the run on `patch_text`) -> interventions."""
     if mode not in ("zero", "mean"):
         raise TargetError("Choose how to switch them off: set to zero, or to their average.")
     if isinstance(labels, str):
         labels = [labels]
-    if not isinstance(labels, (list, tuple)) or not labels:
-        raise TargetError("Choose what to switch off first: a head (select one in the views and press “Add”), an attention layer or an MLP.")
+    labels = list(labels) if isinstance(labels, (list, tuple)) else labels
+    extra: list[Intervention] = []
+    chosen = parse_neurons(neurons, cfg)
+    if chosen is not None:
+        extra.append(AblateNeurons(layer=chosen[0], neurons=chosen[1], mode=mode))
+    if isinstance(patch_text, str) and patch_text.strip():
+        if len(patch_text) > MAX_TEXT_CHARS:
+            raise TargetError(f"The patch source is longer than {MAX_TEXT_CHARS} characters.")
+        layer = patch_layer if isinstance(patch_layer, int) and not isinstance(patch_layer, bool) else None
+        if layer is None or not 0 <= layer < cfg.n_layer:
+            raise TargetError(f"Choose the layer whose incoming residual stream to patch (0 to {cfg.n_layer - 1}).")
+        extra.append(Patch(hook=f"blocks.{layer}.resid_pre", source=patch_text))
+    if not isinstance(labels, list) or (not labels and not extra):
+        raise TargetError("Choose what to switch off first: a head (select one in the views and press “Add”), an attention "
+                          "layer or an MLP, neurons, or a text to patch from.")
     if len(labels) > MAX_TARGETS:
         raise TargetError(f"Choose at most {MAX_TARGETS} things to switch off.")
     heads: dict[int, list[int]] = {}
@@ -63,7 +97,23 @@ def parse_targets(labels, mode: str, cfg: GPT2Config) -> list[Intervention]:
                 raise TargetError(f"This model has no {label} (it has {cfg.n_layer} layers).")
             out.append((AblateAttn if m.group(4) == "attention" else AblateMLP)(layer=layer, mode=mode))
     heads_out = [AblateHeads(layer=layer, heads=tuple(sorted(hs)), mode=mode) for layer, hs in sorted(heads.items())]
-    return heads_out + out
+    return heads_out + out + extra
+
+
+def label_of(iv: Intervention) -> str:
+    """How the page names an intervention in its summary."""
+    if isinstance(iv, AblateHeads):
+        return ", ".join(head_label(iv.layer, h) for h in iv.heads)
+    if isinstance(iv, AblateAttn):
+        return f"attention {iv.layer}"
+    if isinstance(iv, AblateMLP):
+        return f"MLP {iv.layer}"
+    if isinstance(iv, AblateNeurons):
+        return f"MLP {iv.layer} neuron{'s' if len(iv.neurons) > 1 else ''} {', '.join(map(str, iv.neurons))}"
+    if isinstance(iv, Patch):
+        source = iv.source if len(iv.source) <= 30 else iv.source[:29] + "…"
+        return f"the residual stream entering layer {iv.hook.split('.')[1]} patched from {source!r}"
+    return str(iv)
 
 
 @dataclass
@@ -79,7 +129,10 @@ class Experiment:
 
     @property
     def what(self) -> str:
-        return ", ".join(self.labels) + (" set to zero" if self.mode == "zero" else " set to their average")
+        off = [label_of(iv) for iv in self.interventions if not isinstance(iv, Patch)]
+        patched = [label_of(iv) for iv in self.interventions if isinstance(iv, Patch)]
+        text = ", ".join(off) + ((" set to zero" if self.mode == "zero" else " set to their average") if off else "")
+        return "; ".join([text] * bool(off) + patched)
 
     @property
     def nbytes(self) -> int:
@@ -100,7 +153,8 @@ def summary(exp: Experiment) -> str:
     if np.isfinite(r.prompt_loss_original):
         loss = (f" Loss on your prompt (how surprised the model is by its tokens, nats per token): "
                 f"{r.prompt_loss_original:.2f} → **{r.prompt_loss_intervened:.2f}** ({r.loss_change:+.2f}).")
-    return (f"Switched off: {exp.what}. Both runs draw every token with the same random number, so any difference "
+    changed = "Changed" if any(isinstance(iv, Patch) for iv in exp.interventions) else "Switched off"
+    return (f"{changed}: {exp.what}. Both runs draw every token with the same random number, so any difference "
             f"is caused by what you switched off. {where}{loss}")
 
 

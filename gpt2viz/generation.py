@@ -19,9 +19,9 @@ import numpy as np
 import tiktoken
 import torch
 
-from .capture import attention_from_keys, capture_hooks, logit_lens, next_token_logprobs, read_position, stacked_captures
 from .interventions import Intervention, Plan, resolve
 from .model import GPT2, ContextLengthError
+from .recording import Pending, PerStep, Recorder, Records
 from .sampling import SamplingConfig, distributions, draw, entropy, rank_of, step_generator
 from .tokenizer import ENDOFTEXT_ID, encode, token_strings
 
@@ -82,18 +82,6 @@ class Prediction:
 
 
 @dataclass
-class _Pending:
-    """A forward pass whose token has not been chosen yet."""
-
-    position: int
-    logits: torch.Tensor  # [vocab]
-    attention: np.ndarray | None  # [layer, head, key] float16
-    resid: np.ndarray  # [layer + 1, d_model] float16
-    lens_ids: np.ndarray | None
-    lens_probs: np.ndarray | None
-
-
-@dataclass
 class _State:
     ids: list[int]
     steps: list[Step] = field(default_factory=list)
@@ -137,14 +125,21 @@ class GenerationSession:
         self.prompt_ids = ids
         self._state = _State(list(ids))
         self._kv = model.new_kv_cache()
-        self.record = record
-        self.records = Records()
-        self._pending: _Pending | None = None
+        self.capture: Recorder | PerStep = (Recorder if record else PerStep)(model, self._kv, top_n)
+        self._pending: Pending | None = None
         self.plan: Plan = resolve(tuple(interventions), model, tokenizer)
 
     @property
     def interventions(self) -> tuple:
         return self.plan.interventions
+
+    @property
+    def record(self) -> bool:
+        return self.capture.recording
+
+    @property
+    def records(self) -> Records:
+        return self.capture.records
 
     @property
     def ids(self) -> list[int]:
@@ -161,7 +156,7 @@ class GenerationSession:
     @property
     def nbytes(self) -> int:
         """Memory held by this session's KV cache and records."""
-        return self._kv.nbytes + self.records.nbytes
+        return self._kv.nbytes + self.capture.nbytes
 
     @property
     def room_left(self) -> int:
@@ -178,7 +173,7 @@ class GenerationSession:
         del self._state.ids[len(self.prompt_ids) + n_generated:]
         # Re-read the prompt whole when rewinding to the start, so the first step replays exactly.
         self._kv.truncate(0 if n_generated == 0 else min(self._kv.length, len(self._state.ids) - 1))
-        self.records.truncate(self._kv.length, len(self._state.ids))
+        self.capture.truncate(self._kv.length, len(self._state.ids))
 
     def unread(self) -> list[int]:
         """The ids the next forward pass reads: the whole prompt at first, then the last token; empty
@@ -191,135 +186,41 @@ class GenerationSession:
         return self._pending is not None
 
     @torch.no_grad()
-    def _read(self) -> _Pending:
+    def _read(self) -> Pending:
         """The forward pass over the tokens not read yet (the whole prompt at first, then one token)."""
-        if self._pending is not None:
-            return self._pending
-        model, ids = self.model, self._state.ids
-        start = self._kv.length
-        new = torch.tensor([ids[start:]], device=model.device)
-        store: dict = {}
-        if self.record:
-            # A recording session keeps the residual stream of every position, from which (with the
-            # KV cache) `attention_pattern` and `logit_lens` recompute exactly what a view shows; it
-            # computes neither per step.
-            with model.hooks(self.plan.hooks(start) + capture_hooks(model, store, patterns=False)):
-                normed = model(new, kv_cache=self._kv, unembed=False)[0]  # [T, d_model]
-            _, resid = stacked_captures(model, store, with_attention=False)  # [layer + 1, T, d_model]
-            self.absorb(start, normed, resid, store["embed"], store["pos_embed"])
-            return self._pending
-        # Otherwise each step carries its attention row and lens: for one new token the row comes
-        # straight from the forward pass; for a prompt the fused attention kernel runs and the last
-        # row is recomputed from the cached keys.
-        read_one = new.shape[1] == 1
-        with model.hooks(self.plan.hooks(start) + capture_hooks(model, store, rows=slice(-1, None), patterns=read_one)):
-            normed = model(new, kv_cache=self._kv, last_only=True, unembed=False)[0]  # [1, d_model]
-        patterns, resid = stacked_captures(model, store, with_attention=read_one)  # [layer, head, 1, key], [layer + 1, 1, d_model]
-        if read_one:
-            attention = patterns[:, :, -1]
-        else:
-            attention = torch.stack([self._attention_of(layer, resid[layer, -1:], len(ids) - 1)[:, 0]
-                                     for layer in range(model.cfg.n_layer)]).to(torch.float16)
-        logits, lens_ids, lens_probs = read_position(model, resid[:, -1], normed[-1], self.top_n)
-        self._pending = _Pending(
-            position=len(ids) - 1,
-            logits=logits,
-            attention=attention.cpu().numpy(),  # float16
-            resid=resid[:, -1].float().cpu().numpy().astype(np.float16),
-            lens_ids=lens_ids.cpu().numpy().astype(np.int32),
-            lens_probs=lens_probs.cpu().numpy().astype(np.float16),
-        )
+        if self._pending is None:
+            start = self._kv.length
+            self._pending = self.capture.read(self._state.ids, start, self.plan.hooks(start))
         return self._pending
 
-    @torch.no_grad()
     def absorb(self, start: int, normed: torch.Tensor, resid: torch.Tensor, embed: torch.Tensor, pos_embed: torch.Tensor,
                logits: torch.Tensor | None = None) -> None:
-        """Take in a recording session's forward pass over positions start..start+T-1 (`unread()` or a
-        leading chunk of it): final-layer-normed rows `[T, d_model]`, residual stream `[layer + 1, T, d_model]`,
-        embeddings `[T, d_model]`, and, when the pass reached the last token, that row's `logits` `[vocab]`
-        if already computed (the engine unembeds the last rows of a whole batch in one product)."""
-        if not self.record or start != len(self.records):
-            raise ValueError(f"absorb needs a recording session and the pass that starts at {len(self.records)}, got {start}")
-        ids, T = self._state.ids, normed.shape[0]
-        complete = start + T == len(ids)
-        known = normed[:-1] if complete else normed  # rows whose next token is already in the text
-        logprobs = next_token_logprobs(self.model, known, ids[start + 1:start + 1 + known.shape[0]]) if known.shape[0] else []
-        self.records.add(start, resid, embed, pos_embed, logprobs)
-        if complete:
-            if logits is None:
-                logits = self.model.unembed(normed[-1]).float()
-            self._pending = _Pending(len(ids) - 1, logits, None, resid[:, -1].float().cpu().numpy().astype(np.float16), None, None)
-
-    def _attention_of(self, layer: int, resid_pre: torch.Tensor, start: int) -> torch.Tensor:
-        """`[head, n, start + n]` attention of positions start.. in `layer`, from their residual stream and the cached keys."""
-        return attention_from_keys(self.model, layer, resid_pre, self._kv.keys(layer)[0], start)
+        """Take in a forward pass run elsewhere (the engine's batched pass, `read_together`) over positions
+        start.. of what this recording session had unread (`Recorder.absorb`)."""
+        pending = self.capture.absorb(self._state.ids, start, normed, resid, embed, pos_embed, logits)
+        if pending is not None:
+            self._pending = pending
 
     def attention_pattern(self, layer: int, start: int, end: int) -> np.ndarray:
-        """Attention in `layer` of the queries start..end-1 over keys 0..end-1: `[head, end - start, end]`
-        float32, zeros above the diagonal (needs `record=True`; positions already read).
-
-        Recomputed from the recorded residual stream and the KV cache: exactly the forward pass's
-        softmax, without storing a pattern per position.
-        """
-        n = len(self.records)
-        if not self.record or not 0 <= start < end <= n:
-            raise ValueError(f"attention_pattern needs a recording session and 0 <= start < end <= {n}, got {start}, {end}")
-        if not 0 <= layer < self.model.cfg.n_layer:
-            raise ValueError(f"layer must be in [0, {self.model.cfg.n_layer}), got {layer}")
-        resid = self._recorded_resid(range(start, end))[layer]  # [n, d_model]
-        return self._attention_of(layer, resid, start).float().cpu().numpy()
+        """`[head, end - start, end]`: see `Recorder.attention_pattern` (needs `record=True`)."""
+        return self.capture.attention_pattern(layer, start, end)
 
     def attention_row(self, position: int) -> np.ndarray:
         """`[layer, head, position + 1]` float32: what `position` attends to in every layer (see attention_pattern)."""
         return np.stack([self.attention_pattern(layer, position, position + 1)[:, 0] for layer in range(self.model.cfg.n_layer)])
 
     def logit_lens(self, start: int, end: int, top_n: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """The logit lens of positions start..end-1 (needs `record=True`): what each layer's residual
-        stream, read through the final layer norm and the unembedding, predicts next.
-
-        Returns top-n ids `[layer + 1, end - start, top_n]` int64 and probabilities (float32); row 0
-        reads the embeddings, the last row is the model's own next-token distribution. Positions
-        are read once and kept (up to the top `Records.LENS_TOP`), so a view that slides by one
-        token after a step reads only the new position.
-        """
-        n = len(self.records)
-        if not self.record or not 0 <= start < end <= n:
-            raise ValueError(f"logit_lens needs a recording session and 0 <= start < end <= {n}, got {start}, {end}")
-        if isinstance(top_n, bool) or not isinstance(top_n, int) or not 1 <= top_n <= self.model.cfg.vocab_size:
-            raise ValueError(f"top_n must be an integer in [1, {self.model.cfg.vocab_size}], got {top_n!r}")
-        rec = self.records
-        if top_n > rec.LENS_TOP:
-            return self._read_lens(list(range(start, end)), top_n)
-        missing = [p for p in range(start, end) if p not in rec.lens]
-        if missing:
-            ids, probs = self._read_lens(missing, rec.LENS_TOP)
-            for i, p in enumerate(missing):
-                rec.lens[p] = (ids[:, i].copy(), probs[:, i].copy())  # not views: each entry owns its few bytes
-        rows = [rec.lens[p] for p in range(start, end)]
-        return (np.stack([r[0] for r in rows], axis=1)[..., :top_n], np.stack([r[1] for r in rows], axis=1)[..., :top_n])
-
-    def _read_lens(self, positions: list[int], top_n: int) -> tuple[np.ndarray, np.ndarray]:
-        ids, probs = logit_lens(self.model, self._recorded_resid(positions), top_n)
-        return ids.cpu().numpy(), probs.float().cpu().numpy()
-
-    def _recorded_resid(self, positions) -> torch.Tensor:
-        """The recorded residual stream of `positions` as the model's tensor: `[layer + 1, n, d_model]`."""
-        resid = torch.from_numpy(np.stack([self.records.resid[p] for p in positions], axis=1))
-        return resid.to(self.model.device, self.model.wte.weight.dtype)
+        """Top-n ids and probabilities `[layer + 1, end - start, top_n]`: see `Recorder.logit_lens` (needs `record=True`)."""
+        return self.capture.logit_lens(start, end, top_n)
 
     def read(self) -> None:
         """Run the forward pass over any tokens not read yet, so that every token of the text is
         recorded (also the last one of a full context, which `peek` refuses to predict after)."""
         self._read()
 
-    @torch.no_grad()
     def model_distribution(self, position: int) -> torch.Tensor:
-        """The model's own next-token probabilities after reading `position`: `[vocab]` float32
-        (needs `record=True`), from the recorded last residual stream through ln_f and the unembedding."""
-        if not self.record or not 0 <= position < len(self.records):
-            raise ValueError(f"model_distribution needs a recording session and 0 <= position < {len(self.records)}, got {position}")
-        final = self._recorded_resid([position])[-1]  # [1, d_model]
-        return torch.softmax(self.model.unembed(self.model.ln_f(final)).float()[0], -1)
+        """`[vocab]` the model's own next-token probabilities after `position` (needs `record=True`)."""
+        return self.capture.model_distribution(position)
 
     def _check_room(self) -> None:
         if self.room_left <= 0:
@@ -355,8 +256,7 @@ class GenerationSession:
             token, method = draw(dist.probs_final, step_generator(cfg.seed, pending.position + 1)), "sampled"
         self._pending = None
         ids.append(token)
-        if self.record:
-            self.records.logprobs.append(float(torch.log(dist.probs[token])))
+        self.capture.chose(dist.probs, token)
         step = Step(
             index=len(self._state.steps),
             position=pending.position,
@@ -433,54 +333,6 @@ def read_together(sessions: list[GenerationSession], segments: list[list[int]] |
         rows = out.rows(i)
         s.absorb(starts[i], out.normed[rows], out.resid[:, rows], out.embed[rows], out.pos_embed[rows], logits.get(i))
     return out.bounds[-1]
-
-
-class Records:
-    """Per-position captures kept by a recording session (index = position).
-
-    resid[p] `[layer + 1, d_model]` float32 (with the KV cache, enough to recompute every attention
-    pattern: `GenerationSession.attention_pattern`),
-    embed[p] / pos_embed[p] `[d_model]` float32, logprobs[t] = log p(token t | tokens < t)
-    (NaN for t = 0), one per token of the text; lens[p]: the logit lens of position p once read,
-    (ids, probs) `[layer + 1, LENS_TOP]` (`GenerationSession.logit_lens`).
-    """
-
-    LENS_TOP = 10
-
-    def __init__(self) -> None:
-        self.resid: list[np.ndarray] = []
-        self.embed: list[np.ndarray] = []
-        self.pos_embed: list[np.ndarray] = []
-        self.logprobs: list[float] = []
-        self.lens: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def __len__(self) -> int:
-        return len(self.resid)
-
-    @property
-    def nbytes(self) -> int:
-        return (sum(a.nbytes for rows in (self.resid, self.embed, self.pos_embed) for a in rows)
-                + sum(ids.nbytes + probs.nbytes for ids, probs in self.lens.values()))
-
-    def add(self, start, resid, embed, pos_embed, known_logprobs: list[float]) -> None:
-        """Store rows for positions start..start+T-1 from one forward pass, and the log-probabilities
-        of the tokens at start+1..start+T-1 (already in the text when the pass ran)."""
-        T = resid.shape[1]
-        # copies: rows sliced from a batched pass must not keep the whole batch's tensors alive
-        res, emb, pos = (np.array(t.float().cpu().numpy(), copy=True) for t in (resid, embed, pos_embed))
-        for r in range(T):
-            self.resid.append(res[:, r])
-            self.embed.append(emb[r])
-            self.pos_embed.append(pos[r])
-        if start == 0:
-            self.logprobs = [float("nan")]
-        self.logprobs += known_logprobs
-
-    def truncate(self, n_positions: int, n_tokens: int) -> None:
-        for rows in (self.resid, self.embed, self.pos_embed):
-            del rows[n_positions:]
-        self.lens = {p: v for p, v in self.lens.items() if p < n_positions}
-        del self.logprobs[n_tokens if n_positions else 0:]
 
 
 def generate(

@@ -34,7 +34,7 @@ import functools
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -188,14 +188,7 @@ class Attention(nn.Module):
             k, v = kv_cache.append(layer, k, v)  # (B, H, S, D)
         S = k.shape[2]
         if self.pattern.observed or self.scores.observed:
-            # one GEMM with the scale and the causal -inf bias fused in (no separate scale and mask passes)
-            q3, kT = q.reshape(B * self.n_head, T, self.d_head), k.transpose(-2, -1).reshape(B * self.n_head, self.d_head, S)
-            if T == 1:
-                scores = torch.bmm(q3, kT).mul_(self.d_head**-0.5)  # a single query sees every key
-            else:
-                scores = torch.baddbmm(causal_bias(T, S, x.device, q.dtype).expand(B * self.n_head, T, S), q3, kT,
-                                       alpha=self.d_head**-0.5)
-            pattern = self.pattern(torch.softmax(self.scores(scores.view(B, self.n_head, T, S)), dim=-1))
+            pattern = self.pattern(torch.softmax(self.scores(self.scores_of(q, k)), dim=-1))
             z = pattern @ v
         elif T == 1:
             z = F.scaled_dot_product_attention(q, k, v)
@@ -205,6 +198,25 @@ class Attention(nn.Module):
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_bias(T, S, x.device, q.dtype))
         z = self.z(z)  # (B, H, T, D)
         return self.c_proj(z.transpose(1, 2).reshape(B, T, C))
+
+    def scores_of(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Scaled, causally masked scores `[B, H, T, S]` of queries `[B, H, T, D]` (the last T of S positions)
+        over keys `[B, H, S, D]`: one GEMM with the scale and the -inf bias fused in."""
+        B, H, T, D = q.shape
+        S = k.shape[2]
+        q3, kT = q.reshape(B * H, T, D), k.transpose(-2, -1).reshape(B * H, D, S)
+        if T == 1:
+            scores = torch.bmm(q3, kT).mul_(D**-0.5)  # a single query sees every key
+        else:
+            scores = torch.baddbmm(causal_bias(T, S, q.device, q.dtype).expand(B * H, T, S), q3, kT, alpha=D**-0.5)
+        return scores.view(B, H, T, S)
+
+    def pattern_from_keys(self, h: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The pattern `[H, n, S]` of the last n of S positions, from their ln_1 output `h` `[n, C]` and the
+        layer's cached keys `[H, S, D]`: what `forward` computes for them, without the values."""
+        n, C = h.shape
+        q = F.linear(h, self.c_attn.weight[:C], self.c_attn.bias[:C]).view(1, n, self.n_head, self.d_head).transpose(1, 2)
+        return torch.softmax(self.scores_of(q, keys[None]), dim=-1)[0]
 
 
 def _onednn_packing() -> bool:
@@ -299,13 +311,17 @@ class GPT2(nn.Module):
         return KVCache(self.cfg.n_layer)
 
     def forward(
-        self, tokens: torch.Tensor, kv_cache: KVCache | None = None, last_only: bool = False, unembed: bool = True
+        self, tokens: torch.Tensor, kv_cache: KVCache | None = None, last_only: bool = False, unembed: bool = True,
+        body: str = "auto",
     ) -> torch.Tensor:
         """tokens `[batch, pos]` (ids) -> logits `[batch, pos, vocab]` (`[batch, 1, vocab]` if last_only).
 
         With a `kv_cache`, `tokens` are the positions after those already in the cache, and
         the cache is extended by them. `unembed=False` stops after the final layer norm and
         returns `[batch, pos, d_model]` (for callers that unembed several rows at once).
+        `body`: "modules" calls every module; "flat" runs `_decode_step` (one new position with a
+        cache, no attention scores or patterns observed, no PyTorch module hooks); "auto" takes
+        "flat" whenever it can. Both compute the same numbers bit for bit (tests/test_model_parity.py).
         """
         tokens = self._check_tokens(tokens)
         past = kv_cache.length if kv_cache is not None else 0
@@ -314,7 +330,13 @@ class GPT2(nn.Module):
             raise ContextLengthError(
                 f"sequence of {past + T} tokens exceeds the model's context of {self.cfg.n_positions} positions"
             )
-        if kv_cache is not None and T == 1 and not any(hp.observed for hp in self._score_hooks) and not self._module_hooks():
+        if body not in ("auto", "modules", "flat"):
+            raise ValueError(f"body must be 'auto', 'modules' or 'flat', got {body!r}")
+        flat_possible = kv_cache is not None and T == 1 and not any(hp.observed for hp in self._score_hooks) and not self._module_hooks()
+        if body == "flat" and not flat_possible:
+            raise ValueError("the flat decode step reads one new position with a KV cache, with no attention scores or "
+                             "patterns observed and no PyTorch module hooks: use body='modules' or 'auto'")
+        if flat_possible and body != "modules":
             x = self._decode_step(tokens, kv_cache)
         else:
             positions = torch.arange(past, past + T, device=tokens.device)
@@ -353,19 +375,17 @@ class GPT2(nn.Module):
         qkv_shape = (B, 1, 3, cfg.n_head, cfg.d_head)
         past = kv_cache.length
         x = self.embed(F.embedding(tokens, self.wte.weight)) + self.pos_embed(self.wpe.weight[past:past + 1].expand(B, 1, C))
-        for layer, (params, hooks) in enumerate(self._decode_plan):
-            ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj = params
-            resid_pre, q_hook, k_hook, v_hook, z_hook, attn_out, resid_mid, pre, post, mlp_out, resid_post = hooks
-            x = resid_pre(x)
-            h = F.layer_norm(x, (C,), ln_1["weight"], ln_1["bias"], eps)
-            q, k, v = F.linear(h, c_attn["weight"], c_attn["bias"]).view(qkv_shape).permute(2, 0, 3, 1, 4).unbind(0)
-            q, k, v = q_hook(q), k_hook(k), v_hook(v)
+        for layer, (p, hp) in enumerate(self._decode_plan):
+            x = hp.resid_pre(x)
+            h = F.layer_norm(x, (C,), p.ln_1["weight"], p.ln_1["bias"], eps)
+            q, k, v = F.linear(h, p.c_attn["weight"], p.c_attn["bias"]).view(qkv_shape).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = hp.q(q), hp.k(k), hp.v(v)
             k, v = kv_cache.append(layer, k, v)
-            z = z_hook(F.scaled_dot_product_attention(q, k, v))
-            x = resid_mid(x + attn_out(F.linear(z.transpose(1, 2).reshape(B, 1, C), attn_proj["weight"], attn_proj["bias"])))
-            h = F.layer_norm(x, (C,), ln_2["weight"], ln_2["bias"], eps)
-            h = post(F.gelu(pre(F.linear(h, c_fc["weight"], c_fc["bias"])), approximate="tanh"))
-            x = resid_post(x + mlp_out(F.linear(h, mlp_proj["weight"], mlp_proj["bias"])))
+            z = hp.z(F.scaled_dot_product_attention(q, k, v))
+            x = hp.resid_mid(x + hp.attn_out(F.linear(z.transpose(1, 2).reshape(B, 1, C), p.attn_proj["weight"], p.attn_proj["bias"])))
+            h = F.layer_norm(x, (C,), p.ln_2["weight"], p.ln_2["bias"], eps)
+            h = hp.post(F.gelu(hp.pre(F.linear(h, p.c_fc["weight"], p.c_fc["bias"])), approximate="tanh"))
+            x = hp.resid_post(x + hp.mlp_out(F.linear(h, p.mlp_proj["weight"], p.mlp_proj["bias"])))
         return x
 
     @torch.no_grad()
@@ -413,11 +433,10 @@ class GPT2(nn.Module):
         x = edit("blocks.0.resid_pre", x) if edited else x
         resid = [x]
         packed = self._packed_weights()
-        for layer, (params, _) in enumerate(self._decode_plan):
-            ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj = params
+        for layer, (p, _) in enumerate(self._decode_plan):
             w_attn, w_proj, w_fc, w_mlp = packed[layer]
             name = f"blocks.{layer}."
-            qkv = packed_linear(F.layer_norm(x, (C,), ln_1["weight"], ln_1["bias"], eps), w_attn, c_attn["bias"])
+            qkv = packed_linear(F.layer_norm(x, (C,), p.ln_1["weight"], p.ln_1["bias"], eps), w_attn, p.c_attn["bias"])
             zs = []
             for i, (kv, past, T) in enumerate(zip(caches, pasts, lengths)):
                 q, k, v = qkv[bounds[i]:bounds[i + 1]].view(1, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # (1, H, T, D)
@@ -434,17 +453,17 @@ class GPT2(nn.Module):
                 if plan:
                     z = plan.apply(name + "attn.z", z, past)
                 zs.append(z[0].transpose(0, 1).reshape(T, C))
-            a = packed_linear(torch.cat(zs), w_proj, attn_proj["bias"])
+            a = packed_linear(torch.cat(zs), w_proj, p.attn_proj["bias"])
             if not edited:
                 x = x + a
-                h = F.gelu(packed_linear(F.layer_norm(x, (C,), ln_2["weight"], ln_2["bias"], eps), w_fc, c_fc["bias"]),
+                h = F.gelu(packed_linear(F.layer_norm(x, (C,), p.ln_2["weight"], p.ln_2["bias"], eps), w_fc, p.c_fc["bias"]),
                            approximate="tanh")
-                x = x + packed_linear(h, w_mlp, mlp_proj["bias"])
+                x = x + packed_linear(h, w_mlp, p.mlp_proj["bias"])
             else:
                 x = edit(name + "resid_mid", x + edit(name + "attn_out", a))
-                h = packed_linear(F.layer_norm(x, (C,), ln_2["weight"], ln_2["bias"], eps), w_fc, c_fc["bias"])
+                h = packed_linear(F.layer_norm(x, (C,), p.ln_2["weight"], p.ln_2["bias"], eps), w_fc, p.c_fc["bias"])
                 h = edit(name + "mlp.post", F.gelu(edit(name + "mlp.pre", h), approximate="tanh"))
-                x = edit(name + "resid_post", x + edit(name + "mlp_out", packed_linear(h, w_mlp, mlp_proj["bias"])))
+                x = edit(name + "resid_post", x + edit(name + "mlp_out", packed_linear(h, w_mlp, p.mlp_proj["bias"])))
             resid.append(x)
         for kv, past, T in zip(caches, pasts, lengths):
             kv.length = past + T
@@ -600,15 +619,47 @@ class Ragged:
         return slice(self.bounds[i], self.bounds[i + 1])
 
 
-def _block_plan(block: Block) -> tuple[tuple[dict[str, torch.Tensor], ...], tuple[HookPoint, ...]]:
-    """What `GPT2._decode_step` reads of a block: the live parameter dicts of ln_1, attn.c_attn, attn.c_proj,
-    ln_2, mlp.c_fc, mlp.c_proj (nn.Module.__getattr__ is a Python call per lookup; a reassigned
-    parameter shows up in these dicts), and the hook points in the order the modules run them."""
+class BlockParams(NamedTuple):
+    """A block's live parameter dicts (`module._parameters`: nn.Module.__getattr__ is a Python call per
+    lookup; a reassigned parameter shows up in these dicts)."""
+
+    ln_1: dict[str, torch.Tensor]
+    c_attn: dict[str, torch.Tensor]
+    attn_proj: dict[str, torch.Tensor]  # attn.c_proj
+    ln_2: dict[str, torch.Tensor]
+    c_fc: dict[str, torch.Tensor]
+    mlp_proj: dict[str, torch.Tensor]  # mlp.c_proj
+
+
+class BlockHooks(NamedTuple):
+    """A block's hook points, in the order the modules run them."""
+
+    resid_pre: HookPoint
+    q: HookPoint
+    k: HookPoint
+    v: HookPoint
+    z: HookPoint
+    attn_out: HookPoint
+    resid_mid: HookPoint
+    pre: HookPoint
+    post: HookPoint
+    mlp_out: HookPoint
+    resid_post: HookPoint
+
+
+class BlockPlan(NamedTuple):
+    """What the flat bodies (`GPT2._decode_step`, `GPT2.forward_ragged`) read of a block."""
+
+    params: BlockParams
+    hooks: BlockHooks
+
+
+def _block_plan(block: Block) -> BlockPlan:
     attn, mlp = block.attn, block.mlp
-    params = tuple(m._parameters for m in (block.ln_1, attn.c_attn, attn.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj))
-    hooks = (block.resid_pre, attn.q, attn.k, attn.v, attn.z, block.attn_out, block.resid_mid, mlp.pre, mlp.post,
-             block.mlp_out, block.resid_post)
-    return params, hooks
+    params = BlockParams(*(m._parameters for m in (block.ln_1, attn.c_attn, attn.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj)))
+    hooks = BlockHooks(block.resid_pre, attn.q, attn.k, attn.v, attn.z, block.attn_out, block.resid_mid, mlp.pre, mlp.post,
+                       block.mlp_out, block.resid_post)
+    return BlockPlan(params, hooks)
 
 
 def init_weights(model: GPT2, seed: int = 0, std: float = 0.02) -> GPT2:

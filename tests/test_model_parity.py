@@ -39,16 +39,6 @@ def test_fast_path_equals_observed_path(small_model):
     torch.testing.assert_close(fast, observed, atol=TOL, rtol=0)
 
 
-def _decode_by_the_modules(model, token, kv):
-    """What GPT2.forward does for new positions when it does not take _decode_step: every module called."""
-    past = kv.length
-    x = model.embed(model.wte(token)) + model.pos_embed(model.wpe(torch.tensor([past])).expand(token.shape[0], 1, -1))
-    for i, block in enumerate(model.blocks):
-        x = block(x, kv, i)
-    kv.length = past + 1
-    return model.logits(model.unembed(model.ln_final(model.ln_f(x))))
-
-
 def test_decode_step_equals_the_modules_activation_by_activation(small_model, monkeypatch):
     """One new token takes GPT2._decode_step unless attention scores or patterns are observed; every hook
     point sees the same tensor there as in the modules, and a hook that replaces one (here: head 1's z
@@ -78,7 +68,7 @@ def test_decode_step_equals_the_modules_activation_by_activation(small_model, mo
             saved = {}
             with model.hooks([("blocks.1.attn.z", ablate)] + [(n, lambda x, hook: saved.__setitem__(hook.name, x.clone()))
                                                                for n in names]):
-                by_modules = _decode_by_the_modules(model, new, module_kv)
+                by_modules = model(new, kv_cache=module_kv, body="modules")
             assert torch.equal(fast, by_modules)
             assert set(saved) == set(names) and len(fast_acts) == len(names)
             for name in names:
@@ -176,3 +166,18 @@ def test_unembedding_follows_the_embedding_and_autograd(hf_checkpoints):
     model.wte.weight.requires_grad_(True)
     model.unembed(x).sum().backward()  # with autograd, gradients reach the embedding
     torch.testing.assert_close(model.wte.weight.grad, x.sum(0).expand_as(model.wte.weight), atol=1e-5, rtol=0)
+
+
+def test_the_body_is_chosen_explicitly_or_refused_where_it_cannot_run(small_model):
+    kv = small_model.new_kv_cache()
+    tokens = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        small_model(tokens, kv_cache=kv, body="modules")
+        flat = small_model(torch.tensor([[8]]), kv_cache=kv, body="flat")
+        kv.truncate(3)
+        modules = small_model(torch.tensor([[8]]), kv_cache=kv, body="modules")
+        assert torch.equal(flat, modules)
+        with pytest.raises(ValueError, match="the flat decode step reads one new position"):
+            small_model(tokens, kv_cache=small_model.new_kv_cache(), body="flat")
+        with pytest.raises(ValueError, match="body must be"):
+            small_model(tokens, body="fast")
