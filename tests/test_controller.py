@@ -395,3 +395,32 @@ def test_experiment_targets_are_parsed_strictly():
                                   ([3], "zero", "is not something")):
         with pytest.raises(TargetError, match=message):
             parse_targets(labels, mode, cfg)
+
+
+def test_the_experiment_view_shows_what_compare_computes(ctl, models, tokenizer):
+    """Heads, a layer, neurons and a patch source from the page become the interventions `compare` takes, and the
+    page's coupled runs (through the engine) are the library's bit for bit."""
+    from gpt2viz.compare import compare
+    from gpt2viz.interventions import AblateHeads, AblateMLP, AblateNeurons, Patch
+
+    prompt = "The lighthouse keeper climbed"
+    page = ctl.experiment(c.new_state("test"), "test", prompt, SETTINGS, c.Selection(layer=1, tab="experiment"),
+                          ["head 1.0", "MLP 2", "head 1.3"], "mean", "0: 9, 3", "A fox walked on ice")
+    assert not page.warning, page.status
+    assert page.status.startswith("Changed: head 1.0, head 1.3, MLP 2, MLP 0 neurons 3, 9 set to their average; "
+                                  "the residual stream entering layer 1 patched from 'A fox walked on ice'")
+    exp = ctl.sessions.get(page.state, c.sampling_config(*SETTINGS)).experiment
+    assert exp.interventions == [AblateHeads(layer=1, heads=(0, 3), mode="mean"), AblateMLP(layer=2, mode="mean"),
+                                 AblateNeurons(layer=0, neurons=(3, 9), mode="mean"), Patch(hook="blocks.1.resid_pre", source="A fox walked on ice")]
+    r = compare(models.get("test"), tokenizer, prompt, SamplingConfig(max_new_tokens=5, seed=0), exp.interventions)
+    assert (exp.report.original_ids, exp.report.intervened_ids) == (r.original_ids, r.intervened_ids)
+    np.testing.assert_array_equal(exp.report.tv, r.tv)
+    np.testing.assert_array_equal(exp.report.logprob_intervened, r.logprob_intervened)
+    page.build()
+    assert page.views["exp_strips"].count('class="strip exp-strip"') == 2
+    assert page.views["exp_loss"].layout.title.text == "Surprise at each token"
+    for bad, message in ((dict(neurons="0: 99999"), "MLP 0 has neurons 0 to 511"), (dict(neurons="zero"), "Write neurons as"),
+                         (dict(targets=[]), "Choose what to switch off first")):
+        kw = dict(targets=["head 0.0"], neurons="", patch_text="") | bad
+        page = ctl.experiment(c.new_state("test"), "test", prompt, SETTINGS, c.Selection(), kw["targets"], "zero", kw["neurons"], kw["patch_text"])
+        assert page.warning and message in page.status
