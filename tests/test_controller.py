@@ -237,7 +237,8 @@ def test_one_selection_drives_every_view_and_is_clamped(ctl):
         assert shown.selection.position == 1 and shown.strip["selected"] == 1
         assert "token 1" in shown.selected_label
         assert set(shown.views) == {"chosen": {"chosen"}, "attention": {"attention", "row"}, "overview": {"grid", "overview"},
-                                    "lens": {"lens"}, "embed": {"embed", "norm", "traj"}}[tab]  # only the visible tab
+                                    "lens": {"lens"}, "embed": {"embed", "norm", "traj"},
+                                    "experiment": {"exp_strips", "exp_loss", "exp_bars"}}[tab]  # only the visible tab
         if tab == "attention":
             assert "What token 1" in shown.views["row"].layout.title.text
             assert "Layer 1, head 2" in shown.views["attention"].layout.title.text
