@@ -18,6 +18,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from gpt2viz import controller as c
+from gpt2viz.engine import configure_switching
 from gpt2viz.memory import configure_allocator
 
 log = logging.getLogger("gpt2viz")
@@ -467,6 +468,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     configure_allocator()  # before the server's threads start (gpt2viz/memory.py)
+    configure_switching()  # the engine's thread takes the interpreter lock back sooner (gpt2viz/engine.py)
     started = time.time()
     models = c.Models(default=args.model)
     log.info("model %s ready in %.1fs", models.default, time.time() - started)

@@ -159,6 +159,12 @@ class KVCache:
             raise ValueError("the cache is empty")
         return self._k[layer][:, :, : self.length]
 
+    def values(self, layer: int) -> torch.Tensor:
+        """The cached values of one layer, `[batch, head, length, d_head]`."""
+        if self._v[layer] is None:
+            raise ValueError("the cache is empty")
+        return self._v[layer][:, :, : self.length]
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._k + self._v if t is not None)

@@ -1,0 +1,242 @@
+"""Why this token: the logit difference between two candidate tokens split exactly into the parts of the
+model that wrote it, the MLP neurons behind a layer's part, and the layer where the model committed.
+
+Direct logit attribution. The residual stream leaving the last block at position p is a sum of parts,
+
+    r = embed + pos_embed + sum over layers l of (sum over heads h of z[l, h] W_O[l, h] + b_O[l] + mlp_out[l])
+
+and the final layer norm is linear in r once its scale sigma (measured on the actual r of the forward
+pass) is fixed: ln_f(r) = gamma * (r - mean(r)) / sigma + beta. So the logit difference between tokens a
+and b, ln_f(r) . (W_U[a] - W_U[b]), is exactly the sum of c . u over the parts c, with
+u = centred(gamma * (W_U[a] - W_U[b]) / sigma), plus beta . (W_U[a] - W_U[b]). A head's part goes
+through its slice of the output projection; an MLP layer's part splits again over its neurons:
+activation x (the neuron's output direction . u), plus the layer's output bias.
+
+Everything is recomputed from what a recording session keeps (the residual stream of each position
+and the KV cache): attention rows from the keys, heads' outputs from the cached values, MLP
+activations from the residual stream between attention and MLP. With interventions, their edits of
+z, attn_out, mlp.pre, mlp.post and mlp_out are made here too; edits of the residual stream itself
+(patching, steering) show up as `rest`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .generation import GenerationSession
+
+
+@dataclass
+class Attribution:
+    """The logit difference `logit[target] - logit[baseline]` after reading `position`, split into parts."""
+
+    position: int
+    target: int
+    baseline: int
+    logit_diff: float  # the forward pass's own logit difference
+    embed: float  # token embedding
+    pos_embed: float  # position embedding
+    heads: np.ndarray  # [layer, head] each head's output through its slice of the output projection
+    attn_bias: np.ndarray  # [layer] the attention output projection's bias
+    mlp: np.ndarray  # [layer] each MLP layer's output (its output bias included)
+    ln_bias: float  # the final layer norm's bias
+    rest: float  # logit_diff - the sum of the parts: rounding, or edits of the residual stream itself
+
+    @property
+    def parts_sum(self) -> float:
+        return float(self.embed + self.pos_embed + self.heads.sum() + self.attn_bias.sum() + self.mlp.sum() + self.ln_bias)
+
+    def top(self, n: int = 5) -> list[tuple[str, float]]:
+        """The `n` parts with the largest effect (either sign), as ("head 3.1", value), ("MLP 2", value), ..."""
+        parts = [("token embedding", self.embed), ("position embedding", self.pos_embed)]
+        parts += [(f"head {layer}.{head}", float(v)) for (layer, head), v in np.ndenumerate(self.heads)]
+        parts += [(f"MLP {layer}", float(v)) for layer, v in enumerate(self.mlp)]
+        return sorted(parts, key=lambda kv: -abs(kv[1]))[:n]
+
+
+@dataclass
+class Neurons:
+    """An MLP layer's part of an attribution split over its neurons, at one position."""
+
+    layer: int
+    activation: np.ndarray  # [d_mlp] after the GELU (and any intervention)
+    contribution: np.ndarray  # [d_mlp] to the logit difference; sums with `bias` to the layer's part
+    bias: float
+
+    def top_contributors(self, n: int = 8) -> np.ndarray:
+        return np.argsort(-np.abs(self.contribution), kind="stable")[:n]
+
+    def most_active(self, n: int = 8) -> np.ndarray:
+        return np.argsort(-self.activation, kind="stable")[:n]
+
+
+class _Parts:
+    """The per-layer pieces of one position, recomputed from a recording session."""
+
+    def __init__(self, session: GenerationSession, position: int) -> None:
+        if not session.record:
+            raise ValueError("attribution needs a recording session (record=True)")
+        n = len(session.records)
+        if not 0 <= position < n:
+            raise ValueError(f"position must be in [0, {n}), got {position}")
+        self.session, self.position = session, position
+        model = session.model
+        self.resid = torch.from_numpy(session.records.resid[position]).to(model.device, model.wte.weight.dtype)  # [layer + 1, C]
+
+    @torch.no_grad()
+    def head_outputs(self, layer: int) -> torch.Tensor:
+        """`[head, d_head]` z of every head at the position: its attention row times the cached values."""
+        s, p = self.session, self.position
+        row = torch.from_numpy(s.attention_pattern(layer, p, p + 1)[:, 0]).to(self.resid)  # [head, p + 1]
+        z = torch.einsum("hk,hkd->hd", row, s._kv.values(layer)[0, :, : p + 1])
+        return s.plan.apply(f"blocks.{layer}.attn.z", z[None, :, None], p)[0, :, 0]
+
+    @torch.no_grad()
+    def attn_out(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        proj = self.session.model.blocks[layer].attn.c_proj
+        out = F.linear(z.reshape(-1), proj.weight, proj.bias)
+        return self.session.plan.apply(f"blocks.{layer}.attn_out", out[None, None], self.position)[0, 0]
+
+    @torch.no_grad()
+    def mlp_post(self, layer: int, attn_out: torch.Tensor) -> torch.Tensor:
+        """`[d_mlp]` the MLP's activations, from the stream between attention and MLP."""
+        block, plan, p = self.session.model.blocks[layer], self.session.plan, self.position
+        mid = plan.apply(f"blocks.{layer}.resid_mid", (self.resid[layer] + attn_out)[None, None], p)[0, 0]
+        pre = plan.apply(f"blocks.{layer}.mlp.pre", block.mlp.c_fc(block.ln_2(mid))[None, None], p)
+        return plan.apply(f"blocks.{layer}.mlp.post", F.gelu(pre, approximate="tanh"), p)[0, 0]
+
+    @torch.no_grad()
+    def mlp_out(self, layer: int, post: torch.Tensor) -> torch.Tensor:
+        out = self.session.model.blocks[layer].mlp.c_proj(post)
+        return self.session.plan.apply(f"blocks.{layer}.mlp_out", out[None, None], self.position)[0, 0]
+
+    @torch.no_grad()
+    def direction(self, target: int, baseline: int) -> tuple[torch.Tensor, float, float]:
+        """(u `[C]`, the ln_f bias's part, the forward pass's logit difference) for target - baseline."""
+        model = self.session.model
+        ln = model.ln_f
+        r = self.resid[-1]
+        sigma = torch.sqrt(r.var(unbiased=False) + ln.eps)
+        d = model.wte.weight[target] - model.wte.weight[baseline]
+        g = ln.weight * d / sigma
+        u = g - g.mean()
+        logits = model.unembed(ln(r)).float()
+        return u, float(ln.bias @ d), float(logits[target] - logits[baseline])
+
+
+def _check_token(model, name: str, token: int) -> int:
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < model.cfg.vocab_size:
+        raise ValueError(f"{name} must be a token id in [0, {model.cfg.vocab_size}), got {token!r}")
+    return token
+
+
+def runner_up(session: GenerationSession, position: int, target: int) -> int:
+    """The token other than `target` that the model found likeliest after `position` (the default comparison)."""
+    probs = session.model_distribution(position)
+    top = torch.topk(probs, 2).indices.tolist()
+    return top[1] if top[0] == target else top[0]
+
+
+@torch.no_grad()
+def logit_attribution(session: GenerationSession, position: int, target: int, baseline: int | None = None) -> Attribution:
+    """Split `logit[target] - logit[baseline]` after reading `position` into its parts (see the module
+    docstring); `baseline` defaults to the runner-up (`runner_up`)."""
+    parts = _Parts(session, position)
+    model = session.model
+    target = _check_token(model, "target", target)
+    baseline = runner_up(session, position, target) if baseline is None else _check_token(model, "baseline", baseline)
+    if baseline == target:
+        raise ValueError("the comparison token must differ from the target")
+    u, ln_bias, logit_diff = parts.direction(target, baseline)
+    cfg = model.cfg
+    heads = np.zeros((cfg.n_layer, cfg.n_head))
+    attn_bias, mlp = np.zeros(cfg.n_layer), np.zeros(cfg.n_layer)
+    for layer in range(cfg.n_layer):
+        attn = model.blocks[layer].attn
+        z = parts.head_outputs(layer)  # [head, d_head]
+        per_head = (attn.c_proj.weight.T @ u).view(cfg.n_head, cfg.d_head)  # W_O^T u, split by head
+        heads[layer] = (z * per_head).sum(-1).double().cpu().numpy()
+        attn_bias[layer] = float(attn.c_proj.bias @ u)
+        out = parts.attn_out(layer, z)
+        mlp[layer] = float(parts.mlp_out(layer, parts.mlp_post(layer, out)) @ u)
+    rec = session.records
+    embed = float(torch.from_numpy(rec.embed[position]).to(u) @ u)
+    pos_embed = float(torch.from_numpy(rec.pos_embed[position]).to(u) @ u)
+    a = Attribution(position, target, baseline, logit_diff, embed, pos_embed, heads, attn_bias, mlp, ln_bias, 0.0)
+    a.rest = logit_diff - a.parts_sum
+    return a
+
+
+@torch.no_grad()
+def neuron_attribution(session: GenerationSession, position: int, layer: int, target: int, baseline: int | None = None) -> Neurons:
+    """One MLP layer's part of `logit_attribution`, neuron by neuron."""
+    parts = _Parts(session, position)
+    model = session.model
+    if not 0 <= layer < model.cfg.n_layer:
+        raise ValueError(f"layer must be in [0, {model.cfg.n_layer}), got {layer}")
+    target = _check_token(model, "target", target)
+    baseline = runner_up(session, position, target) if baseline is None else _check_token(model, "baseline", baseline)
+    u, _, _ = parts.direction(target, baseline)
+    post = parts.mlp_post(layer, parts.attn_out(layer, parts.head_outputs(layer)))
+    proj = model.blocks[layer].mlp.c_proj
+    contribution = post * (proj.weight.T @ u)  # [d_mlp]
+    return Neurons(layer, post.double().cpu().numpy(), contribution.double().cpu().numpy(), float(proj.bias @ u))
+
+
+@torch.no_grad()
+def neuron_tokens(session: GenerationSession, layer: int, neuron: int, n: int = 5) -> tuple[list[int], list[int]]:
+    """The tokens whose logits a neuron's output direction raises most and lowers most, read through the
+    final layer norm's scale and the unembedding: (promoted ids, suppressed ids)."""
+    model = session.model
+    if not 0 <= layer < model.cfg.n_layer or not 0 <= neuron < model.cfg.d_mlp:
+        raise ValueError(f"no neuron {neuron} in layer {layer}")
+    w = model.blocks[layer].mlp.c_proj.weight[:, neuron]
+    direction = (w - w.mean()) * model.ln_f.weight
+    logits = model.wte.weight @ direction
+    return torch.topk(logits, n).indices.tolist(), torch.topk(-logits, n).indices.tolist()
+
+
+@dataclass
+class Commitment:
+    """For positions start..end-1: the layer from which the logit lens's top guess is the model's final
+    prediction and stays so (`layer[i]`; n_layer means only the last block gets it), the final token's
+    rank at each layer and each layer's entropy."""
+
+    start: int
+    layer: np.ndarray  # [n] int: 0 = already the embeddings' guess
+    rank: np.ndarray  # [layer + 1, n] int, 1 = the top guess
+    entropy: np.ndarray  # [layer + 1, n] nats
+    final: np.ndarray  # [n] the final top token's id
+
+
+@torch.no_grad()
+def commitment(session: GenerationSession, start: int, end: int) -> Commitment:
+    """Read each position's residual stream at every layer through ln_f and the unembedding (the logit lens)."""
+    n = len(session.records)
+    if not 0 <= start < end <= n:
+        raise ValueError(f"commitment needs 0 <= start < end <= {n}, got {start}, {end}")
+    model = session.model
+    resid = session.capture.recorded_resid(range(start, end))  # [layer + 1, n, C]
+    L1, m = resid.shape[0], resid.shape[1]
+    normed = model.ln_f(resid)  # the last row is the model's own final layer norm output
+    ranks = np.zeros((L1, m), dtype=np.int64)
+    entropy = np.zeros((L1, m))
+    logits_final = model.unembed(normed[-1]).float()  # [n, vocab]
+    final = logits_final.argmax(-1)
+    for layer in range(L1):
+        logits = model.unembed(normed[layer]).float()
+        chosen = logits.gather(1, final[:, None])
+        ranks[layer] = ((logits > chosen).sum(-1) + 1).cpu().numpy()
+        entropy[layer] = torch.special.entr(torch.softmax(logits, -1)).sum(-1, dtype=torch.float64).cpu().numpy()
+    top_is_final = ranks == 1
+    layer = np.full(m, L1 - 1)
+    for i in range(m):
+        for j in range(L1 - 1, -1, -1):
+            if not top_is_final[j, i]:
+                break
+            layer[i] = j
+    return Commitment(start, layer, ranks, entropy, final.cpu().numpy())

@@ -1,0 +1,153 @@
+"""Why this token (gpt2viz/attribution.py) against an independent computation: transformers' GPT-2, its
+per-head outputs and MLP activations captured with PyTorch hooks, the decomposition done in float64 numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2viz import GenerationSession, SamplingConfig, load_model
+from gpt2viz.attribution import commitment, logit_attribution, neuron_attribution, neuron_tokens, runner_up
+from gpt2viz.interventions import AblateHeads
+
+TEXT = "The old lighthouse keeper climbed the stairs every night to light"
+
+
+@pytest.fixture(scope="module")
+def setup(hf_checkpoints, tokenizer):
+    hf, folder = hf_checkpoints["small"]
+    model = load_model(folder)
+    session = GenerationSession(model, tokenizer, TEXT, SamplingConfig(seed=2), record=True)
+    for _ in range(4):
+        session.step()
+    session.read()
+    return hf, model, session
+
+
+def hf_parts(hf, ids):
+    """Per layer the merged z entering attn.c_proj, the MLP's GELU output and output, and the stream entering ln_f."""
+    seen = {"z": {}, "post": {}, "mlp": {}}
+    handles = []
+    for layer, block in enumerate(hf.transformer.h):
+        handles.append(block.attn.c_proj.register_forward_pre_hook(lambda m, a, layer=layer: seen["z"].__setitem__(layer, a[0][0].double())))
+        handles.append(block.mlp.c_proj.register_forward_pre_hook(lambda m, a, layer=layer: seen["post"].__setitem__(layer, a[0][0].double())))
+        handles.append(block.mlp.register_forward_hook(lambda m, a, out, layer=layer: seen["mlp"].__setitem__(layer, out[0].double())))
+    handles.append(hf.transformer.ln_f.register_forward_pre_hook(lambda m, a: seen.__setitem__("final", a[0][0].double())))
+    try:
+        with torch.no_grad():
+            seen["logits"] = hf(torch.tensor([ids])).logits[0].double()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def by_hand(hf, ids, p, a, b):
+    """The decomposition of logit[a] - logit[b] after position p, in float64 from transformers' tensors."""
+    seen = hf_parts(hf, ids)
+    cfg = hf.config
+    D = cfg.n_embd // cfg.n_head
+    wte, wpe = hf.transformer.wte.weight.double(), hf.transformer.wpe.weight.double()
+    ln = hf.transformer.ln_f
+    r = seen["final"][p]
+    sigma = torch.sqrt(r.var(unbiased=False) + ln.eps)
+    d = wte[a] - wte[b]
+    g = ln.weight.double() * d / sigma
+    u = g - g.mean()
+    heads = np.zeros((cfg.n_layer, cfg.n_head))
+    mlp, bias = np.zeros(cfg.n_layer), np.zeros(cfg.n_layer)
+    neurons = {}
+    for layer, block in enumerate(hf.transformer.h):
+        W = block.attn.c_proj.weight.double()  # Conv1D: [in, out]
+        for h in range(cfg.n_head):
+            heads[layer, h] = float(seen["z"][layer][p, h * D:(h + 1) * D] @ W[h * D:(h + 1) * D] @ u)
+        bias[layer] = float(block.attn.c_proj.bias.double() @ u)
+        mlp[layer] = float(seen["mlp"][layer][p] @ u)
+        neurons[layer] = (seen["post"][layer][p] * (block.mlp.c_proj.weight.double() @ u)).numpy()
+    return dict(logit_diff=float(seen["logits"][p, a] - seen["logits"][p, b]), embed=float(wte[ids[p]] @ u),
+                pos_embed=float(wpe[p] @ u), heads=heads, attn_bias=bias, mlp=mlp, ln_bias=float(ln.bias.double() @ d),
+                neurons=neurons, post={k: v[p].numpy() for k, v in seen["post"].items()})
+
+
+@pytest.mark.parametrize("p", [0, 5, 11])
+def test_the_parts_equal_the_decomposition_by_hand_and_sum_to_the_logit_difference(setup, p):
+    hf, model, session = setup
+    ids = session.ids
+    target = ids[p + 1]
+    a = logit_attribution(session, p, target)
+    assert a.baseline == runner_up(session, p, target) != target
+    expected = by_hand(hf, ids, p, target, a.baseline)
+    assert a.logit_diff == pytest.approx(expected["logit_diff"], abs=1e-4)
+    for name in ("embed", "pos_embed", "ln_bias"):
+        assert getattr(a, name) == pytest.approx(expected[name], abs=1e-4), name
+    for name in ("heads", "attn_bias", "mlp"):
+        np.testing.assert_allclose(getattr(a, name), expected[name], atol=1e-4, err_msg=name)
+    assert a.parts_sum == pytest.approx(a.logit_diff, abs=1e-4) and abs(a.rest) < 1e-4
+    assert max(abs(v) for _, v in a.top(3)) == max(abs(a.embed), abs(a.pos_embed), np.abs(a.heads).max(), np.abs(a.mlp).max())
+
+
+@torch.no_grad()
+def test_a_chosen_comparison_token_and_the_neurons_of_a_layer(setup, tokenizer):
+    hf, model, session = setup
+    ids, p = session.ids, 9
+    target, other = tokenizer.encode(" is")[0], tokenizer.encode(" are")[0]
+    a = logit_attribution(session, p, target, other)
+    expected = by_hand(hf, ids, p, target, other)
+    np.testing.assert_allclose(a.mlp, expected["mlp"], atol=1e-4)
+    for layer in range(model.cfg.n_layer):
+        n = neuron_attribution(session, p, layer, target, other)
+        np.testing.assert_allclose(n.activation, expected["post"][layer], atol=1e-4)
+        np.testing.assert_allclose(n.contribution, expected["neurons"][layer], atol=1e-5)
+        assert n.contribution.sum() + n.bias == pytest.approx(a.mlp[layer], abs=1e-4)  # a layer's neurons sum to its part
+        top = n.top_contributors(3)
+        assert abs(n.contribution[top[0]]) == np.abs(n.contribution).max()
+    up, down = neuron_tokens(session, 1, int(top[0]))
+    w = hf.transformer.h[1].mlp.c_proj.weight.double()[int(top[0])]  # Conv1D row = the neuron's output direction
+    logits = hf.transformer.wte.weight.double() @ ((w - w.mean()) * hf.transformer.ln_f.weight.double())
+    assert up == torch.topk(logits, 5).indices.tolist() and down == torch.topk(-logits, 5).indices.tolist()
+
+
+def test_attribution_with_an_ablated_head_gives_that_head_nothing(setup, tokenizer):
+    _, model, _ = setup
+    s = GenerationSession(model, tokenizer, TEXT, SamplingConfig(seed=2), record=True, interventions=[AblateHeads(layer=1, heads=(2,))])
+    s.step()
+    s.read()
+    a = logit_attribution(s, 8, s.ids[9])
+    assert a.heads[1, 2] == 0 and a.parts_sum == pytest.approx(a.logit_diff, abs=1e-4)
+
+
+@torch.no_grad()
+def test_commitment_is_the_layer_from_which_the_lens_keeps_the_final_guess(setup):
+    hf, model, session = setup
+    ids = session.ids
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), output_hidden_states=True)
+    hidden = [h[0].double() for h in out.hidden_states[:-1]] + [hf_parts(hf, ids)["final"]]  # the last before ln_f
+    ln, wte = hf.transformer.ln_f, hf.transformer.wte.weight.double()
+    c = commitment(session, 3, len(ids))
+    for i, p in enumerate(range(3, len(ids))):
+        logits = [torch.nn.functional.layer_norm(h[p], (h.shape[-1],), ln.weight.double(), ln.bias.double(), ln.eps) @ wte.T for h in hidden]
+        final = int(logits[-1].argmax())
+        assert c.final[i] == final
+        ranks = [int((lg > lg[final]).sum()) + 1 for lg in logits]
+        assert list(c.rank[:, i]) == ranks
+        stays = [j for j in range(len(ranks)) if all(r == 1 for r in ranks[j:])]
+        assert c.layer[i] == min(stays)
+        entropy = [float(-(torch.softmax(lg, -1) * torch.log_softmax(lg, -1)).sum()) for lg in logits]
+        np.testing.assert_allclose(c.entropy[:, i], entropy, atol=1e-3)
+
+
+def test_bad_arguments_are_refused(setup, tokenizer):
+    _, model, session = setup
+    with pytest.raises(ValueError, match="position must be in"):
+        logit_attribution(session, 999, 5)
+    with pytest.raises(ValueError, match="target must be a token id"):
+        logit_attribution(session, 1, -3)
+    with pytest.raises(ValueError, match="must differ"):
+        logit_attribution(session, 1, 7, 7)
+    with pytest.raises(ValueError, match="recording session"):
+        logit_attribution(GenerationSession(model, tokenizer, TEXT), 0, 1)
+    with pytest.raises(ValueError, match="layer must be in"):
+        neuron_attribution(session, 1, 7, 5)
