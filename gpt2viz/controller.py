@@ -1042,7 +1042,7 @@ def attention_views(session: GenerationSession, position: int, layer: int, head:
     if head_view:
         one = plots.attention_heatmap(square[head], strings[s:e], s, f"Layer {layer}, head {head}",
                                       f"{crop_note(s, e, n)} · orange: token {position} ({token}) · darker: more attention",
-                                      selected=position)
+                                      selected=position, compact=compact)
         row = session.attention_pattern(layer, position, position + 1)[:, 0]  # [head, key 0..position]
         rs = max(0, position + 1 - size)
         row_fig = plots.attention_row_figure(row[:, rs:], strings[rs: position + 1], rs,

@@ -61,13 +61,21 @@ SUBTITLE_CHARS = 46  # a subtitle line that fits the narrowest figure (a phone, 
 
 
 def wrap(text: str, width: int = SUBTITLE_CHARS) -> list[str]:
-    """Split a subtitle made of ` · `-separated parts into lines of at most `width` characters where possible."""
+    """Split a subtitle made of ` · `-separated parts into lines of at most `width` characters: parts are
+    joined while they fit, and a part longer than a line is broken between words."""
     lines: list[str] = []
     for part in text.split(" · ") if text else []:
         if lines and len(lines[-1]) + 3 + len(part) <= width:
             lines[-1] += " · " + part
-        else:
-            lines.append(part)
+            continue
+        line = ""
+        for word in part.split(" "):
+            if line and len(line) + 1 + len(word) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
     return lines
 
 
@@ -130,11 +138,64 @@ def _layout(fig: Spec, title: str, subtitle: str = "", height: int = 420, top: i
         title=dict(text=title, subtitle=dict(text="<br>".join(lines), font=dict(size=13, color="#4a5561")),
                    x=0.01, xanchor="left", y=0.985, yanchor="top", yref="container", font=dict(size=16)),
         font=FONT, height=height + extra, template="none", showlegend=False,
-        margin=dict(l=10, r=10, t=(top if top is not None else TITLE_SPACE) + extra, b=10),
+        margin=dict(t=(top if top is not None else TITLE_SPACE) + extra, **_margins(fig)),
         plot_bgcolor="white", paper_bgcolor="white")
-    fig.update_xaxes(automargin=True, gridcolor="#e5e8ec")
-    fig.update_yaxes(automargin=True, gridcolor="#e5e8ec")
+    fig.update_xaxes(automargin=False, gridcolor="#e5e8ec")
+    fig.update_yaxes(automargin=False, gridcolor="#e5e8ec")
     return fig.figure()
+
+
+CHAR = 0.58  # a label character's width in system-ui, per pixel of font size (a little more than the average)
+
+
+def _tick_chars(fig: Spec, axis: str) -> int:
+    """The longest tick label of an axis, in characters: its ticktext, or the category values of the traces
+    drawn on it, or (a numeric axis) a short number such as "0.25" or "100%"."""
+    props = fig.layout.get(axis, {})
+    if "ticktext" in props:
+        return max((len(str(t)) for t in props["ticktext"]), default=1)
+    letter, suffix = axis[0], axis[5:]
+    ref = letter + suffix
+    values = [v for trace in fig.data if trace.get(letter + "axis", letter) == ref for v in (trace.get(letter) if trace.get(letter) is not None else [])]
+    if values and all(isinstance(v, str) for v in values):
+        return max(len(v.rstrip("\u200b")) for v in values)
+    return 4
+
+
+def _title_of(props: dict) -> str:
+    title = props.get("title")
+    return (title.get("text") or "") if isinstance(title, dict) else (title or "")
+
+
+def _margins(fig: Spec) -> dict:
+    """Margins that hold every axis's tick labels and title and any colour bar, computed here rather than
+    by plotly's automargin (which lays the figure out again for each axis that needs room: ~20% of the
+    time from a Step to its figures drawn, in chromium on this project's machine)."""
+    size = FONT["size"]
+    left, bottom, right = 10, 10, 10
+    for axis, props in fig.layout.items():
+        if not axis.startswith(("xaxis", "yaxis")) or props.get("visible") is False:
+            continue
+        font = (props.get("tickfont") or {}).get("size", size)
+        labels = 0 if props.get("showticklabels") is False else _tick_chars(fig, axis) * CHAR * font
+        titled = bool(_title_of(props))
+        if axis.startswith("yaxis"):
+            left = max(left, int(labels + (size + 12 if titled else 0) + 14))
+        else:
+            label_height = labels if props.get("tickangle") in (-90, 90) or not labels else font + 6
+            bottom = max(bottom, int(label_height + (size + 12 if titled else 0) + 12))
+    for bar in _colorbars(fig):
+        ticks = max((len(str(t)) for t in bar.get("ticktext", [])), default=3)
+        right = max(right, int(bar.get("thickness", 30) + ticks * CHAR * size + (size + 12 if _title_of(bar) else 0) + 16))
+    return dict(l=left, r=right, b=bottom)
+
+
+def _colorbars(fig: Spec) -> list[dict]:
+    bars = [t.get("colorbar", {}) for t in fig.data if t.get("type") == "heatmap" and "coloraxis" not in t]
+    bars += [(t.get("marker") or {}).get("colorbar", {}) for t in fig.data if (t.get("marker") or {}).get("showscale")]
+    if any("coloraxis" in t for t in fig.data):
+        bars.append(fig.layout.get("coloraxis", {}).get("colorbar", {}))
+    return bars
 
 
 def empty_figure(message: str) -> go.Figure:
@@ -172,15 +233,17 @@ def next_token_figure(tokens: list[str], probs: np.ndarray, probs_final: np.ndar
 
 
 def attention_heatmap(pattern: np.ndarray, tokens: list[str], start: int, title: str, subtitle: str,
-                      selected: int | None = None) -> go.Figure:
-    """One head's attention `[query, key]` over the window of tokens starting at `start`; every token labelled."""
+                      selected: int | None = None, compact: bool = False) -> go.Figure:
+    """One head's attention `[query, key]` over the window of tokens starting at `start`; every token labelled
+    (`compact`: a phone's width, smaller labels)."""
     axis = labels(tokens, start)
     z = np.where(np.tril(np.ones_like(pattern, dtype=bool)), f32(pattern, 3), np.nan)
     fig = Spec().add("heatmap", z=z, x=axis, y=axis, colorscale="Blues", zmin=0, zmax=1,
                      hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>",
                      colorbar=dict(title=dict(text="attention", side="right"), thickness=14))
-    fig.update_yaxes(autorange="reversed", title="query: the token reading", type="category", tickfont=dict(size=12))
-    fig.update_xaxes(title="key: the token read", type="category", tickangle=-90, tickfont=dict(size=12))
+    ticks = dict(size=10 if compact else 12)
+    fig.update_yaxes(autorange="reversed", title="query: the token reading", type="category", tickfont=ticks)
+    fig.update_xaxes(title="key: the token read", type="category", tickangle=-90, tickfont=ticks)
     if selected is not None and start <= selected < start + len(tokens):
         _mark_row(fig, axis[selected - start])
     return _layout(fig, title, subtitle, height=max(420, 24 * len(tokens) + 260))
@@ -323,7 +386,7 @@ def resid_norm_figure(norms: np.ndarray, title: str, subtitle: str) -> go.Figure
     x = ["emb"] + [str(i) for i in range(len(norms) - 1)]
     fig = Spec().add("scatter", x=x, y=f32(norms, 3), mode="lines+markers", line=dict(color=BLUE),
                      hovertemplate="after %{x}<br>length %{y:.2f}<extra></extra>")
-    fig.update_xaxes(type="category", title="after the embeddings (emb) and after each block", tickfont=dict(size=12))
+    fig.update_xaxes(type="category", title="after the embeddings (emb) or block n", tickfont=dict(size=12))
     fig.update_yaxes(title="length (L2 norm)", rangemode="tozero")
     return _layout(fig, title, subtitle, height=320)
 
@@ -353,7 +416,7 @@ def trajectory_figure(resid: np.ndarray, lens_guess: list[str], title: str, subt
                                   tickvals=[0, len(coords) - 1], ticktext=["emb", str(len(coords) - 2)])),
         line=dict(color=GREY), customdata=[[n, show(t)] for n, t in zip(names, lens_guess)],
         hovertemplate="%{customdata[0]}<br>logit lens guess: %{customdata[1]}<extra></extra>")
-    fig.update_xaxes(title=f"PC 1 ({ratio[0]:.0%} of the variance)", zeroline=False)
+    fig.update_xaxes(title=f"PC 1 ({ratio[0]:.0%} of the variance)", zeroline=False, nticks=4)
     fig.update_yaxes(title=f"PC 2 ({ratio[1]:.0%})", zeroline=False)
     return _layout(fig, title, subtitle, height=440)
 

@@ -146,10 +146,60 @@ def step_generator(seed: int, position: int) -> torch.Generator:
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     """Inverse-CDF draw from `[vocab]` probabilities with one uniform number."""
-    u = torch.rand((), generator=generator, dtype=torch.float64)
+    return draw_with(probs, float(torch.rand((), generator=generator, dtype=torch.float64)))
+
+
+def uniform(seed: int, position: int) -> float:
+    """The uniform number in [0, 1) that `draw` uses for the token at `position` (what "the draw" is)."""
+    return float(torch.rand((), generator=step_generator(seed, position), dtype=torch.float64))
+
+
+def draw_with(probs: torch.Tensor, u: float) -> int:
+    """The token whose slice of the cumulative distribution of `[vocab]` probabilities holds u: the first
+    index whose cumulative mass exceeds u x total (never a zero-probability token)."""
     cdf = torch.cumsum(probs.double(), 0)
-    # first index whose cumulative mass exceeds u * total: never a zero-probability token
-    return min(int(torch.searchsorted(cdf, u * cdf[-1], right=True)), probs.numel() - 1)
+    return min(int(torch.searchsorted(cdf, torch.tensor(u, dtype=torch.float64) * cdf[-1], right=True)), probs.numel() - 1)
+
+
+def cdf_slice(probs: torch.Tensor, token: int) -> tuple[float, float]:
+    """`[start, end)` of `token`'s slice of the cumulative distribution (normalised to total 1)."""
+    cdf = torch.cumsum(probs.double(), 0)
+    total = float(cdf[-1])
+    end = float(cdf[token]) / total
+    return end - float(probs[token]) / total, end
+
+
+@dataclass
+class Stage:
+    """The distribution after one stage of the pipeline (`[vocab]` float32) and what the stage did."""
+
+    name: str  # "model", "repetition penalty", "temperature", "top-k", "top-p"
+    probs: torch.Tensor
+    removed: float  # probability mass the stage set to zero (filters), 0 for the reshaping stages
+    active: bool  # whether the setting changes anything (penalty 1, temperature 1, top-k 0, top-p 1 do not)
+
+
+def stages(logits: torch.Tensor, previous: list[int] | torch.Tensor, cfg: SamplingConfig) -> list[Stage]:
+    """The pipeline of `distributions`, stage by stage: raw softmax, after the repetition penalty, after
+    the temperature, after top-k, after top-p (renormalised: the last is what the token is drawn from;
+    with temperature 0 it is the one-hot of the likeliest token after the penalty)."""
+    logits = logits.float()
+    out = [Stage("model", torch.softmax(logits, 0), 0.0, True)]
+    penalized = apply_repetition_penalty(logits, previous, cfg.repetition_penalty)
+    out.append(Stage("repetition penalty", torch.softmax(penalized, 0), 0.0, penalized is not logits))
+    if cfg.greedy:
+        out.append(Stage("temperature", _one_hot(penalized), 1.0 - float(torch.softmax(penalized, 0).max()), True))
+        return out
+    scaled = penalized / cfg.temperature
+    before = torch.softmax(scaled, 0)
+    out.append(Stage("temperature", before, 0.0, cfg.temperature != 1))
+    keep = top_k_mask(scaled, cfg.top_k)
+    after_k = torch.softmax(scaled.masked_fill(~keep, float("-inf")), 0)
+    out.append(Stage("top-k", after_k, float(before[~keep].double().sum()), bool((~keep).any())))
+    keep_p = keep & top_p_mask(after_k, cfg.top_p)
+    final = torch.softmax(scaled.masked_fill(~keep_p, float("-inf")), 0)
+    out.append(Stage("top-p", final, float(after_k[keep & ~keep_p].double().sum()), bool((keep & ~keep_p).any())))
+    return out
 
 
 def entropy(probs: torch.Tensor) -> float:

@@ -407,6 +407,9 @@ def check_every_tab(page, size: str, prefix: str) -> None:
         time.sleep(0.5)  # plotly lays out after the update
         overlaps = page.evaluate(OVERLAP_JS)
         assert overlaps == [], f"{prefix} {size} {name}: {overlaps[:5]}"
+        if name == "Attention":  # plotly drops category labels that do not fit: every key and query must be labelled
+            x, y = (page.locator(f"#attn_plot .{axis}tick text").count() for axis in ("x", "y"))
+            assert x == y > 0, f"{prefix} {size}: {x} keys labelled for {y} queries"
         if name == "Heads":
             page.locator("#per_head input").check()
             wait_idle(page)

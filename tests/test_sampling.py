@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +132,57 @@ def test_draw_never_returns_zero_probability_tokens():
     probs = torch.tensor([0.0, 0.3, 0.0, 0.7, 0.0])
     seen = {draw(probs, step_generator(7, i)) for i in range(500)}
     assert seen == {1, 3}
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=5, top_p=0.8, repetition_penalty=1.4),
+                                 SamplingConfig(temperature=1.5, top_p=0.5), SamplingConfig(temperature=0, repetition_penalty=2.0),
+                                 SamplingConfig(top_k=3)])
+def test_the_stages_end_in_the_distribution_tokens_are_drawn_from_and_say_what_each_removed(cfg):
+    from gpt2viz.sampling import stages
+
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -4.0])
+    previous = [0, 3]
+    st = stages(logits, previous, cfg)
+    assert torch.equal(st[-1].probs, distributions(logits, previous, cfg).probs_final)
+    assert [s.name for s in st][:2] == ["model", "repetition penalty"]
+    # by hand, in float64
+    x = logits.double().numpy().copy()
+    if cfg.repetition_penalty != 1:
+        for i in set(previous):
+            x[i] = x[i] / cfg.repetition_penalty if x[i] > 0 else x[i] * cfg.repetition_penalty
+    assert st[1].active == (cfg.repetition_penalty != 1)
+    if cfg.greedy:
+        return
+    x = x / cfg.temperature
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    np.testing.assert_allclose(st[2].probs.numpy(), p, atol=1e-6)
+    keep = np.ones(8, bool) if cfg.top_k == 0 else x >= np.sort(x)[::-1][cfg.top_k - 1]
+    assert st[3].removed == pytest.approx(p[~keep].sum(), abs=1e-6)
+    pk = np.where(keep, p, 0) / p[keep].sum()
+    order = np.argsort(-pk, kind="stable")
+    before = np.cumsum(pk[order]) - pk[order]
+    keep_p = np.zeros(8, bool)
+    keep_p[order[before < cfg.top_p]] = True
+    keep_p &= keep
+    assert st[4].removed == pytest.approx(pk[keep & ~keep_p].sum(), abs=1e-6)
+
+
+def test_the_draw_is_one_uniform_number_and_its_slice_of_the_cumulative_distribution():
+    from gpt2viz.sampling import cdf_slice, draw_with, stages, uniform
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    probs = distributions(logits, [], SamplingConfig()).probs_final
+    for position in range(200):
+        u = uniform(7, position)
+        token = draw(probs, step_generator(7, position))
+        assert draw_with(probs, u) == token
+        low, high = cdf_slice(probs, token)
+        assert low <= u < high + 1e-12
+    # "what if": the same u under other settings, without running the model again
+    u = uniform(7, 3)
+    hot = stages(logits, [], SamplingConfig(temperature=2.0))[-1].probs
+    greedy = stages(logits, [], SamplingConfig(temperature=0))[-1].probs
+    assert draw_with(greedy, u) == int(torch.argmax(logits))
+    low, high = cdf_slice(hot, draw_with(hot, u))
+    assert low <= u < high
