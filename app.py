@@ -59,6 +59,11 @@ it is because of what you switched off, not chance. Below: both texts (the first
 the two models' predictions are at each step, how surprised each is by every token of the original text, and, for
 the selected token, both models' probabilities."""
 
+TEXT_WHY = """**Why this token?** Attention shows where a head *looks*; this shows what each part of the model
+*wrote*. The model's logit for the selected token, minus its logit for another token (the runner-up unless you
+type one), is exactly the sum of the parts below: every head, every MLP, the embeddings. Then the neurons of the
+selected layer's MLP, and how the sampler turned the probabilities into this token with one random number."""
+
 STRIP_TEMPLATE = """<div class="strip">{{#if value.tokens.length}}{{#each value.tokens}}<span class="tok {{this.c}} {{this.sel}}" data-pos="{{@index}}" title="{{this.p}}">{{this.t}}</span>{{#if this.br}}<br>{{/if}}{{/each}}{{else}}<span class="strip-empty">The text appears here token by token. Press Step or Generate, or choose an example.</span>{{/if}}</div>"""
 STRIP_JS = """element.addEventListener('click', (e) => {
   const t = e.target.closest('[data-pos]');
@@ -92,6 +97,11 @@ CSS = """
 .ov-cell { padding: 1px; border: 2px solid transparent; background: none; cursor: pointer; display: flex; flex-direction: column; align-items: center; }
 .ov-cell img { width: 100%; max-width: 64px; image-rendering: pixelated; aspect-ratio: 1; }
 .ov-cell.ov-sel { border-color: #e8762d; } .ov-badge { font-size: 10px; color: #1f3f8f; min-height: 12px; }
+.why-grid { gap: 2px; } .why-cell { font-size: 11px; padding: 3px 0; border: 2px solid transparent; border-radius: 3px; cursor: pointer;
+  font-variant-numeric: tabular-nums; } .why-cell.ov-sel { border-color: #e8762d; } .why-mlp { font-weight: 600; }
+.why-table { border-collapse: collapse; font-size: 13px; margin: 6px 0; } .why-table td, .why-table th { padding: 2px 6px;
+  border-bottom: 1px solid #e5e8ec; text-align: right; font-variant-numeric: tabular-nums; } .why-table td:first-child { text-align: left;
+  font-family: ui-monospace, monospace; white-space: pre; } .why-chosen { font-weight: 700; } .why { margin-bottom: 10px; }
 .exp-strip { margin: 4px 0; } .exp-label { display: inline-block; min-width: 9em; font-family: system-ui, sans-serif;
   font-size: 13px; color: #4a5561; margin-right: 6px; } .exp-more { color: #5b6570; }
 .strip .tok.div { background: #e8762d33; } .strip .tok.div-first { outline: 3px solid #c0392b; outline-offset: 1px; font-weight: 700; }
@@ -102,7 +112,8 @@ CSS = """
   #intro p { display: none; }
   #intro h1 { font-size: 22px; }
   .js-plotly-plot .modebar-container { display: none !important; }  /* it covers the titles of a phone-wide figure */
-  #tabs .tab-container button { padding: 4px 2px !important; font-size: 11px !important; }
+  #tabs .tab-container button { padding: 4px 1px !important; font-size: 11px !important; }
+  #tabs { margin-left: -10px !important; width: calc(100% + 20px) !important; max-width: none !important; }  /* room for every tab on one line */
 }
 """
 
@@ -233,6 +244,13 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                         emb_plot = gr.Plot(elem_id="emb_plot", show_label=False)
                         norm_plot = gr.Plot(elem_id="norm_plot", show_label=False)
                         traj_plot = gr.Plot(elem_id="traj_plot", show_label=False)
+                    with gr.Tab("Why", id="why", elem_id="tab-why") as tab_why:
+                        gr.Markdown(TEXT_WHY, elem_classes="explain")
+                        versus = gr.Textbox(label="Compare with (a token, e.g. ' are' or #464; empty: the runner-up)",
+                                            elem_id="versus", max_lines=1)
+                        why_dla = gr.HTML("", js_on_load=OVERVIEW_JS, elem_id="why_dla")
+                        why_neurons = gr.HTML("", elem_id="why_neurons")
+                        why_sampler = gr.HTML("", elem_id="why_sampler")
                     with gr.Tab("Experiment", id="experiment", elem_id="tab-experiment") as tab_experiment:
                         gr.Markdown(TEXT_EXPERIMENT, elem_classes="explain")
                         targets = gr.Dropdown(c.target_choices(models.get(models.default).cfg), value=[], multiselect=True,
@@ -255,7 +273,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
 
         view_components = {"chosen": chosen_plot, "attention": attn_plot, "row": row_plot, "grid": grid_plot,
                            "overview": overview, "lens": lens_plot, "embed": emb_plot, "norm": norm_plot, "traj": traj_plot,
-                           "exp_strips": exp_strips, "exp_loss": exp_loss, "exp_bars": exp_bars}
+                           "exp_strips": exp_strips, "exp_loss": exp_loss, "exp_bars": exp_bars,
+                           "why_dla": why_dla, "why_neurons": why_neurons, "why_sampler": why_sampler}
         everything = [state, tab, status, strip, position, selected_label, layer, head, rewind_to, upcoming, pick,
                       tabs, prompt, example_hint, example, targets] + list(view_components.values())
 
@@ -413,6 +432,26 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             ctrl, sel = split(rest)
             return render(ctl.experiment(st, name, text, ctrl, sel, chosen, how, cells, source, who=who_of(request)))
 
+        @named("state", *SETTING_NAMES, *VIEW_NAMES, event=True)
+        def on_why_click(st, *rest):
+            *rest, evt, request = rest
+            ctrl, sel = split(rest)
+            sel.layer = c.as_index(getattr(evt, "layer", None)) or 0
+            head = c.as_index(getattr(evt, "head", None))
+            if head is None:  # an MLP: its neurons, in this tab
+                sel.tab = "why"
+                return render(ctl.select(st, ctrl, sel, who=who_of(request)))
+            sel.head, sel.tab = head, "attention"
+            page = ctl.select(st, ctrl, sel, who=who_of(request))
+            page.open_tab = "attention" if not page.warning else None
+            return render(page)
+
+        @named("state", "versus", *SETTING_NAMES, *VIEW_NAMES)
+        def on_versus(st, typed, *rest):
+            *rest, request = rest
+            ctrl, sel = split(rest)
+            return render(ctl.compare_with(st, ctrl, sel, typed, who=who_of(request)))
+
         @named("state", "model", *SETTING_NAMES, *VIEW_NAMES)
         def on_lesson(st, name, *rest):
             *rest, request = rest
@@ -442,7 +481,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         strip.click(on_strip_click, select_inputs, everything, **private)
         overview.click(on_overview_click, select_inputs, everything, **private)
         for tab_id, t in (("chosen", tab_chosen), ("attention", tab_attention), ("overview", tab_overview),
-                          ("lens", tab_lens), ("embed", tab_embed), ("experiment", tab_experiment)):
+                          ("lens", tab_lens), ("embed", tab_embed), ("why", tab_why), ("experiment", tab_experiment)):
             # The browser knows the open tab at once (a Step right after the click must draw it), then the server draws it.
             t.select(None, None, tab, js=f"() => '{tab_id}'", **private)
             t.select(on_tab(tab_id), select_inputs, everything, **private)
@@ -451,6 +490,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
               trigger_mode="always_last")
         example.select(on_example(False), [state, model_name, example] + settings + view, everything, **private)
         show_me.click(on_example(True), [state, model_name, example] + settings + view, everything, api_name="show_me")
+        why_dla.click(on_why_click, select_inputs, everything, **private)
+        versus.submit(on_versus, [state, versus] + settings + view, everything, api_name="compare_with")
         run_exp.click(on_experiment, [state, model_name, prompt, targets, mode, neurons, patch_text] + settings + view, everything,
                       api_name="experiment")
         lesson.click(on_lesson, [state, model_name] + settings + view, everything, api_name="induction_lesson")

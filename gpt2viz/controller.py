@@ -28,6 +28,7 @@ import torch
 from . import plots
 from .compare import coupled_report
 from .engine import Engine, Generation, Overloaded, Who
+from .why import why_views
 from .experiments import (Experiment, TargetError, bars_view, head_label, parse_targets, strips_html, summary, surprisal_view,
                           target_choices)
 from .generation import GenerationSession, Step
@@ -390,7 +391,7 @@ def examples_for(model_name: str) -> list[str]:
 
 # --- the page's state and what a use case returns ---------------------------------------------
 
-TABS = ("chosen", "attention", "overview", "lens", "embed", "experiment")
+TABS = ("chosen", "attention", "overview", "lens", "embed", "experiment", "why")
 
 
 def new_state(model_name: str) -> dict:
@@ -794,6 +795,23 @@ class Controller:
         except Exception as e:  # noqa: BLE001
             return self._refuse(state, e)
 
+    def compare_with(self, state, settings, selection: Selection, typed, who: Who | None = None) -> Page:
+        """The Why tab's comparison token: typed (as for forcing: ' are' or #464), or empty for the runner-up."""
+        state = dict(state or {})
+        hint = ""
+        if typed is None or (isinstance(typed, str) and not typed.strip()):
+            state["versus"] = None
+        else:
+            try:
+                state["versus"], hint = parse_forced_token(self.models.tokenizer, typed)
+            except Exception as e:  # noqa: BLE001
+                return self._refuse(state, e)
+        selection.tab = "why"
+        page = self.select(state, settings, selection, who=who)
+        if state["versus"] is not None and not page.warning:
+            page.status = f"Comparing with {typed!r}." + hint.replace("you forced", "you chose")
+        return page
+
     def induction_lesson(self, state, model_name, settings, selection: Selection, who: Who | None = None) -> Page:
         """The induction example, with the heads this model's detector calls induction heads switched off."""
         who = who or Who()
@@ -839,7 +857,7 @@ class Controller:
                     selected_label=selected_label(s, sel.position))
         if upcoming:
             page.upcoming, page.choices = upcoming_view(s, draw=False)
-        page.views = tab_views(s, sel, self.models, entry.experiment)
+        page.views = tab_views(s, sel, self.models, entry.experiment, versus=state.get("versus"))
         return page
 
 
@@ -974,8 +992,12 @@ def recipe(draw: bool, figure, *args):
     return figure(*args) if draw else functools.partial(figure, *args)
 
 
-def tab_views(session: GenerationSession, sel: Selection, models=None, experiment: Experiment | None = None) -> dict[str, object]:
-    """The figures of the visible tab only (the others are drawn when opened); the chosen tab's as a recipe."""
+def tab_views(session: GenerationSession, sel: Selection, models=None, experiment: Experiment | None = None,
+              versus: int | None = None) -> dict[str, object]:
+    """The figures of the visible tab only (the others are drawn when opened); the chosen tab's as a recipe.
+    `versus`: the token the Why tab compares the selected one with (None: the runner-up)."""
+    if sel.tab == "why":
+        return why_views(session, sel.position, sel.layer, sel.head, versus, session.config)
     if sel.tab == "experiment":
         return experiment_views(experiment, sel.position, session.tokenizer)
     if sel.tab == "chosen":
@@ -1012,7 +1034,7 @@ def experiment_views(experiment: Experiment | None, position: int, tokenizer) ->
 def empty_views() -> dict[str, object]:
     blank = plots.empty_figure("Press Step or Generate, or choose an example.")
     return ({name: blank for name in ("chosen", "attention", "row", "grid", "lens", "embed", "norm", "traj")} | {"overview": ""}
-            | experiment_views(None, 0, None))
+            | experiment_views(None, 0, None) | {"why_dla": "", "why_neurons": "", "why_sampler": ""})
 
 
 def head_badges(model: GPT2) -> dict[tuple[int, int], str]:

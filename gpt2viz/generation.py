@@ -69,6 +69,7 @@ class Step:
     lens_probs: np.ndarray | None  # [layer + 1, top_n] float16
     finish_reason: str | None = None  # "eos", "max_new_tokens" or "context" when generation ends here
     message: str = ""
+    config: SamplingConfig | None = None  # the settings it was chosen with
 
 
 @dataclass
@@ -275,6 +276,7 @@ class GenerationSession:
             resid=pending.resid,
             lens_ids=pending.lens_ids,
             lens_probs=pending.lens_probs,
+            config=cfg,
         )
         if token == ENDOFTEXT_ID and cfg.stop_at_eos:
             step.finish_reason, step.message = "eos", "the model ended the text with <|endoftext|>"

@@ -226,6 +226,13 @@ class Recorder:
         return resid.to(self.model.device, self.model.wte.weight.dtype)
 
     @torch.no_grad()
+    def logits_at(self, position: int) -> torch.Tensor:
+        """`[vocab]` float32 the model's next-token logits after reading `position` (from the recorded stream)."""
+        if not 0 <= position < len(self.records):
+            raise ValueError(f"logits_at needs 0 <= position < {len(self.records)}, got {position}")
+        return self.model.unembed(self.model.ln_f(self.recorded_resid([position])[-1])).float()[0]
+
+    @torch.no_grad()
     def model_distribution(self, position: int) -> torch.Tensor:
         """The model's own next-token probabilities after reading `position`: `[vocab]` float32, from the
         recorded last residual stream through ln_f and the unembedding."""

@@ -21,7 +21,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou"
 OVERLAP_JS = (Path(__file__).parent / "overlap.js").read_text()
 VIEWPORTS = {"desktop": (1440, 900), "projector": (1280, 720), "phone": (390, 844)}
-TABS = ["Chosen", "Attention", "Heads", "Lens", "Embeddings", "Experiment"]
+TABS = ["Chosen", "Attention", "Heads", "Lens", "Embeddings", "Why", "Experiment"]
 
 
 def n_tokens(text: str) -> int:
@@ -364,6 +364,35 @@ def test_switch_off_a_head_picked_in_the_overview_and_see_where_the_texts_part(p
     page.click("#run_exp")
     wait_idle(page)
     expect(page.locator("#status")).to_contain_text("Choose what to switch off first")
+
+
+def test_why_this_token_explains_the_selected_token_and_its_heads_open_in_the_attention_tab(page):
+    set_prompt(page, PROMPT)
+    step(page)
+    step(page)
+    tab(page, "Why")
+    dla = page.locator("#why_dla")
+    expect(dla).to_contain_text("Why ")
+    expect(page.locator("#why_dla .why-cell")).to_have_count(4 * 6 + 4)  # every head and MLP of the bundled model
+    expect(page.locator("#why_sampler")).to_contain_text("u = ")
+    # the selected token follows a click on the strip
+    page.locator("#strip .tok").nth(3).click()
+    wait_idle(page)
+    expect(dla).to_contain_text("after reading token 2")
+    expect(page.locator("#why_sampler")).to_contain_text("part of your prompt")
+    # another comparison token
+    page.locator("#versus input, #versus textarea").first.fill(" the")
+    page.locator("#versus input, #versus textarea").first.press("Enter")
+    wait_idle(page)
+    expect(page.locator("#status")).to_contain_text("Comparing with ' the'")
+    # an MLP's cell shows its neurons here; a head's cell opens the head
+    page.locator('#why_dla .why-cell[data-layer="2"][data-mlp="1"]').click()
+    wait_idle(page)
+    expect(page.locator("#why_neurons")).to_contain_text("MLP 2: the neurons")
+    page.locator('#why_dla .why-cell[data-layer="1"][data-head="3"]').click()
+    wait_idle(page)
+    expect(page.get_by_role("tab", name="Attention", exact=True)).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#attn_plot .gtitle")).to_contain_text("Layer 1, head 3")
 
 
 def test_the_induction_lesson_runs_end_to_end_or_says_it_cannot(page):

@@ -238,7 +238,8 @@ def test_one_selection_drives_every_view_and_is_clamped(ctl):
         assert "token 1" in shown.selected_label
         assert set(shown.views) == {"chosen": {"chosen"}, "attention": {"attention", "row"}, "overview": {"grid", "overview"},
                                     "lens": {"lens"}, "embed": {"embed", "norm", "traj"},
-                                    "experiment": {"exp_strips", "exp_loss", "exp_bars"}}[tab]  # only the visible tab
+                                    "experiment": {"exp_strips", "exp_loss", "exp_bars"},
+                                    "why": {"why_dla", "why_neurons", "why_sampler"}}[tab]  # only the visible tab
         if tab == "attention":
             assert "What token 1" in shown.views["row"].layout.title.text
             assert "Layer 1, head 2" in shown.views["attention"].layout.title.text
@@ -425,3 +426,37 @@ def test_the_experiment_view_shows_what_compare_computes(ctl, models, tokenizer)
         kw = dict(targets=["head 0.0"], neurons="", patch_text="") | bad
         page = ctl.experiment(c.new_state("test"), "test", prompt, SETTINGS, c.Selection(), kw["targets"], "zero", kw["neurons"], kw["patch_text"])
         assert page.warning and message in page.status
+
+
+def test_the_why_tab_shows_the_attribution_the_neurons_and_the_draw(ctl, models, tokenizer):
+    from gpt2viz.attribution import logit_attribution
+    from gpt2viz.sampling import uniform
+
+    page = ctl.step(None, "test", "The lighthouse keeper climbed the", SETTINGS, c.Selection())
+    page = ctl.step(page.state, "test", "The lighthouse keeper climbed the", SETTINGS, c.Selection())
+    n = page.n_tokens
+    shown = ctl.select(page.state, SETTINGS, c.Selection(position=n - 1, layer=1, head=2, tab="why"))
+    assert set(shown.views) == {"why_dla", "why_neurons", "why_sampler"}
+    session = ctl.sessions.get(shown.state, c.sampling_config(*SETTINGS)).session
+    a = logit_attribution(session, n - 2, session.ids[n - 1])
+    dla = shown.views["why_dla"]
+    assert f"{a.logit_diff:+.2f}</b> above" in dla and dla.count('class="why-cell') == 3 * 4 + 3  # every head and MLP
+    assert 'data-layer="1" data-head="2" style' in dla and "why-cell ov-sel" in dla
+    assert "MLP 1: the neurons behind its part" in shown.views["why_neurons"]
+    step = session.steps[-1]
+    assert f"u = <b>{uniform(0, step.position + 1):.4f}</b>" in shown.views["why_sampler"]
+    assert "the same u would have drawn the same token" in shown.views["why_sampler"]  # same settings now as then
+    hot = ctl.select(shown.state, [0.0] + SETTINGS[1:], c.Selection(position=n - 1, tab="why"))
+    assert "temperature 0" in hot.views["why_sampler"]
+    # another comparison token, then back to the runner-up; a bad one is refused
+    vs = ctl.compare_with(shown.state, SETTINGS, c.Selection(position=n - 1, tab="why"), " are")
+    assert vs.status.startswith("Comparing with ' are'") and "and not ·are" in vs.views["why_dla"]
+    back = ctl.compare_with(vs.state, SETTINGS, c.Selection(position=n - 1, tab="why"), "")
+    runner_up = show(tokenizer.decode([a.baseline]))
+    assert back.state["versus"] is None and f"and not {runner_up} after" in back.views["why_dla"]
+    bad = ctl.compare_with(vs.state, SETTINGS, c.Selection(position=n - 1, tab="why"), " lighthouse keeper")
+    assert bad.warning and "not a single token" in bad.status
+    prompt_token = ctl.select(shown.state, SETTINGS, c.Selection(position=2, tab="why"))
+    assert "part of your prompt: nothing was drawn" in prompt_token.views["why_sampler"]
+    first = ctl.select(shown.state, SETTINGS, c.Selection(position=0, tab="why"))
+    assert "first token" in first.views["why_dla"]
