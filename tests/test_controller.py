@@ -453,7 +453,7 @@ def test_the_why_tab_shows_the_attribution_the_neurons_and_the_draw(ctl, models,
     assert vs.status.startswith("Comparing with ' are'") and "and not ·are" in vs.views["why_dla"]
     back = ctl.compare_with(vs.state, SETTINGS, c.Selection(position=n - 1, tab="why"), "")
     runner_up = show(tokenizer.decode([a.baseline]))
-    assert back.state["versus"] is None and f"and not {runner_up} after" in back.views["why_dla"]
+    assert back.state["versus"] is None and f"and not {runner_up}, after" in back.views["why_dla"]
     bad = ctl.compare_with(vs.state, SETTINGS, c.Selection(position=n - 1, tab="why"), " lighthouse keeper")
     assert bad.warning and "not a single token" in bad.status
     prompt_token = ctl.select(shown.state, SETTINGS, c.Selection(position=2, tab="why"))
