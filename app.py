@@ -102,6 +102,7 @@ CSS = """
 .why-table { border-collapse: collapse; font-size: 13px; margin: 6px 0; } .why-table td, .why-table th { padding: 2px 6px;
   border-bottom: 1px solid #e5e8ec; text-align: right; font-variant-numeric: tabular-nums; } .why-table td:first-child { text-align: left;
   font-family: ui-monospace, monospace; white-space: pre; } .why-chosen { font-weight: 700; } .why { margin-bottom: 10px; }
+.why-tok { font-family: ui-monospace, monospace; border: 1px solid #c8ced6; border-radius: 3px; padding: 0 2px; white-space: pre; }
 .exp-strip { margin: 4px 0; } .exp-label { display: inline-block; min-width: 9em; font-family: system-ui, sans-serif;
   font-size: 13px; color: #4a5561; margin-right: 6px; } .exp-more { color: #5b6570; }
 .strip .tok.div { background: #e8762d33; } .strip .tok.div-first { outline: 3px solid #c0392b; outline-offset: 1px; font-weight: 700; }

@@ -48,7 +48,7 @@ def attribution_html(a: Attribution, tokenizer, selected: tuple[int, int]) -> st
     rest = (f" + rest {a.rest:+.3f}" if abs(a.rest) >= 5e-4 else "")
     return (
         f'<div class="why"><div class="ov-title">Why {target} and not {other}, after reading token {a.position}</div>'
-        f'<div class="ov-note">The model scored {target} <b>{a.logit_diff:+.2f}</b> above {other} (logits). That difference is '
+        f'<div class="ov-note">{_scored(a, target, other)} That difference is '
         f'exactly the sum of what each part of the model wrote into the residual stream, read through the final layer norm: '
         f'red cells push toward {target}, blue toward {other}. Biggest parts: {top}.</div>'
         f'<div class="ov-grid why-grid" style="grid-template-columns: 3.2em repeat({n_head + 1}, minmax(0, 1fr))">'
@@ -59,6 +59,17 @@ def attribution_html(a: Attribution, tokenizer, selected: tuple[int, int]) -> st
         f'Click a head to open it in the Attention tab, or an MLP to see its neurons below.</div></div>')
 
 
+def _scored(a: Attribution, target: str, other: str) -> str:
+    if a.logit_diff >= 0:
+        return f"The model scored {target} <b>{a.logit_diff:+.2f}</b> above {other} (logits)."
+    return (f"The model scored {target} <b>{-a.logit_diff:.2f} below</b> {other} (logits), and {target} came all the same: "
+            f"a sampled token need not be the likeliest.")
+
+
+def _tokens(tokenizer, ids: list[int]) -> str:
+    return " ".join(f'<span class="why-tok">{_tok(tokenizer, t)}</span>' for t in ids)
+
+
 def neurons_html(n: Neurons, session: GenerationSession, target: int, baseline: int, count: int = 8) -> str:
     """The neurons of one MLP layer with the largest part in the logit difference, and what each promotes."""
     tok = session.tokenizer
@@ -67,8 +78,7 @@ def neurons_html(n: Neurons, session: GenerationSession, target: int, baseline: 
         up, down = neuron_tokens(session, n.layer, int(i), n=3)
         rows.append(f'<tr><td>{int(i)}</td><td>{n.activation[i]:+.2f}</td>'
                     f'<td style="background: {_shade(float(n.contribution[i]), float(np.abs(n.contribution).max()) or 1)}">'
-                    f'{n.contribution[i]:+.3f}</td><td>{" ".join(_tok(tok, t) for t in up)}</td>'
-                    f'<td>{" ".join(_tok(tok, t) for t in down)}</td></tr>')
+                    f'{n.contribution[i]:+.3f}</td><td>{_tokens(tok, up)}</td><td>{_tokens(tok, down)}</td></tr>')
     active = ", ".join(f"{int(i)} ({n.activation[i]:+.2f})" for i in n.most_active(5))
     return (f'<div class="why"><div class="ov-title">MLP {n.layer}: the neurons behind its part '
             f'({n.contribution.sum() + n.bias:+.2f})</div>'

@@ -440,7 +440,8 @@ def test_the_why_tab_shows_the_attribution_the_neurons_and_the_draw(ctl, models,
     session = ctl.sessions.get(shown.state, c.sampling_config(*SETTINGS)).session
     a = logit_attribution(session, n - 2, session.ids[n - 1])
     dla = shown.views["why_dla"]
-    assert f"{a.logit_diff:+.2f}</b> above" in dla and dla.count('class="why-cell') == 3 * 4 + 3  # every head and MLP
+    said = f"{a.logit_diff:+.2f}</b> above" if a.logit_diff >= 0 else f"{-a.logit_diff:.2f} below</b>"
+    assert said in dla and dla.count('class="why-cell') == 3 * 4 + 3  # every head and MLP
     assert 'data-layer="1" data-head="2" style' in dla and "why-cell ov-sel" in dla
     assert "MLP 1: the neurons behind its part" in shown.views["why_neurons"]
     step = session.steps[-1]
