@@ -18,7 +18,6 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from gpt2viz import controller as c
-from gpt2viz.engine import configure_switching
 from gpt2viz.memory import configure_allocator
 
 log = logging.getLogger("gpt2viz")
@@ -103,6 +102,10 @@ CSS = """
   border-bottom: 1px solid #e5e8ec; text-align: right; font-variant-numeric: tabular-nums; } .why-table td:first-child { text-align: left;
   font-family: ui-monospace, monospace; white-space: pre; } .why-chosen { font-weight: 700; } .why { margin-bottom: 10px; }
 .why-tok { font-family: ui-monospace, monospace; border: 1px solid #c8ced6; border-radius: 3px; padding: 0 2px; white-space: pre; }
+.dec-early, .chip.dec-early { background: #2e9e5b55 !important; } .dec-middle, .chip.dec-middle { background: #9ccc6577 !important; }
+.dec-late, .chip.dec-late { background: #f6b44b88 !important; } .dec-last, .chip.dec-last { background: #e4572e77 !important; }
+#lens_strip .key { margin-right: 12px; white-space: nowrap; } #lens_strip .chip { display: inline-block; width: 10px; height: 10px;
+  border-radius: 50%; margin-right: 4px; border: 1px solid #8a949e; }
 .exp-strip { margin: 4px 0; } .exp-label { display: inline-block; min-width: 9em; font-family: system-ui, sans-serif;
   font-size: 13px; color: #4a5561; margin-right: 6px; } .exp-more { color: #5b6570; }
 .strip .tok.div { background: #e8762d33; } .strip .tok.div-first { outline: 3px solid #c0392b; outline-offset: 1px; font-weight: 700; }
@@ -123,7 +126,7 @@ COMPACT_JS = "() => window.innerWidth < 700"
 # On a phone, Step and Generate bring the buttons to the top of the screen, so the text appears right under them.
 SCROLL_JS = "(...args) => { if (window.innerWidth < 700) document.querySelector('#actions').scrollIntoView({block: 'start'}); return args; }"
 SETTING_NAMES = ["temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed"]
-VIEW_NAMES = ["position", "layer", "head", "tab", "per_head_scale", "compact"]
+VIEW_NAMES = ["position", "layer", "head", "tab", "per_head_scale", "compact", "lens_mode"]
 
 
 def quiet_refusals(component_class) -> None:
@@ -239,7 +242,10 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                         overview = gr.HTML("", js_on_load=OVERVIEW_JS, elem_id="overview")
                     with gr.Tab("Lens", id="lens", elem_id="tab-lens") as tab_lens:
                         gr.Markdown(TEXT_LENS, elem_classes="explain")
+                        lens_mode = gr.Radio([("each layer's top guess", "top"), ("rank of the final guess", "rank"),
+                                              ("how unsure (entropy)", "entropy")], value="top", label="Show", elem_id="lens_mode")
                         lens_plot = gr.Plot(elem_id="lens_plot", show_label=False)
+                        lens_strip = gr.HTML("", elem_id="lens_strip")
                     with gr.Tab("Embeddings", id="embed", elem_id="tab-embed") as tab_embed:
                         gr.Markdown(TEXT_EMBED, elem_classes="explain")
                         emb_plot = gr.Plot(elem_id="emb_plot", show_label=False)
@@ -273,7 +279,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                         exp_bars = gr.Plot(elem_id="exp_bars", show_label=False)
 
         view_components = {"chosen": chosen_plot, "attention": attn_plot, "row": row_plot, "grid": grid_plot,
-                           "overview": overview, "lens": lens_plot, "embed": emb_plot, "norm": norm_plot, "traj": traj_plot,
+                           "overview": overview, "lens": lens_plot, "lens_strip": lens_strip, "embed": emb_plot, "norm": norm_plot, "traj": traj_plot,
                            "exp_strips": exp_strips, "exp_loss": exp_loss, "exp_bars": exp_bars,
                            "why_dla": why_dla, "why_neurons": why_neurons, "why_sampler": why_sampler}
         everything = [state, tab, status, strip, position, selected_label, layer, head, rewind_to, upcoming, pick,
@@ -329,7 +335,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             return out
 
         settings = [temperature, top_k, top_p, penalty, max_new, seed]
-        view = [position, layer, head, tab, per_head, compact]
+        view = [position, layer, head, tab, per_head, compact, lens_mode]
 
         def named(*names, event: bool = False):
             """Give a handler taking `*args` these parameter names (they name the API's parameters); a last
@@ -347,7 +353,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
 
         def split(args):
             """(settings values, Selection) from the trailing inputs `settings + view`."""
-            return list(args[:6]), c.Selection.of(*args[6:12])
+            return list(args[:6]), c.Selection.of(*args[6:13])
 
         def act(use_case, *extra):
             """A handler for inputs `state, model, prompt, *extra, *settings, *view` -> use_case(..., *extra)."""
@@ -377,8 +383,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             *rest, request = rest
             ctl.stop(st)
             ctrl, sel = split(rest)
-            page = ctl.select(st, ctrl, c.Selection(None, sel.layer, sel.head, sel.tab, sel.per_head_scale, sel.compact),
-                              who=who_of(request))
+            sel.position = None
+            page = ctl.select(st, ctrl, sel, who=who_of(request))
             page.status = page.status or "Stopped."
             return render(page)
 
@@ -479,6 +485,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         select_inputs = [state] + settings + view
         gr.on([position.release, position.input, layer.release, layer.input, head.release, head.input, per_head.input],
               on_select, select_inputs, everything, api_name="inspect", trigger_mode="always_last")
+        lens_mode.input(on_select, select_inputs, everything, **private)
         strip.click(on_strip_click, select_inputs, everything, **private)
         overview.click(on_overview_click, select_inputs, everything, **private)
         for tab_id, t in (("chosen", tab_chosen), ("attention", tab_attention), ("overview", tab_overview),
@@ -510,7 +517,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     configure_allocator()  # before the server's threads start (gpt2viz/memory.py)
-    configure_switching()  # the engine's thread takes the interpreter lock back sooner (gpt2viz/engine.py)
     started = time.time()
     models = c.Models(default=args.model)
     log.info("model %s ready in %.1fs", models.default, time.time() - started)

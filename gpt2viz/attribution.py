@@ -142,7 +142,7 @@ def runner_up(session: GenerationSession, position: int, target: int) -> int:
 
 
 @torch.no_grad()
-def logit_attribution(session: GenerationSession, position: int, target: int, baseline: int | None = None) -> Attribution:
+def attribution(session: GenerationSession, position: int, target: int, baseline: int | None = None) -> Attribution:
     """Split `logit[target] - logit[baseline]` after reading `position` into its parts (see the module
     docstring); `baseline` defaults to the runner-up (`runner_up`)."""
     parts = _Parts(session, position)
@@ -172,8 +172,8 @@ def logit_attribution(session: GenerationSession, position: int, target: int, ba
 
 
 @torch.no_grad()
-def neuron_attribution(session: GenerationSession, position: int, layer: int, target: int, baseline: int | None = None) -> Neurons:
-    """One MLP layer's part of `logit_attribution`, neuron by neuron."""
+def neuron_contributions(session: GenerationSession, position: int, layer: int, target: int, baseline: int | None = None) -> Neurons:
+    """One MLP layer's part of `attribution`, neuron by neuron."""
     parts = _Parts(session, position)
     model = session.model
     if not 0 <= layer < model.cfg.n_layer:
@@ -240,3 +240,14 @@ def commitment(session: GenerationSession, start: int, end: int) -> Commitment:
                 break
             layer[i] = j
     return Commitment(start, layer, ranks, entropy, final.cpu().numpy())
+
+
+def commitment_layers(session: GenerationSession, start: int, end: int) -> np.ndarray:
+    """`[end - start]` for positions start..end-1: `Commitment.layer`, from the session's cached logit lens
+    (top guess per layer; each position is read through the unembedding once)."""
+    ids, _ = session.logit_lens(start, end, top_n=1)  # [layer + 1, n, 1]
+    top = ids[:, :, 0]
+    agrees = top == top[-1:]
+    # the first layer of the final run of agreeing layers
+    last_disagree = np.where(~agrees, np.arange(top.shape[0])[:, None], -1).max(axis=0)
+    return last_disagree + 1

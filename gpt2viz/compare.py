@@ -167,6 +167,7 @@ class TeacherForced:
     kept: torch.Tensor | None = None  # [T - keep_from, vocab] the logits after positions keep_from.. (for the report)
     keep_from: int = 0
 
+    @torch.no_grad()
     def logits(self, position: int) -> torch.Tensor:
         """`[vocab]` float32 next-token logits after `position`."""
         if self.kept is not None and 0 <= position - self.keep_from < self.kept.shape[0]:

@@ -9,7 +9,9 @@ heavy generation session (KV cache, captures) and can always be rebuilt from `st
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import html
 import logging
 import math
 import os
@@ -35,6 +37,7 @@ from .generation import GenerationSession, Step
 from .loading import BUNDLED_MODELS, HUB_MODELS, CheckpointError, HubUnavailableError, hub_reachable, load_model, resolve_checkpoint
 from .memory import memory_limit, trim
 from .model import GPT2, ContextLengthError
+from .attribution import commitment, commitment_layers
 from .roles import ROLE_THRESHOLD, head_scores
 from .sampling import SamplingConfig
 from .tokenizer import encode, load_tokenizer, token_strings
@@ -392,6 +395,7 @@ def examples_for(model_name: str) -> list[str]:
 # --- the page's state and what a use case returns ---------------------------------------------
 
 TABS = ("chosen", "attention", "overview", "lens", "embed", "experiment", "why")
+LENS_MODES = ("top", "rank", "entropy")
 
 
 def new_state(model_name: str) -> dict:
@@ -415,11 +419,13 @@ class Selection:
     tab: str = "chosen"
     per_head_scale: bool = False
     compact: bool = False  # a narrow screen: fewer tokens per figure
+    lens_mode: str = "top"  # the lens shows each layer's top guess, the final token's rank, or the entropy
 
     @classmethod
-    def of(cls, position, layer, head, tab, per_head_scale=False, compact=False) -> "Selection":
+    def of(cls, position, layer, head, tab, per_head_scale=False, compact=False, lens_mode="top") -> "Selection":
         return cls(as_index(position), as_index(layer) or 0, as_index(head) or 0,
-                   tab if tab in TABS else "chosen", bool(per_head_scale), bool(compact))
+                   tab if tab in TABS else "chosen", bool(per_head_scale), bool(compact),
+                   lens_mode if lens_mode in LENS_MODES else "top")
 
 
 @dataclass
@@ -472,8 +478,8 @@ def clamp(selection: Selection, n_tokens: int, n_layer: int, n_head: int) -> Sel
     """The one clamping rule: the position into the text (None: the newest), layer and head into the model."""
     last = max(n_tokens - 1, 0)
     position = last if selection.position is None else min(selection.position, last)
-    return Selection(position, min(selection.layer, n_layer - 1), min(selection.head, n_head - 1), selection.tab,
-                     selection.per_head_scale, selection.compact)
+    return dataclasses.replace(selection, position=position, layer=min(selection.layer, n_layer - 1),
+                               head=min(selection.head, n_head - 1))
 
 
 # --- the controller: every use case of the page ------------------------------------------------
@@ -681,7 +687,7 @@ class Controller:
         self.sessions.drop((state or {}).get("key"))
         fresh = new_state(model_name)
         cfg = self.models.get(model_name).cfg
-        selection = Selection(None, 0, 0, selection.tab, selection.per_head_scale, selection.compact)
+        selection = dataclasses.replace(selection, position=None, layer=0, head=0)
         names = examples_for(model_name)
         if not isinstance(prompt, str) or not prompt.strip():
             return Page(fresh, status=f"Switched to **{model_name}**. Type a prompt and press Step or Generate.",
@@ -1009,7 +1015,8 @@ def tab_views(session: GenerationSession, sel: Selection, models=None, experimen
         _, grid, _ = attention_views(session, sel.position, sel.layer, sel.head, sel.per_head_scale, sel.compact, head_view=False)
         return {"grid": grid, "overview": overview_view(session, sel)}
     if sel.tab == "lens":
-        return {"lens": logit_lens_view(session, sel.position, sel.compact)}
+        return {"lens": logit_lens_view(session, sel.position, sel.compact, sel.lens_mode),
+                "lens_strip": decision_strip(session, sel.position)}
     emb, norm, traj = embedding_views(session, sel.position)
     return {"embed": emb, "norm": norm, "traj": traj}
 
@@ -1033,7 +1040,7 @@ def experiment_views(experiment: Experiment | None, position: int, tokenizer) ->
 
 def empty_views() -> dict[str, object]:
     blank = plots.empty_figure("Press Step or Generate, or choose an example.")
-    return ({name: blank for name in ("chosen", "attention", "row", "grid", "lens", "embed", "norm", "traj")} | {"overview": ""}
+    return ({name: blank for name in ("chosen", "attention", "row", "grid", "lens", "embed", "norm", "traj")} | {"overview": "", "lens_strip": ""}
             | experiment_views(None, 0, None) | {"why_dla": "", "why_neurons": "", "why_sampler": ""})
 
 
@@ -1097,10 +1104,12 @@ def lens_layers(n_layer: int, most: int) -> list[int]:
     return sorted(set(np.linspace(0, rows - 1, most).round().astype(int).tolist()))
 
 
-def logit_lens_view(session: GenerationSession, position: int, compact: bool = False):
+def logit_lens_view(session: GenerationSession, position: int, compact: bool = False, mode: str = "top"):
     n = len(session.records)
     cfg = session.model.cfg
     s, e = window(position, n, COMPACT["lens"] if compact else WINDOW_LENS)
+    if mode != "top":
+        return lens_values_view(session, s, e, compact, mode)
     ids, probs = session.logit_lens(s, e)  # [layer + 1, W, 1]
     rows = lens_layers(cfg.n_layer, COMPACT["lens_layers"] if compact else 13)
     names = ["emb" if r == 0 else f"{r - 1}" for r in rows]
@@ -1114,6 +1123,56 @@ def logit_lens_view(session: GenerationSession, position: int, compact: bool = F
                                    f"{crop_note(s, e, n)}{some} · colour: the guess's probability · "
                                    f"✓ the guess is the token that came next" + (" · emb: embeddings · next: the token that came next" if compact else ""),
                                    compact=compact)
+
+
+def lens_values_view(session: GenerationSession, s: int, e: int, compact: bool, mode: str):
+    """The lens window as numbers: at each layer, the rank of the model's final top guess, or the entropy of the guess."""
+    cfg = session.model.cfg
+    c = commitment(session, s, e)
+    rows = lens_layers(cfg.n_layer, COMPACT["lens_layers"] if compact else 13)
+    names = ["emb" if r == 0 else f"{r - 1}" for r in rows]
+    strings = token_strings(session.tokenizer, session.ids[s:e])
+    final = token_strings(session.tokenizer, c.final.tolist())
+    n = len(session.records)
+    if mode == "rank":
+        values = c.rank[rows].T.astype(np.float32)
+        return plots.lens_values_figure(
+            np.log10(values), [[f"{int(v)}" if v < 1000 else f"{v / 1000:.0f}k" for v in row] for row in values], names, strings, s, final,
+            "Logit lens: rank of the final guess", f"{crop_note(s, e, n)} · each cell: the rank, at that layer, of the token "
+            f"the model finally puts first (1 = already the top guess) · colour: log of the rank", "log10 rank", "YlGnBu_r", compact)
+    values = c.entropy[rows].T.astype(np.float32)
+    return plots.lens_values_figure(
+        values, [[f"{v:.1f}" for v in row] for row in values], names, strings, s, final,
+        "Logit lens: how unsure each layer is", f"{crop_note(s, e, n)} · each cell: the entropy of that layer's guess, "
+        f"in nats (0 = certain, {math.log(cfg.vocab_size):.1f} = no idea)", "entropy (nats)", "YlOrRd", compact)
+
+
+DECISION_WINDOW = 32  # tokens in the Lens tab's decision strip (each new position reads 13+ rows through the unembedding once)
+DECISION_BINS = (("early", "decided early (the embeddings or the first third of the layers)"), ("middle", "in the middle third"),
+                 ("late", "in the last third"), ("last", "only at the last layer"))
+
+
+def decision_strip(session: GenerationSession, position: int) -> str:
+    """The text up to the selected token, each token coloured by the layer from which the model's top guess for it
+    stopped changing (`attribution.commitment_layers`, from the logit lens)."""
+    n = len(session.records)
+    end = min(position + 1, n)
+    start = max(1, end - DECISION_WINDOW)
+    if end <= start:
+        return ""
+    layers = commitment_layers(session, start - 1, end - 1)  # the guess for token p is made reading p - 1
+    L = session.model.cfg.n_layer
+    strings = token_strings(session.tokenizer, session.ids[start:end])
+    spans = []
+    for p, text, layer in zip(range(start, end), strings, layers):
+        third = "last" if layer >= L else "early" if layer <= L / 3 else "middle" if layer <= 2 * L / 3 else "late"
+        where = "the embeddings" if layer == 0 else f"block {layer - 1}"
+        spans.append(f'<span class="tok dec-{third}" title="token {p}: the model\'s top guess for it was settled from {where} on">'
+                     f'{html.escape(plots.show(text))}</span>')
+    key = "".join(f'<span class="key"><i class="chip dec-{c}"></i>{html.escape(w)}</span>' for c, w in DECISION_BINS)
+    return (f'<div class="ov-title">Where the model decided, tokens {start}–{end - 1}</div><div class="strip">{"".join(spans)}</div>'
+            f'<div class="ov-note">Colour: the layer from which the logit lens\'s top guess for the token no longer changed '
+            f'(the model\'s final top guess, which a sampled token need not be). {key}</div>')
 
 
 def embedding_views(session: GenerationSession, position: int):

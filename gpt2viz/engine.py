@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -107,19 +105,6 @@ class Generation:
         if not self._job.cancelled:
             self._job.cancelled = True
             self._engine._wake()
-
-
-SWITCH_INTERVAL = 0.0005  # seconds; Python's default is 0.005
-
-
-def configure_switching(interval: float | None = None) -> float:
-    """Set how long a Python thread may hold the interpreter lock while another waits for it
-    (`sys.setswitchinterval`; `GPT2VIZ_SWITCH_INTERVAL` overrides). Every torch op of the engine's pass
-    releases the lock and must take it back: with web threads busy, each op can wait a whole interval,
-    and a pass is thousands of ops. Returns the interval set."""
-    value = interval if interval is not None else float(os.environ.get("GPT2VIZ_SWITCH_INTERVAL", SWITCH_INTERVAL))
-    sys.setswitchinterval(value)
-    return value
 
 
 class Engine:

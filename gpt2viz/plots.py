@@ -515,3 +515,24 @@ def surprisal_figure(surprisal_original: np.ndarray, surprisal_intervened: np.nd
     fig.update_xaxes(title="position in the original text", range=[0.5, max(len(surprisal_original) - 0.5, 1.5)])  # no 0 tick beside the y axis's
     fig.update_yaxes(title="surprise, nats (−log p)", rangemode="tozero")
     return _layout(fig, title, subtitle, height=360)
+
+
+def lens_values_figure(values: np.ndarray, text: list[list[str]], layer_names: list[str], tokens: list[str], start: int,
+                       final: list[str], title: str, subtitle: str, scale_title: str, colorscale: str,
+                       compact: bool = False) -> go.Figure:
+    """The logit lens as numbers: rows positions, columns layers, `values` `[row, column]` coloured and written
+    (`text`), the model's final top guess for each row in a last, uncoloured column "final"."""
+    y = labels(tokens, start, width=6 if compact else 10)
+    x = list(layer_names) + ["final"]
+    z = np.concatenate([f32(values, 3), np.full((len(y), 1), np.nan, np.float32)], axis=1)
+    cells = [row + [short(f, 4 if compact else 6)] for row, f in zip(text, final)]
+    fig = Spec().add(
+        "heatmap", z=z, x=x, y=y, text=cells, texttemplate="%{text}", textfont=dict(size=10 if compact or len(x) > 11 else 11),
+        xgap=1, ygap=1, colorscale=colorscale, customdata=[[short(f, 14)] * len(x) for f in final],
+        colorbar=dict(title=dict(text="" if compact else scale_title, side="right"), thickness=10),
+        hovertemplate="reading %{y}<br>layer %{x}: %{text}<br>the final guess: %{customdata}<extra></extra>")
+    fig.update_xaxes(type="category", title="layer" if compact else "layer (emb: the embeddings) · final: the model's top guess",
+                     side="bottom", tickfont=dict(size=11 if compact else 12))
+    fig.update_yaxes(type="category", autorange="reversed", title=None if compact else "position (the token read)",
+                     tickfont=dict(size=11 if compact else 12))
+    return _layout(fig, title, subtitle, height=max(360, 30 * len(tokens) + 230))

@@ -179,7 +179,7 @@ class Stage:
     active: bool  # whether the setting changes anything (penalty 1, temperature 1, top-k 0, top-p 1 do not)
 
 
-def stages(logits: torch.Tensor, previous: list[int] | torch.Tensor, cfg: SamplingConfig) -> list[Stage]:
+def sampler_stages(logits: torch.Tensor, previous: list[int] | torch.Tensor, cfg: SamplingConfig) -> list[Stage]:
     """The pipeline of `distributions`, stage by stage: raw softmax, after the repetition penalty, after
     the temperature, after top-k, after top-p (renormalised: the last is what the token is drawn from;
     with temperature 0 it is the one-hot of the likeliest token after the penalty)."""

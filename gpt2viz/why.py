@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from . import plots
-from .attribution import Attribution, Neurons, logit_attribution, neuron_attribution, neuron_tokens
+from .attribution import Attribution, Neurons, attribution, neuron_contributions, neuron_tokens
 from .generation import GenerationSession
-from .sampling import cdf_slice, draw_with, stages, uniform
+from .sampling import cdf_slice, draw_with, sampler_stages, uniform
 from .tokenizer import token_strings
 
 
@@ -103,7 +103,7 @@ def sampler_html(session: GenerationSession, position: int, settings) -> str:
     with torch.no_grad():
         logits = session.capture.logits_at(step.position)
     previous = session.ids[: step.position + 1]
-    st = stages(logits, previous, cfg)
+    st = sampler_stages(logits, previous, cfg)
     final = st[-1].probs
     ids = torch.topk(st[0].probs, 6).indices.tolist()
     ids += [i for i in torch.topk(final, 6).indices.tolist() if i not in ids and float(final[i]) > 0]
@@ -129,7 +129,7 @@ def sampler_html(session: GenerationSession, position: int, settings) -> str:
         u, drawn = None, "You chose this token yourself: nothing was drawn."
     what_if = ""
     if settings is not None and u is not None:
-        now = stages(logits, previous, settings)[-1].probs
+        now = sampler_stages(logits, previous, settings)[-1].probs
         other = draw_with(now, u)
         same = "the same token" if other == step.token_id else f"<b>{_tok(tok, other)}</b> instead"
         what_if = (f" <b>What if</b>, with the settings now on the page ({_settings(settings)}): the same u would have "
@@ -158,7 +158,7 @@ def why_views(session: GenerationSession, position: int, layer: int, head: int, 
         return {"why_dla": note, "why_neurons": "", "why_sampler": ""}
     target = session.ids[position]
     baseline = versus if versus is not None and versus != target else None
-    a = logit_attribution(session, position - 1, target, baseline)
-    n = neuron_attribution(session, position - 1, layer, target, a.baseline)
+    a = attribution(session, position - 1, target, baseline)
+    n = neuron_contributions(session, position - 1, layer, target, a.baseline)
     return {"why_dla": attribution_html(a, tok, (layer, head)), "why_neurons": neurons_html(n, session, target, a.baseline),
             "why_sampler": sampler_html(session, position, settings)}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpt2viz import GenerationSession, SamplingConfig, load_model
-from gpt2viz.attribution import commitment, logit_attribution, neuron_attribution, neuron_tokens, runner_up
+from gpt2viz.attribution import commitment, attribution, neuron_contributions, neuron_tokens, runner_up
 from gpt2viz.interventions import AblateHeads
 
 TEXT = "The old lighthouse keeper climbed the stairs every night to light"
@@ -76,7 +76,7 @@ def test_the_parts_equal_the_decomposition_by_hand_and_sum_to_the_logit_differen
     hf, model, session = setup
     ids = session.ids
     target = ids[p + 1]
-    a = logit_attribution(session, p, target)
+    a = attribution(session, p, target)
     assert a.baseline == runner_up(session, p, target) != target
     expected = by_hand(hf, ids, p, target, a.baseline)
     assert a.logit_diff == pytest.approx(expected["logit_diff"], abs=1e-4)
@@ -93,11 +93,11 @@ def test_a_chosen_comparison_token_and_the_neurons_of_a_layer(setup, tokenizer):
     hf, model, session = setup
     ids, p = session.ids, 9
     target, other = tokenizer.encode(" is")[0], tokenizer.encode(" are")[0]
-    a = logit_attribution(session, p, target, other)
+    a = attribution(session, p, target, other)
     expected = by_hand(hf, ids, p, target, other)
     np.testing.assert_allclose(a.mlp, expected["mlp"], atol=1e-4)
     for layer in range(model.cfg.n_layer):
-        n = neuron_attribution(session, p, layer, target, other)
+        n = neuron_contributions(session, p, layer, target, other)
         np.testing.assert_allclose(n.activation, expected["post"][layer], atol=1e-4)
         np.testing.assert_allclose(n.contribution, expected["neurons"][layer], atol=1e-5)
         assert n.contribution.sum() + n.bias == pytest.approx(a.mlp[layer], abs=1e-4)  # a layer's neurons sum to its part
@@ -114,7 +114,7 @@ def test_attribution_with_an_ablated_head_gives_that_head_nothing(setup, tokeniz
     s = GenerationSession(model, tokenizer, TEXT, SamplingConfig(seed=2), record=True, interventions=[AblateHeads(layer=1, heads=(2,))])
     s.step()
     s.read()
-    a = logit_attribution(s, 8, s.ids[9])
+    a = attribution(s, 8, s.ids[9])
     assert a.heads[1, 2] == 0 and a.parts_sum == pytest.approx(a.logit_diff, abs=1e-4)
 
 
@@ -142,12 +142,95 @@ def test_commitment_is_the_layer_from_which_the_lens_keeps_the_final_guess(setup
 def test_bad_arguments_are_refused(setup, tokenizer):
     _, model, session = setup
     with pytest.raises(ValueError, match="position must be in"):
-        logit_attribution(session, 999, 5)
+        attribution(session, 999, 5)
     with pytest.raises(ValueError, match="target must be a token id"):
-        logit_attribution(session, 1, -3)
+        attribution(session, 1, -3)
     with pytest.raises(ValueError, match="must differ"):
-        logit_attribution(session, 1, 7, 7)
+        attribution(session, 1, 7, 7)
     with pytest.raises(ValueError, match="recording session"):
-        logit_attribution(GenerationSession(model, tokenizer, TEXT), 0, 1)
+        attribution(GenerationSession(model, tokenizer, TEXT), 0, 1)
     with pytest.raises(ValueError, match="layer must be in"):
-        neuron_attribution(session, 1, 7, 5)
+        neuron_contributions(session, 1, 7, 5)
+
+
+@pytest.fixture(scope="module")
+def bundled(tokenizer):
+    model = load_model("tiny-shakespeare")
+    session = GenerationSession(model, tokenizer, "ROMEO:\nBut soft, what light through yonder", SamplingConfig(seed=4), record=True)
+    for _ in range(6):
+        session.step()
+    session.read()
+    return model, session
+
+
+@pytest.mark.parametrize("which", ["distil", "bundled"])
+def test_on_another_shape_and_the_bundled_model_each_head_is_its_z_through_its_slice_of_w_o(which, hf_checkpoints, tokenizer, request):
+    if which == "bundled":
+        model, session = request.getfixturevalue("bundled")
+    else:
+        model = load_model(hf_checkpoints["distil"][1])
+        session = GenerationSession(model, tokenizer, TEXT, SamplingConfig(seed=1), record=True)
+        for _ in range(3):
+            session.step()
+        session.read()
+    ids = session.ids
+    _, cache = model.run_with_cache(torch.tensor([ids]), names=["z", "ln_final", "blocks.%d.resid_post" % (model.cfg.n_layer - 1)])
+    D, ln = model.cfg.d_head, model.ln_f
+    for p in (1, len(ids) // 2, len(ids) - 2):
+        a = attribution(session, p, ids[p + 1])
+        assert a.parts_sum == pytest.approx(a.logit_diff, abs=1e-4)
+        r = cache["resid_post", -1][0, p].double()
+        d = (model.wte.weight[a.target] - model.wte.weight[a.baseline]).double()
+        g = ln.weight.double() * d / torch.sqrt(r.var(unbiased=False) + ln.eps)
+        u = g - g.mean()
+        for layer in range(model.cfg.n_layer):
+            z = cache["z", layer][0, :, p].double()  # [head, d_head], the module path's own z
+            W = model.blocks[layer].attn.c_proj.weight.double()  # [out, in]
+            by_hand = [float(z[h] @ W[:, h * D:(h + 1) * D].T @ u) for h in range(model.cfg.n_head)]
+            np.testing.assert_allclose(a.heads[layer], by_hand, atol=1e-4)
+
+
+def test_switching_the_top_head_off_with_the_later_layers_frozen_moves_the_difference_by_its_part(bundled, tokenizer):
+    """Zero-ablate the head with the biggest part while every later layer's output is patched back from the
+    unmodified run (frozen): the logit difference then changes by about that head's direct part (only the
+    final layer norm's scale moves)."""
+    from gpt2viz.compare import teacher_forced
+    from gpt2viz.interventions import AblateHeads, Patch, resolve
+
+    model, session = bundled
+    ids = session.prompt_ids
+    text = tokenizer.decode(ids)
+    assert tokenizer.encode(text) == ids  # the patch source is read back as the same tokens
+    p = len(ids) - 2
+    a = attribution(session, p, ids[p + 1])
+    layer, head = np.unravel_index(int(np.argmax(np.abs(a.heads))), a.heads.shape)
+    frozen = [Patch(hook=f"blocks.{layer}.mlp_out", source=text)]
+    frozen += [Patch(hook=f"blocks.{l}.{part}", source=text) for l in range(layer + 1, model.cfg.n_layer) for part in ("attn_out", "mlp_out")]
+    plan = resolve([AblateHeads(layer=int(layer), heads=(int(head),))] + frozen, model, tokenizer)
+    changed = teacher_forced(model, ids, plan)
+    logits = changed.logits(p)
+    new_diff = float(logits[a.target] - logits[a.baseline])
+    assert abs(a.heads[layer, head]) > 0.2
+    assert new_diff - a.logit_diff == pytest.approx(-a.heads[layer, head], rel=0.25, abs=0.05)
+
+
+def test_every_sampled_step_drew_u_inside_its_tokens_slice_and_the_what_if_with_its_settings_gives_it_back(bundled):
+    from gpt2viz.sampling import cdf_slice, draw_with, sampler_stages, uniform
+
+    model, session = bundled
+    for step in session.steps:
+        assert step.method == "sampled" and step.config == session.config
+        logits = session.capture.logits_at(step.position)
+        final = sampler_stages(logits, session.ids[: step.position + 1], step.config)[-1].probs
+        u = uniform(step.config.seed, step.position + 1)
+        low, high = cdf_slice(final, step.token_id)
+        assert low <= u < high
+        assert draw_with(final, u) == step.token_id
+
+
+def test_commitment_from_the_lens_cache_agrees_with_the_full_reading(setup):
+    from gpt2viz.attribution import commitment_layers
+
+    _, _, session = setup
+    n = len(session.records)
+    np.testing.assert_array_equal(commitment_layers(session, 0, n), commitment(session, 0, n).layer)

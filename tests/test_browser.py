@@ -389,10 +389,15 @@ def test_why_this_token_explains_the_selected_token_and_its_heads_open_in_the_at
     page.locator('#why_dla .why-cell[data-layer="2"][data-mlp="1"]').click()
     wait_idle(page)
     expect(page.locator("#why_neurons")).to_contain_text("MLP 2: the neurons")
-    page.locator('#why_dla .why-cell[data-layer="1"][data-head="3"]').click()
+    # the head with the biggest part: click it, land on it in the Attention tab
+    _, layer, head = page.evaluate("""() => { let best = null;
+        for (const c of document.querySelectorAll('#why_dla .why-cell[data-head]')) {
+          const v = Math.abs(parseFloat(c.textContent)); if (!best || v > best[0]) best = [v, c.dataset.layer, c.dataset.head]; }
+        return best; }""")
+    page.locator(f'#why_dla .why-cell[data-layer="{layer}"][data-head="{head}"]').click()
     wait_idle(page)
     expect(page.get_by_role("tab", name="Attention", exact=True)).to_have_attribute("aria-selected", "true")
-    expect(page.locator("#attn_plot .gtitle")).to_contain_text("Layer 1, head 3")
+    expect(page.locator("#attn_plot .gtitle")).to_contain_text(f"Layer {layer}, head {head}")
 
 
 def test_the_induction_lesson_runs_end_to_end_or_says_it_cannot(page):

@@ -237,7 +237,7 @@ def test_one_selection_drives_every_view_and_is_clamped(ctl):
         assert shown.selection.position == 1 and shown.strip["selected"] == 1
         assert "token 1" in shown.selected_label
         assert set(shown.views) == {"chosen": {"chosen"}, "attention": {"attention", "row"}, "overview": {"grid", "overview"},
-                                    "lens": {"lens"}, "embed": {"embed", "norm", "traj"},
+                                    "lens": {"lens", "lens_strip"}, "embed": {"embed", "norm", "traj"},
                                     "experiment": {"exp_strips", "exp_loss", "exp_bars"},
                                     "why": {"why_dla", "why_neurons", "why_sampler"}}[tab]  # only the visible tab
         if tab == "attention":
@@ -429,7 +429,7 @@ def test_the_experiment_view_shows_what_compare_computes(ctl, models, tokenizer)
 
 
 def test_the_why_tab_shows_the_attribution_the_neurons_and_the_draw(ctl, models, tokenizer):
-    from gpt2viz.attribution import logit_attribution
+    from gpt2viz.attribution import attribution
     from gpt2viz.sampling import uniform
 
     page = ctl.step(None, "test", "The lighthouse keeper climbed the", SETTINGS, c.Selection())
@@ -438,7 +438,7 @@ def test_the_why_tab_shows_the_attribution_the_neurons_and_the_draw(ctl, models,
     shown = ctl.select(page.state, SETTINGS, c.Selection(position=n - 1, layer=1, head=2, tab="why"))
     assert set(shown.views) == {"why_dla", "why_neurons", "why_sampler"}
     session = ctl.sessions.get(shown.state, c.sampling_config(*SETTINGS)).session
-    a = logit_attribution(session, n - 2, session.ids[n - 1])
+    a = attribution(session, n - 2, session.ids[n - 1])
     dla = shown.views["why_dla"]
     said = f"{a.logit_diff:+.2f}</b> above" if a.logit_diff >= 0 else f"{-a.logit_diff:.2f} below</b>"
     assert said in dla and dla.count('class="why-cell') == 3 * 4 + 3  # every head and MLP
@@ -461,3 +461,27 @@ def test_the_why_tab_shows_the_attribution_the_neurons_and_the_draw(ctl, models,
     assert "part of your prompt: nothing was drawn" in prompt_token.views["why_sampler"]
     first = ctl.select(shown.state, SETTINGS, c.Selection(position=0, tab="why"))
     assert "first token" in first.views["why_dla"]
+
+
+def test_the_lens_shows_ranks_entropy_and_where_each_token_was_decided(ctl, tokenizer):
+    from gpt2viz.attribution import commitment, commitment_layers
+
+    page = ctl.step(None, "test", "The lighthouse keeper climbed the stairs", SETTINGS, c.Selection())
+    n = page.n_tokens
+    session = ctl.sessions.get(page.state, c.sampling_config(*SETTINGS)).session
+    start, end = c.window(n - 1, n, c.WINDOW_LENS)
+    ranks = commitment(session, start, end).rank
+    shown = ctl.select(page.state, SETTINGS, c.Selection(position=n - 1, tab="lens", lens_mode="rank"))
+    fig = shown.views["lens"]
+    assert "rank of the final guess" in fig.layout.title.text
+    cells = [row[:-1] for row in fig.data[0].text]  # the last column names the final guess
+    assert cells == [[str(int(v)) if v < 1000 else f"{v / 1000:.0f}k" for v in ranks[:, i]] for i in range(end - start)]
+    entropy = ctl.select(page.state, SETTINGS, c.Selection(position=n - 1, tab="lens", lens_mode="entropy")).views["lens"]
+    assert "unsure" in entropy.layout.title.text and fig.layout.xaxis.title.text.startswith("layer")
+    strip = shown.views["lens_strip"]
+    layers = commitment_layers(session, 0, n - 1)
+    L = session.model.cfg.n_layer
+    for p, layer in zip(range(1, n), layers):
+        third = "last" if layer >= L else "early" if layer <= L / 3 else "middle" if layer <= 2 * L / 3 else "late"
+        assert f'class="tok dec-{third}" title="token {p}:' in strip
+    assert c.Selection.of(0, 0, 0, "lens", lens_mode="bogus").lens_mode == "top"

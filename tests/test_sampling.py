@@ -138,11 +138,11 @@ def test_draw_never_returns_zero_probability_tokens():
                                  SamplingConfig(temperature=1.5, top_p=0.5), SamplingConfig(temperature=0, repetition_penalty=2.0),
                                  SamplingConfig(top_k=3)])
 def test_the_stages_end_in_the_distribution_tokens_are_drawn_from_and_say_what_each_removed(cfg):
-    from gpt2viz.sampling import stages
+    from gpt2viz.sampling import sampler_stages
 
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -4.0])
     previous = [0, 3]
-    st = stages(logits, previous, cfg)
+    st = sampler_stages(logits, previous, cfg)
     assert torch.equal(st[-1].probs, distributions(logits, previous, cfg).probs_final)
     assert [s.name for s in st][:2] == ["model", "repetition penalty"]
     # by hand, in float64
@@ -169,7 +169,7 @@ def test_the_stages_end_in_the_distribution_tokens_are_drawn_from_and_say_what_e
 
 
 def test_the_draw_is_one_uniform_number_and_its_slice_of_the_cumulative_distribution():
-    from gpt2viz.sampling import cdf_slice, draw_with, stages, uniform
+    from gpt2viz.sampling import cdf_slice, draw_with, sampler_stages, uniform
 
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
     probs = distributions(logits, [], SamplingConfig()).probs_final
@@ -181,8 +181,8 @@ def test_the_draw_is_one_uniform_number_and_its_slice_of_the_cumulative_distribu
         assert low <= u < high + 1e-12
     # "what if": the same u under other settings, without running the model again
     u = uniform(7, 3)
-    hot = stages(logits, [], SamplingConfig(temperature=2.0))[-1].probs
-    greedy = stages(logits, [], SamplingConfig(temperature=0))[-1].probs
+    hot = sampler_stages(logits, [], SamplingConfig(temperature=2.0))[-1].probs
+    greedy = sampler_stages(logits, [], SamplingConfig(temperature=0))[-1].probs
     assert draw_with(greedy, u) == int(torch.argmax(logits))
     low, high = cdf_slice(hot, draw_with(hot, u))
     assert low <= u < high
