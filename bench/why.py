@@ -55,8 +55,7 @@ def main() -> None:
 
     def neurons():
         n = neuron_contributions(session, p - 1, layer, target)
-        for i in n.top_contributors(8):
-            neuron_tokens(session, layer, int(i), n=3)
+        neuron_tokens(session, layer, [int(i) for i in n.top_contributors(8)], n=3)
 
     step = session.steps[0]
     logits = session.capture.logits_at(step.position)

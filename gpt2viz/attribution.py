@@ -188,16 +188,19 @@ def neuron_contributions(session: GenerationSession, position: int, layer: int, 
 
 
 @torch.no_grad()
-def neuron_tokens(session: GenerationSession, layer: int, neuron: int, n: int = 5) -> tuple[list[int], list[int]]:
+def neuron_tokens(session: GenerationSession, layer: int, neuron: int | list[int], n: int = 5):
     """The tokens whose logits a neuron's output direction raises most and lowers most, read through the
-    final layer norm's scale and the unembedding: (promoted ids, suppressed ids)."""
+    final layer norm's scale and the unembedding: (promoted ids, suppressed ids); for a list of neurons, one
+    such pair each (the unembedding is read once for all of them)."""
     model = session.model
-    if not 0 <= layer < model.cfg.n_layer or not 0 <= neuron < model.cfg.d_mlp:
+    neurons = [neuron] if isinstance(neuron, int) else list(neuron)
+    if not 0 <= layer < model.cfg.n_layer or not all(0 <= i < model.cfg.d_mlp for i in neurons):
         raise ValueError(f"no neuron {neuron} in layer {layer}")
-    w = model.blocks[layer].mlp.c_proj.weight[:, neuron]
-    direction = (w - w.mean()) * model.ln_f.weight
-    logits = model.wte.weight @ direction
-    return torch.topk(logits, n).indices.tolist(), torch.topk(-logits, n).indices.tolist()
+    w = model.blocks[layer].mlp.c_proj.weight[:, neurons]  # [C, k] output directions
+    directions = (w - w.mean(0)) * model.ln_f.weight[:, None]
+    logits = (model.wte.weight @ directions).T  # [k, vocab]
+    pairs = [(torch.topk(row, n).indices.tolist(), torch.topk(-row, n).indices.tolist()) for row in logits]
+    return pairs[0] if isinstance(neuron, int) else pairs
 
 
 @dataclass

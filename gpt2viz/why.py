@@ -74,8 +74,8 @@ def neurons_html(n: Neurons, session: GenerationSession, target: int, baseline: 
     """The neurons of one MLP layer with the largest part in the logit difference, and what each promotes."""
     tok = session.tokenizer
     rows = []
-    for i in n.top_contributors(count):
-        up, down = neuron_tokens(session, n.layer, int(i), n=3)
+    top = [int(i) for i in n.top_contributors(count)]
+    for i, (up, down) in zip(top, neuron_tokens(session, n.layer, top, n=3)):
         rows.append(f'<tr><td>{int(i)}</td><td>{n.activation[i]:+.2f}</td>'
                     f'<td style="background: {_shade(float(n.contribution[i]), float(np.abs(n.contribution).max()) or 1)}">'
                     f'{n.contribution[i]:+.3f}</td><td>{_tokens(tok, up)}</td><td>{_tokens(tok, down)}</td></tr>')

@@ -234,3 +234,9 @@ def test_commitment_from_the_lens_cache_agrees_with_the_full_reading(setup):
     _, _, session = setup
     n = len(session.records)
     np.testing.assert_array_equal(commitment_layers(session, 0, n), commitment(session, 0, n).layer)
+
+
+def test_the_tokens_of_several_neurons_at_once_are_each_neurons_own(setup):
+    _, _, session = setup
+    many = neuron_tokens(session, 2, [5, 17, 300], n=4)
+    assert many == [neuron_tokens(session, 2, i, n=4) for i in (5, 17, 300)]
