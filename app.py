@@ -273,7 +273,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                             patch_text = gr.Textbox(label="Patch: the residual stream entering the selected layer (Attention "
                                                     "tab), taken from the model reading this text instead", elem_id="patch_text",
                                                     max_lines=3)
-                        lesson = gr.Button("Lesson: switch off the induction heads (on the induction example)", elem_id="lesson", size="sm")
+                        lesson = gr.Button("Lesson: switch off the heads that copy (induction heads; on a model without them, its "
+                                           "previous-token head)", elem_id="lesson", size="sm")
                         exp_strips = gr.HTML(c.experiment_views(None, 0, None)["exp_strips"], elem_id="exp_strips")
                         exp_loss = gr.Plot(elem_id="exp_loss", show_label=False)
                         exp_bars = gr.Plot(elem_id="exp_bars", show_label=False)

@@ -828,10 +828,7 @@ class Controller:
             return self._refuse(state, e)
         layers, heads = np.nonzero(scores.induction >= ROLE_THRESHOLD)
         if not len(layers):
-            layer, head, score = scores.best("induction")
-            return Page(state, status=warn(
-                f"{model_name} has no induction head to switch off: the best, head {layer}.{head}, scores {score:.2f} "
-                f"(a head needs {ROLE_THRESHOLD:.2f}). Try {_models_with_role_hint('induction')}."), warning=True)
+            return self._previous_token_lesson(state, model_name, settings, selection, scores, who)
         labels = [head_label(int(layer), int(head)) for layer, head in zip(layers, heads)]
         text = induction_text()
         page = self.experiment(state, model_name, text, settings, selection, labels, "zero", who=who)
@@ -847,6 +844,32 @@ class Controller:
                            f"per token; on the first copy, which nothing can predict: {first[0]:.2f} → {first[1]:.2f}. "
                            + ("The runs first differ at generated token "
                               f"{r.first_divergence + 1}." if r.first_divergence is not None else "The generated texts are the same."))
+        return page
+
+    def _previous_token_lesson(self, state, model_name, settings, selection: Selection, scores, who: Who) -> Page:
+        """The lesson for a model without induction heads: its strongest previous-token head switched off, on the
+        Shakespeare example (head 0.0 on the bundled model)."""
+        ind_layer, ind_head, ind_score = scores.best("induction")
+        layer, head, score = scores.best("previous_token")
+        if score < ROLE_THRESHOLD:
+            return Page(state, status=warn(
+                f"{model_name} has neither an induction head nor a previous-token head to switch off (best scores "
+                f"{ind_score:.2f} and {score:.2f}; a head needs {ROLE_THRESHOLD:.2f})."), warning=True)
+        text = example_text("Shakespeare: the previous-token head")
+        label = head_label(layer, head)
+        page = self.experiment(state, model_name, text, settings, selection, [label], "zero", who=who)
+        if page.warning:
+            return page
+        page.prompt, page.targets_value = text, [label]
+        exp = self.sessions.get(page.state, sampling_config(*settings), who).experiment
+        r = exp.report
+        page.status = (f"**Lesson: the previous-token head.** {model_name} has no induction head (the best, head "
+                       f"{ind_layer}.{ind_head}, scores {ind_score:.2f}; a head needs {ROLE_THRESHOLD:.2f}), so this lesson "
+                       f"switches off its previous-token head instead: {label}, which sends each token's attention to the one "
+                       f"before it (score {score:.2f}). Loss on the prompt: {r.prompt_loss_original:.2f} → "
+                       f"**{r.prompt_loss_intervened:.2f}** nats per token. "
+                       + (f"The runs first differ at generated token {r.first_divergence + 1}." if r.first_divergence is not None
+                          else "The generated texts are the same."))
         return page
 
     # -- rendering --

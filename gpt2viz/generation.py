@@ -19,7 +19,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from .interventions import Intervention, Plan, resolve
+from .interventions import Intervention, InterventionError, Plan, resolve
 from .model import GPT2, ContextLengthError
 from .recording import Pending, PerStep, Recorder, Records
 from .sampling import SamplingConfig, distributions, draw, entropy, rank_of, step_generator
@@ -129,6 +129,10 @@ class GenerationSession:
         self.capture: Recorder | PerStep = (Recorder if record else PerStep)(model, self._kv, top_n)
         self._pending: Pending | None = None
         self.plan: Plan = resolve(tuple(interventions), model, tokenizer)
+        if record and not self.plan.recordable:
+            raise InterventionError(
+                "a recording session recomputes attention and the logit lens from the residual stream, so it cannot show "
+                "patches of queries, scores, patterns, ln_final or logits: patch those in a session without record=True")
 
     @property
     def interventions(self) -> tuple:

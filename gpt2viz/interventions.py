@@ -50,10 +50,9 @@ REFERENCE_TEXT = (
 )
 """The text whose mean activations mean ablation uses (about 100 tokens of plain English prose)."""
 
-# Hook points an intervention may patch: every activation from which the recorded views are recomputed
-# exactly as the run computed them (queries, scores and patterns are recomputed from the residual stream,
-# so patching them would make the attention views disagree with the run).
-PATCHABLE_SHORT = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "k", "v", "z", "mlp_pre", "mlp_post")
+# Hook points whose patching a recording session cannot show faithfully: it recomputes attention from the
+# residual stream and the cached keys, and the lens from the residual stream (the page's sessions record).
+UNRECORDABLE = ("q", "scores", "pattern", "ln_final", "logits")
 
 
 class InterventionError(ValueError):
@@ -253,7 +252,7 @@ Edit = Callable[[torch.Tensor, int], None]
 
 
 def _head_axis_name(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in ("q", "k", "v", "z")
+    return name.rsplit(".", 1)[-1] in ("q", "k", "v", "z", "scores", "pattern")
 
 
 class Plan:
@@ -265,6 +264,11 @@ class Plan:
 
     def __bool__(self) -> bool:
         return bool(self.edits)
+
+    @property
+    def recordable(self) -> bool:
+        """Whether a recording session's views can show these edits (see `UNRECORDABLE`)."""
+        return not any(name.rsplit(".", 1)[-1] in UNRECORDABLE for name in self.edits)
 
     def apply(self, name: str, x: torch.Tensor, start: int) -> torch.Tensor:
         """`x` after the edits at hook point `name` (a new tensor when there are any; x itself otherwise)."""
@@ -330,12 +334,15 @@ def _add(vector: torch.Tensor) -> Edit:
 
 
 def _replace(source: torch.Tensor, positions: torch.Tensor, axis: int) -> Edit:
-    """source: the activation of the source run, batch item 0 (`[head, T_src, D]` or `[T_src, width]`)."""
+    """source: the activation of the source run, batch item 0 (`[head, T_src, D]`, `[head, T_src, S_src]` for
+    scores and patterns, or `[T_src, width]`)."""
     def edit(x, start):
         local, which = _positions_slice(x, axis, start, positions)
         if local.numel() == 0:
             return
         src = source.index_select(axis - 1, positions[which]).to(x.dtype)
+        if src.dim() == 3 and src.shape[-1] != x.shape[-1]:  # scores / pattern: the keys seen so far (causal)
+            src = src[..., : x.shape[-1]]
         if axis == 2:
             x[:, :, local] = src[None]
         else:
@@ -367,16 +374,15 @@ def reference_means(model: GPT2, tokenizer) -> dict[str, torch.Tensor]:
 
 
 def _hook_name(model: GPT2, spec: str) -> str:
-    """A patchable hook point's full name, from a full name or a short one with a layer (`"resid_pre.3"`)."""
-    names = {LAYER_HOOK_TEMPLATES[s].format(layer) for s in PATCHABLE_SHORT for layer in range(model.cfg.n_layer)}
-    if spec in names:
+    """A hook point's full name, from a full name (`"blocks.3.attn.pattern"`) or a short one with a layer (`"pattern.3"`)."""
+    if spec in model.hook_points:
         return spec
     short, _, layer = spec.rpartition(".")
-    if short in PATCHABLE_SHORT and layer.isdigit() and layer.isascii() and int(layer) < model.cfg.n_layer:
+    if short in LAYER_HOOK_TEMPLATES and layer.isdigit() and layer.isascii() and int(layer) < model.cfg.n_layer:
         return LAYER_HOOK_TEMPLATES[short].format(int(layer))
     raise InterventionError(
-        f"cannot patch {spec!r}: patchable are {', '.join(PATCHABLE_SHORT)} of layers 0..{model.cfg.n_layer - 1}, "
-        f"e.g. 'blocks.0.resid_pre' (queries, scores and patterns are not: the views recompute them from the residual stream)"
+        f"cannot patch {spec!r}: no such hook point; use a full name such as 'blocks.0.resid_pre' or 'embed', or a "
+        f"short one with a layer such as 'pattern.{model.cfg.n_layer - 1}' (layers 0..{model.cfg.n_layer - 1})"
     )
 
 
@@ -448,9 +454,8 @@ def resolve(interventions: Sequence[Intervention], model: GPT2, tokenizer) -> Pl
             positions = torch.tensor(sorted(iv.positions) if iv.positions is not None else range(len(ids)))
             _, cache = model.run_with_cache(torch.tensor([ids], device=model.device), names=[name])
             site = name
-            layer_of = name.split(".")[1]
-            if name.endswith("resid_pre") and layer_of != "0":
-                site = _resid_site(int(layer_of))
+            if name.endswith("resid_pre"):
+                site = _resid_site(int(name.split(".")[1]))
             add(site, _replace(cache[name][0], positions.to(model.device), 2 if _head_axis_name(name) else 1))
         elif isinstance(iv, (Steer, AddVector)):
             if isinstance(iv, Steer):

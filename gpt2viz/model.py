@@ -435,6 +435,8 @@ class GPT2(nn.Module):
                     rows[bounds[i]:bounds[i + 1]] = plans[i].apply(name, rows[None, bounds[i]:bounds[i + 1]], pasts[i])[0]
             return rows
 
+        if edited:
+            embed, pos_embed = edit("embed", embed), edit("pos_embed", pos_embed)
         x = embed + pos_embed  # [N, C]
         x = edit("blocks.0.resid_pre", x) if edited else x
         resid = [x]

@@ -404,7 +404,11 @@ def test_the_induction_lesson_runs_end_to_end_or_says_it_cannot(page):
     tab(page, "Experiment")
     page.click("#lesson")
     wait_idle(page)
-    expect(page.locator("#status")).to_contain_text("has no induction head to switch off")  # the bundled Shakespeare model
+    # the bundled Shakespeare model has no induction head: its previous-token head, 0.0, is switched off instead
+    expect(page.locator("#status")).to_contain_text("Lesson: the previous-token head", timeout=60_000)
+    expect(page.locator("#status")).to_contain_text("head 0.0")
+    expect(page.locator("#targets")).to_contain_text("head 0.0")
+    expect(page.locator("#exp_strips .exp-strip")).to_have_count(2)
     choose(page, "model", "toy-induction")
     tab(page, "Experiment")
     page.click("#lesson")

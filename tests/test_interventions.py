@@ -241,7 +241,7 @@ def test_interventions_round_trip_through_dicts_and_refuse_malformed_ones():
     (AblateHeads(layer=0, heads=(4,)), r"head 4 does not exist"),
     (ScaleHead(layer=0, head=9, factor=2), r"head 9 does not exist"),
     (AblateNeurons(layer=0, neurons=(512,)), r"neuron 512 does not exist"),
-    (Patch(hook="blocks.0.attn.pattern", source="x"), r"cannot patch 'blocks.0.attn.pattern'"),
+    (Patch(hook="blocks.0.attn.nothing", source="x"), r"cannot patch 'blocks.0.attn.nothing': no such hook point"),
     (Patch(hook="blocks.7.resid_pre", source="x"), r"cannot patch"),
     (Patch(hook="resid_pre.1", source="two words", positions=(5,)), r"position 5 is past the source text's 2 tokens"),
     (AddVector(layer=0, vector=(1.0, 2.0)), r"the vector has 2 numbers; this model's residual stream has 128"),
@@ -252,3 +252,65 @@ def test_interventions_that_do_not_fit_the_model_say_what_is_wrong(small, iv, me
         resolve([iv], model, tok)
     with pytest.raises(InterventionError, match=message):
         GenerationSession(model, tok, TEXT, interventions=[iv])
+
+
+def test_any_hook_point_can_be_patched_and_a_recording_session_refuses_what_it_cannot_show(small, tokenizer):
+    hf, model, tok = small
+    ids, src = tok.encode(TEXT), tok.encode(SOURCE)
+    C = model.cfg.n_embd
+    # the token embedding patched at positions 1 and 4: transformers reading the same embeddings
+    with torch.no_grad():
+        embeds = hf.transformer.wte(torch.tensor([ids])).clone()
+        for p in (1, 4):
+            embeds[0, p] = hf.transformer.wte.weight[src[p]]
+        expected = hf(inputs_embeds=embeds).logits[0]
+        with model.hooks(resolve([Patch(hook="embed", source=SOURCE, positions=(1, 4))], model, tok).hooks(0)):
+            got = model(torch.tensor([ids]))[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # layer 1's queries patched from the source run at positions 2..5: by hand on transformers' c_attn output
+    seen = {}
+    handle = hf.transformer.h[1].attn.c_attn.register_forward_hook(lambda m, a, out: seen.__setitem__("q", out[0, :, :C].clone()))
+    with torch.no_grad():
+        hf(torch.tensor([src]))
+    handle.remove()
+
+    def patch_q(m, a, out):
+        out = out.clone()
+        out[0, 2:6, :C] = seen["q"][2:6]
+        return out
+    handle = hf.transformer.h[1].attn.c_attn.register_forward_hook(patch_q)
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0]
+    handle.remove()
+    plan = resolve([Patch(hook="q.1", source=SOURCE, positions=(2, 3, 4, 5))], model, tok)
+    with torch.no_grad():
+        with model.hooks(plan.hooks(0)):
+            whole = model(torch.tensor([ids]))[0]
+        kv, rows = model.new_kv_cache(), []
+        for p in range(len(ids)):  # one token at a time: the flat decode step calls the q hook point too
+            with model.hooks(plan.hooks(kv.length)):
+                rows.append(model(torch.tensor([ids[p:p + 1]]), kv_cache=kv)[0])
+    torch.testing.assert_close(whole, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(rows), expected, atol=1e-4, rtol=1e-4)
+    # a pattern patched from the same text changes nothing; from another text it does, token by token too
+    same = resolve([Patch(hook="blocks.2.attn.pattern", source=TEXT)], model, tok)
+    other = resolve([Patch(hook="blocks.2.attn.pattern", source=SOURCE)], model, tok)
+    keep = [("blocks.2.attn.pattern", lambda x, hook: None)]  # observed: the same (unfused) body
+    with torch.no_grad():
+        with model.hooks(keep):
+            plain = model(torch.tensor([ids]))[0]
+        with model.hooks(same.hooks(0)):
+            assert torch.equal(model(torch.tensor([ids]))[0], plain)
+        with model.hooks(other.hooks(0)):
+            changed = model(torch.tensor([ids]))[0]
+        kv, rows = model.new_kv_cache(), []
+        for p in range(len(ids)):
+            with model.hooks(other.hooks(kv.length)):
+                rows.append(model(torch.tensor([ids[p:p + 1]]), kv_cache=kv)[0])
+    assert (changed - plain).abs().max() > 1e-3
+    torch.testing.assert_close(torch.cat(rows), changed, atol=1e-4, rtol=1e-4)
+    assert not other.recordable and same.hooks
+    with pytest.raises(InterventionError, match="a recording session recomputes attention"):
+        GenerationSession(model, tok, TEXT, record=True, interventions=[Patch(hook="pattern.2", source=SOURCE)])
+    s = GenerationSession(model, tok, TEXT, SamplingConfig(temperature=0), interventions=[Patch(hook="pattern.2", source=SOURCE)])
+    assert s.step().token_id == int(changed[-1].argmax())
