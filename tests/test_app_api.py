@@ -14,7 +14,7 @@ DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max
 # The outputs every endpoint returns, in order (the page's components, less its per-user state).
 OUT = {name: i for i, name in enumerate(
     "tab status strip position selected_label layer head rewind_to upcoming pick prompt hint example targets "
-    "chosen attention row grid overview lens embed norm traj exp_strips exp_loss exp_bars".split())}
+    "chosen attention row grid overview lens lens_strip embed norm traj exp_strips exp_loss exp_bars why_dla why_neurons why_sampler".split())}
 
 
 def args(prompt=PROMPT, model=MODEL, **overrides):
@@ -42,7 +42,7 @@ def client(app_url):
 def test_endpoints_are_the_documented_ones(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert names == {"/generate", "/step", "/reset", "/stop", "/force_candidate", "/force_text", "/rewind", "/inspect",
-                     "/set_model", "/upcoming", "/show_me", "/experiment", "/induction_lesson"}
+                     "/set_model", "/upcoming", "/show_me", "/experiment", "/induction_lesson", "/compare_with"}
 
 
 def test_generate_streams_one_token_at_a_time(client):
@@ -223,16 +223,16 @@ def test_users_do_not_see_each_other(app_url):
 
 
 def test_an_experiment_through_the_api_and_targets_it_refuses(client):
-    out = client.predict(**args(max_new_tokens=6), targets=["head 0.0", "MLP 1"], mode="zero", position=999, layer=0, head=0,
+    out = client.predict(**args(max_new_tokens=6), targets=["head 0.0", "MLP 1"], mode="zero", neurons="", patch_text="", position=999, layer=0, head=0,
                          tab="experiment", api_name="/experiment")
     assert "Switched off: head 0.0, MLP 1 set to zero" in out[OUT["status"]]
     assert out[OUT["exp_strips"]].count('class="strip exp-strip"') == 2
     assert "Surprise at each token" in out[OUT["exp_loss"]]["plot"]
-    out = client.predict(**args(), targets=[], mode="zero", position=0, layer=0, head=0, tab="experiment", api_name="/experiment")
+    out = client.predict(**args(), targets=[], mode="zero", neurons="", patch_text="", position=0, layer=0, head=0, tab="experiment", api_name="/experiment")
     assert "Choose what to switch off first" in out[OUT["status"]]
     for targets, mode in ((["head 0.9"], "zero"), (["__import__('os').system('ls')"], "zero"), (["head 0.0"], "half")):
         with pytest.raises(AppError, match="not in the list of choices"):
-            client.predict(**args(), targets=targets, mode=mode, position=0, layer=0, head=0, tab="experiment", api_name="/experiment")
+            client.predict(**args(), targets=targets, mode=mode, neurons="", patch_text="", position=0, layer=0, head=0, tab="experiment", api_name="/experiment")
 
 
 def test_server_survives_everything_above(client):
