@@ -121,11 +121,13 @@ CSS = """
 }
 """
 
+# The link goes to the clipboard where the browser allows it (it is in the box anyway).
+COPY_JS = "(url) => { if (url && url.includes('?s=') && navigator.clipboard) navigator.clipboard.writeText(url).catch(() => {}); return []; }"
 # A narrow screen gets figures with fewer tokens (read once, when the page loads).
 COMPACT_JS = "() => window.innerWidth < 700"
 # On a phone, Step and Generate bring the buttons to the top of the screen, so the text appears right under them.
 SCROLL_JS = "(...args) => { if (window.innerWidth < 700) document.querySelector('#actions').scrollIntoView({block: 'start'}); return args; }"
-SETTING_NAMES = ["temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed"]
+SETTING_NAMES = list(c.SHARE_SETTINGS)  # one list: the API's parameter names and what a share link holds
 VIEW_NAMES = ["position", "layer", "head", "tab", "per_head_scale", "compact", "lens_mode"]
 
 
@@ -199,6 +201,10 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", min_width=70)
             reset_btn = gr.Button("Reset", elem_id="reset", min_width=70)
         status = gr.Markdown(elem_id="status")
+        with gr.Accordion("Share this page", open=False, elem_id="share"):
+            share_btn = gr.Button("Make a link to this page", elem_id="share_btn", size="sm")
+            share_url = gr.Textbox(label="Link (copied to the clipboard; it replays the text, settings, experiment and view)",
+                                   elem_id="share_url", max_lines=2, buttons=["copy"])
         strip = gr.HTML(c.empty_strip(), html_template=STRIP_TEMPLATE, js_on_load=STRIP_JS, elem_id="strip")
         gr.HTML(f"Colour: how likely the model found each token, given the text before it. {STRIP_KEY}", elem_id="strip_key")
         with gr.Row(equal_height=True):
@@ -329,6 +335,9 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                 out[example_hint] = page.hint
             if page.examples is not None:
                 out[example] = gr.update(choices=page.examples, value=None)
+            if page.settings is not None:
+                for slider, name in zip(settings, SETTING_NAMES):
+                    out[slider] = page.settings[name]
             if page.targets is not None:
                 out[targets] = gr.update(choices=page.targets, value=page.targets_value or [])
             elif page.targets_value is not None:
@@ -466,6 +475,22 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             ctrl, sel = split(rest)
             return render(ctl.induction_lesson(st, name, ctrl, sel, who=who_of(request)))
 
+        @named("state", "prompt", *SETTING_NAMES, *VIEW_NAMES)
+        def on_share(st, text, *rest):
+            *rest, request = rest
+            ctrl, sel = split(rest)
+            link = ctl.share_link(st, text, ctrl, sel)
+            if not link:
+                return gr.update(value="Press Step or Generate first: there is no text to share yet.")
+            base = str(request.headers.get("origin") or "") if request else ""
+            return f"{base}/?s={link}" if base else f"?s={link}"
+
+        def on_load(st, request: gr.Request):
+            link = (getattr(request, "query_params", None) or {}).get("s")
+            if not link:
+                return {state: st}
+            return render(ctl.open_link(st, link, who=who_of(request)))
+
         def on_add_head(chosen, model_choice, layer_value, head_value):
             return c.add_head(chosen, models, model_choice, layer_value, head_value)
 
@@ -507,6 +532,9 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         add_head.click(on_add_head, [targets, model_name, layer, head], targets, **private)
         model_name.select(act(ctl.switch_model), [state, model_name, prompt] + settings + view, everything, api_name="set_model")
         demo.load(None, None, compact, js=COMPACT_JS, **private)
+        demo.load(on_load, [state], everything + settings, **private)  # a link also sets the sampling controls
+        share_btn.click(on_share, [state, prompt] + settings + view, share_url, api_name="share_link").then(
+            None, [share_url], None, js=COPY_JS, **private)
     return demo
 
 

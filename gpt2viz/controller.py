@@ -30,6 +30,11 @@ import torch
 from . import plots
 from .compare import coupled_report
 from .engine import Engine, Generation, Overloaded, Who
+from .interventions import describe
+from .share import SETTING_NAMES as SHARE_SETTINGS
+from .share import Shared, ShareLinkError
+from .share import decode as decode_link
+from .share import encode as encode_link
 from .why import why_views
 from .experiments import (Experiment, TargetError, bars_view, head_label, parse_targets, strips_html, summary, surprisal_view,
                           target_choices)
@@ -450,6 +455,7 @@ class Page:
     open_tab: str | None = None  # switch the page to this tab
     targets: list[str] | None = None  # what the Experiment view can switch off (after a model switch)
     targets_value: list[str] | None = None  # what it switches off (the induction lesson sets it)
+    settings: dict | None = None  # the sampling controls' values (a shared link sets them)
     warning: bool = False
     echo: bool = True  # send the selection back to the sliders (False: the user just set them to these values)
 
@@ -779,24 +785,98 @@ class Controller:
             state, entry = self._entry(state, model_name, prompt, config, who)
             if entry.generating:
                 return Page(state, status=warn("Busy generating: press Stop first."), warning=True)
-            s = entry.session
-            n = min(len(s.steps) or config.max_new_tokens, s.model.cfg.n_positions - len(s.prompt_ids))
-            if n <= 0:
-                raise UserError("The prompt fills the model's context: shorten it to leave room for generation.")
-            force = [st.token_id if st.method == "forced" else None for st in s.steps[:n]]
-            runs = [GenerationSession(s.model, s.tokenizer, s.prompt_ids, config, top_n=TOP_N, record=True, interventions=ivs)
-                    for ivs in ((), interventions)]
-            # both runs in the engine's batch, with every other user's tokens
-            generations = [self.engine.generate(run, threading.Lock(), n, who, force=force) for run in runs]
-            for g in generations:
-                for _ in g:
-                    pass
-            report = self.engine.call(None, None, lambda: coupled_report(*runs), who)
             labels = [targets] if isinstance(targets, str) else list(targets)
-            entry.experiment = Experiment(labels, mode, interventions, report, runs[0].steps, runs[1].steps)
-            selection.tab = "experiment"
-            page = self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, summary(entry.experiment))).build()
-            page.open_tab = "experiment"
+            return self._experiment(state, entry, config, selection, interventions, labels, mode, who)
+        except Exception as e:  # noqa: BLE001
+            return self._refuse(state, e)
+
+    def _experiment(self, state, entry: Entry, config: SamplingConfig, selection: Selection, interventions, labels, mode,
+                    who: Who) -> Page:
+        """The coupled runs of `experiment`, kept with the session, and the page opened on them."""
+        s = entry.session
+        n = min(len(s.steps) or config.max_new_tokens, s.model.cfg.n_positions - len(s.prompt_ids))
+        if n <= 0:
+            raise UserError("The prompt fills the model's context: shorten it to leave room for generation.")
+        force = [st.token_id if st.method == "forced" else None for st in s.steps[:n]]
+        runs = [GenerationSession(s.model, s.tokenizer, s.prompt_ids, config, top_n=TOP_N, record=True, interventions=ivs)
+                for ivs in ((), interventions)]
+        # both runs in the engine's batch, with every other user's tokens
+        generations = [self.engine.generate(run, threading.Lock(), n, who, force=force) for run in runs]
+        for g in generations:
+            for _ in g:
+                pass
+        report = self.engine.call(None, None, lambda: coupled_report(*runs), who)
+        entry.experiment = Experiment(labels, mode, interventions, report, runs[0].steps, runs[1].steps)
+        selection.tab = "experiment"
+        page = self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, summary(entry.experiment))).build()
+        page.open_tab = "experiment"
+        return page
+
+    def share_link(self, state, prompt, settings, selection: Selection) -> str:
+        """The link that replays this page (`share.py`): "" when there is no text yet."""
+        if not (state or {}).get("ids"):
+            return ""
+        try:
+            entry = self.sessions.get(state, sampling_config(*settings))
+        except Exception:  # noqa: BLE001 - nothing to share
+            return ""
+        s = entry.session
+        exp = entry.experiment
+        methods = "".join({"sampled": "s", "greedy": "g", "forced": "f"}[st.method] for st in s.steps)
+        cfg = sampling_config(*settings)
+        shared = Shared(entry.model_name, self.models.tokenizer.decode(s.prompt_ids), {k: getattr(cfg, k) for k in SHARE_SETTINGS},
+                        [st.token_id for st in s.steps], methods, list(exp.interventions) if exp else [],
+                        selection.position, selection.layer, selection.head, selection.tab)
+        return encode_link(shared)
+
+    def open_link(self, state, link, who: Who | None = None) -> Page:
+        """The page a link describes: its model, prompt and settings, its tokens replayed (a sampled token is drawn
+        again and checked against the link's), its experiment run again, its selection; or what is wrong with it."""
+        who = who or Who()
+        try:
+            shared = decode_link(link)
+        except ShareLinkError as e:
+            return Page(new_state(self.models.default), status=warn(str(e)), warning=True, strip=empty_strip())
+        if shared.model not in self.models.names():
+            return Page(new_state(self.models.default), warning=True, strip=empty_strip(), status=warn(
+                f"This link was made with the model {shared.model!r}, which this server does not have. Available: "
+                f"{', '.join(self.models.names())}. Choose one and press Step to start."))
+        settings = [shared.settings[k] for k in SHARE_SETTINGS]
+        config = sampling_config(*settings)
+        sel = Selection.of(shared.position, shared.layer, shared.head, shared.tab)
+        try:
+            state, entry = self._entry(new_state(shared.model), shared.model, shared.prompt, config, who)
+            s = entry.session
+            if len(s.prompt_ids) + len(shared.tokens) > s.model.cfg.n_positions:
+                raise UserError("This link's text is longer than the model's context.")
+            if any(t >= s.model.cfg.vocab_size for t in shared.tokens):
+                raise UserError("This link's tokens are not in this model's vocabulary.")
+
+            def replay() -> int:
+                differ = 0
+                for token, how in zip(shared.tokens, shared.methods):
+                    if how == "f":
+                        s.step(force=token)
+                        continue
+                    if s.step().token_id != token:  # another CPU rounded a draw the other way: keep the link's branch
+                        differ += 1
+                        s.rewind(len(s.steps) - 1)
+                        s.step(force=token)
+                s.read()
+                return differ
+            differ = self._call(entry, who, replay)
+            state = sync_state(state, entry)
+            if shared.interventions:
+                mode = next((iv.mode for iv in shared.interventions if hasattr(iv, "mode")), "zero")
+                page = self._experiment(state, entry, config, sel, shared.interventions,
+                                        [describe(iv) for iv in shared.interventions], mode, who)
+            else:
+                page = self._call(entry, who, lambda: self._render(state, entry, sel, None)).build()
+            page.open_tab = sel.tab
+            note = f" {differ} sampled token(s) came out differently on this server and were taken from the link." if differ else ""
+            page.status = f"Opened a shared page: {shared.model}, {len(shared.tokens)} generated tokens.{note}" + (
+                f" {page.status}" if page.status else "")
+            page.prompt, page.settings = shared.prompt, shared.settings
             return page
         except Exception as e:  # noqa: BLE001
             return self._refuse(state, e)

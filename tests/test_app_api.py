@@ -42,7 +42,7 @@ def client(app_url):
 def test_endpoints_are_the_documented_ones(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert names == {"/generate", "/step", "/reset", "/stop", "/force_candidate", "/force_text", "/rewind", "/inspect",
-                     "/set_model", "/upcoming", "/show_me", "/experiment", "/induction_lesson", "/compare_with"}
+                     "/set_model", "/upcoming", "/show_me", "/experiment", "/induction_lesson", "/compare_with", "/share_link"}
 
 
 def test_generate_streams_one_token_at_a_time(client):

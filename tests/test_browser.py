@@ -400,6 +400,38 @@ def test_why_this_token_explains_the_selected_token_and_its_heads_open_in_the_at
     expect(page.locator("#attn_plot .gtitle")).to_contain_text(f"Layer {layer}, head {head}")
 
 
+def test_a_share_link_opens_the_same_page_in_another_browser_and_a_broken_one_says_so(browser, app_url, page):
+    set_prompt(page, PROMPT)
+    step(page)
+    step(page)
+    page.locator("#strip .tok").nth(4).click()
+    wait_idle(page)
+    tab(page, "Lens")
+    page.get_by_text("Share this page").click()
+    page.click("#share_btn")
+    wait_idle(page)
+    url = page.locator("#share_url textarea, #share_url input").first.input_value()
+    assert "?s=v1." in url and len(url) < 600
+    tokens = strip_tokens(page)
+    context = browser.new_context(viewport={"width": 1280, "height": 720})
+    try:
+        other = context.new_page()
+        other.goto(app_url.rstrip("/") + "/" + url[url.index("?s="):])
+        expect(other.locator("#status")).to_contain_text("Opened a shared page", timeout=60_000)
+        wait_idle(other)
+        assert strip_tokens(other) == tokens
+        assert int(other.locator("#strip .tok.sel").get_attribute("data-pos")) == 4
+        expect(other.get_by_role("tab", name="Lens", exact=True)).to_have_attribute("aria-selected", "true")
+        expect(other.locator("#prompt textarea")).to_have_value(PROMPT)
+        for broken, message in ((url.split("?s=")[1][:-8], "This link is damaged"), ("__import__('os')", "unknown kind")):
+            fresh = context.new_page()
+            fresh.goto(app_url.rstrip("/") + "/?s=" + broken)
+            expect(fresh.locator("#status")).to_contain_text(message, timeout=60_000)
+            assert strip_tokens(fresh) == []
+    finally:
+        context.close()
+
+
 def test_the_induction_lesson_runs_end_to_end_or_says_it_cannot(page):
     tab(page, "Experiment")
     page.click("#lesson")

@@ -24,6 +24,9 @@ class FakeModels:
     def __init__(self, models: dict, tokenizer):
         self.models, self.tokenizer, self.default = models, tokenizer, next(iter(models))
 
+    def names(self):
+        return list(self.models)
+
     def get(self, name):
         if name not in self.models:
             raise c.UserError(f"unknown model {name!r}")
@@ -485,3 +488,34 @@ def test_the_lens_shows_ranks_entropy_and_where_each_token_was_decided(ctl, toke
         third = "last" if layer >= L else "early" if layer <= L / 3 else "middle" if layer <= 2 * L / 3 else "late"
         assert f'class="tok dec-{third}" title="token {p}:' in strip
     assert c.Selection.of(0, 0, 0, "lens", lens_mode="bogus").lens_mode == "top"
+
+
+def test_a_share_link_replays_the_page_and_a_bad_one_says_why(ctl, models):
+    from gpt2viz import share
+
+    settings = [0.9, 0, 1.0, 1.0, 6, 3]
+    prompt = "The lighthouse keeper climbed"
+    page = ctl.step(None, "test", prompt, settings, c.Selection())
+    page = ctl.force(page.state, "test", prompt, settings, c.Selection(), page.choices[3][1])
+    page = ctl.step(page.state, "test", prompt, settings, c.Selection())
+    page = ctl.experiment(page.state, "test", prompt, settings, c.Selection(layer=1), ["head 1.0"], "zero")
+    original = ctl.sessions.get(page.state, c.sampling_config(*settings))
+    link = ctl.share_link(page.state, prompt, settings, c.Selection(position=4, layer=2, head=1, tab="experiment"))
+    opened = ctl.open_link(None, link)
+    assert not opened.warning and opened.status.startswith("Opened a shared page: test, 3 generated tokens.")
+    again = ctl.sessions.get(opened.state, c.sampling_config(*settings))
+    assert again is not original and again.session.ids == original.session.ids
+    assert [st.method for st in again.session.steps] == [st.method for st in original.session.steps] == ["sampled", "forced", "sampled"]
+    assert again.experiment.interventions == original.experiment.interventions
+    assert again.experiment.report.intervened_ids == original.experiment.report.intervened_ids
+    assert (opened.selection.position, opened.selection.layer, opened.selection.head, opened.open_tab) == (4, 2, 1, "experiment")
+    assert opened.settings == dict(zip(share.SETTING_NAMES, [0.9, 0, 1.0, 1.0, 6, 3]))
+    assert opened.prompt == prompt
+    # another server's models; a tampered link; no text yet
+    elsewhere = share.encode(share.Shared("gpt2-xl", prompt, dict(zip(share.SETTING_NAMES, settings))))
+    refused = ctl.open_link(None, elsewhere)
+    assert refused.warning and "made with the model 'gpt2-xl'" in refused.status and "Available: test, other" in refused.status
+    tampered = link[:20] + ("A" if link[20] != "A" else "B") + link[21:]
+    bad = ctl.open_link(None, tampered)
+    assert bad.warning and "link" in bad.status and bad.strip == c.empty_strip()
+    assert ctl.share_link(None, prompt, settings, c.Selection()) == ""
