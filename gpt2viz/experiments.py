@@ -13,7 +13,7 @@ import torch
 from . import plots
 from .compare import Comparison
 from .generation import Step
-from .interventions import MAX_TEXT_CHARS, AblateAttn, AblateHeads, AblateMLP, AblateNeurons, Intervention, Patch
+from .interventions import MAX_TEXT_CHARS, AblateAttn, AblateHeads, AblateMLP, AblateNeurons, Intervention, Patch, describe
 from .model import GPT2Config
 from .tokenizer import token_strings
 
@@ -100,22 +100,6 @@ def parse_targets(labels, mode: str, cfg: GPT2Config, neurons: str = "", patch_t
     return heads_out + out + extra
 
 
-def label_of(iv: Intervention) -> str:
-    """How the page names an intervention in its summary."""
-    if isinstance(iv, AblateHeads):
-        return ", ".join(head_label(iv.layer, h) for h in iv.heads)
-    if isinstance(iv, AblateAttn):
-        return f"attention {iv.layer}"
-    if isinstance(iv, AblateMLP):
-        return f"MLP {iv.layer}"
-    if isinstance(iv, AblateNeurons):
-        return f"MLP {iv.layer} neuron{'s' if len(iv.neurons) > 1 else ''} {', '.join(map(str, iv.neurons))}"
-    if isinstance(iv, Patch):
-        source = iv.source if len(iv.source) <= 30 else iv.source[:29] + "…"
-        return f"the residual stream entering layer {iv.hook.split('.')[1]} patched from {source!r}"
-    return str(iv)
-
-
 @dataclass
 class Experiment:
     """One run of the Experiment view, kept with the user's session."""
@@ -129,8 +113,8 @@ class Experiment:
 
     @property
     def what(self) -> str:
-        off = [label_of(iv) for iv in self.interventions if not isinstance(iv, Patch)]
-        patched = [label_of(iv) for iv in self.interventions if isinstance(iv, Patch)]
+        off = [describe(iv, mode=False) for iv in self.interventions if not isinstance(iv, Patch)]
+        patched = [describe(iv, mode=False) for iv in self.interventions if isinstance(iv, Patch)]
         text = ", ".join(off) + ((" set to zero" if self.mode == "zero" else " set to their average") if off else "")
         return "; ".join([text] * bool(off) + patched)
 

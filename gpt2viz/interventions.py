@@ -474,22 +474,26 @@ def resolve(interventions: Sequence[Intervention], model: GPT2, tokenizer) -> Pl
     return Plan(tuple(interventions), edits)
 
 
-def describe(intervention: Intervention) -> str:
-    """A short label for a page or a report: "head 1.0 off", "MLP 3 → mean", ..."""
+def describe(intervention: Intervention, mode: bool = True) -> str:
+    """A short label for a page or a report: "head 1.0, head 1.3 off", "MLP 3 → mean", ... (`mode=False`: without
+    "off" / "→ mean", for a list that says it once)."""
     iv = intervention
-    how = "off" if getattr(iv, "mode", "zero") == "zero" else "→ mean"
+    how = (" off" if getattr(iv, "mode", "zero") == "zero" else " → mean") if mode else ""
     if isinstance(iv, AblateHeads):
-        return ", ".join(f"head {iv.layer}.{h}" for h in iv.heads) + f" {how}"
+        return ", ".join(f"head {iv.layer}.{h}" for h in iv.heads) + how
     if isinstance(iv, AblateAttn):
-        return f"attention {iv.layer} {how}"
+        return f"attention {iv.layer}{how}"
     if isinstance(iv, AblateMLP):
-        return f"MLP {iv.layer} {how}"
+        return f"MLP {iv.layer}{how}"
     if isinstance(iv, AblateNeurons):
-        return f"MLP {iv.layer} neuron{'s' if len(iv.neurons) > 1 else ''} {', '.join(map(str, iv.neurons))} {how}"
+        return f"MLP {iv.layer} neuron{'s' if len(iv.neurons) > 1 else ''} {', '.join(map(str, iv.neurons))}{how}"
     if isinstance(iv, ScaleHead):
         return f"head {iv.layer}.{iv.head} × {iv.factor:g}"
     if isinstance(iv, Patch):
-        return f"{iv.hook} patched from {iv.source[:24]!r}"
+        source = iv.source if len(iv.source) <= 30 else iv.source[:29] + "…"
+        parts = iv.hook.split(".")
+        where = f"the residual stream entering layer {parts[1]}" if parts[-1] == "resid_pre" and len(parts) == 3 else iv.hook
+        return f"{where} patched from {source!r}"
     if isinstance(iv, Steer):
         return f"layer {iv.layer} steered {iv.scale:g} × ({iv.plus[:16]!r} − {iv.minus[:16]!r})"
     return f"layer {iv.layer} + {iv.scale:g} × vector"

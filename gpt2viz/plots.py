@@ -363,11 +363,16 @@ def logit_lens_figure(top_tokens: list[list[str]], top_probs: np.ndarray, layer_
         colorbar=dict(title=dict(text="" if compact else "probability", side="right"), thickness=10,
                       tickvals=[0, 0.5, 1], ticktext=["0", "½", "1"] if compact else ["0", "0.5", "1"]),
         hovertemplate="reading %{y}<br>layer %{x}: top guess %{text} (%{z:.1%})<br>actual next token: %{customdata}<extra></extra>")
-    fig.update_xaxes(type="category", title="layer" if compact else "layer (emb: the embeddings) · next: the actual next token",
+    return _lens_layout(fig, title, subtitle, len(tokens), "next: the actual next token", compact)
+
+
+def _lens_layout(fig: Spec, title: str, subtitle: str, rows: int, last_column: str, compact: bool) -> go.Figure:
+    """The axes of the lens's figures: columns are layers (and a last, explained column), rows positions."""
+    fig.update_xaxes(type="category", title="layer" if compact else f"layer (emb: the embeddings) · {last_column}",
                      side="bottom", tickfont=dict(size=11 if compact else 12))
     fig.update_yaxes(type="category", autorange="reversed", title=None if compact else "position (the token read)",
                      tickfont=dict(size=11 if compact else 12))
-    return _layout(fig, title, subtitle, height=max(360, 30 * len(tokens) + 230))
+    return _layout(fig, title, subtitle, height=max(360, 30 * rows + 230))
 
 
 def embedding_figure(embed: np.ndarray, pos_embed: np.ndarray, title: str, subtitle: str) -> go.Figure:
@@ -531,8 +536,4 @@ def lens_values_figure(values: np.ndarray, text: list[list[str]], layer_names: l
         xgap=1, ygap=1, colorscale=colorscale, customdata=[[short(f, 14)] * len(x) for f in final],
         colorbar=dict(title=dict(text="" if compact else scale_title, side="right"), thickness=10),
         hovertemplate="reading %{y}<br>layer %{x}: %{text}<br>the final guess: %{customdata}<extra></extra>")
-    fig.update_xaxes(type="category", title="layer" if compact else "layer (emb: the embeddings) · final: the model's top guess",
-                     side="bottom", tickfont=dict(size=11 if compact else 12))
-    fig.update_yaxes(type="category", autorange="reversed", title=None if compact else "position (the token read)",
-                     tickfont=dict(size=11 if compact else 12))
-    return _layout(fig, title, subtitle, height=max(360, 30 * len(tokens) + 230))
+    return _lens_layout(fig, title, subtitle, len(tokens), "final: the model's top guess", compact)
