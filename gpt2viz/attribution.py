@@ -235,14 +235,14 @@ def commitment(session: GenerationSession, start: int, end: int) -> Commitment:
         chosen = logits.gather(1, final[:, None])
         ranks[layer] = ((logits > chosen).sum(-1) + 1).cpu().numpy()
         entropy[layer] = torch.special.entr(torch.softmax(logits, -1)).sum(-1, dtype=torch.float64).cpu().numpy()
-    top_is_final = ranks == 1
-    layer = np.full(m, L1 - 1)
-    for i in range(m):
-        for j in range(L1 - 1, -1, -1):
-            if not top_is_final[j, i]:
-                break
-            layer[i] = j
-    return Commitment(start, layer, ranks, entropy, final.cpu().numpy())
+    return Commitment(start, _settled(ranks == 1), ranks, entropy, final.cpu().numpy())
+
+
+def _settled(agrees: np.ndarray) -> np.ndarray:
+    """`[layer + 1, n]` whether each layer's top guess is the final one -> `[n]` the first layer of the last
+    run of agreeing layers (the layer from which the guess stays final)."""
+    last_disagree = np.where(~agrees, np.arange(agrees.shape[0])[:, None], -1).max(axis=0)
+    return last_disagree + 1
 
 
 def commitment_layers(session: GenerationSession, start: int, end: int) -> np.ndarray:
@@ -250,7 +250,4 @@ def commitment_layers(session: GenerationSession, start: int, end: int) -> np.nd
     (top guess per layer; each position is read through the unembedding once)."""
     ids, _ = session.logit_lens(start, end, top_n=1)  # [layer + 1, n, 1]
     top = ids[:, :, 0]
-    agrees = top == top[-1:]
-    # the first layer of the final run of agreeing layers
-    last_disagree = np.where(~agrees, np.arange(top.shape[0])[:, None], -1).max(axis=0)
-    return last_disagree + 1
+    return _settled(top == top[-1:])

@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-
 from .generation import GenerationSession, read_together, Step
 
 log = logging.getLogger("gpt2viz.engine")

@@ -164,6 +164,7 @@ def bundled(tokenizer):
 
 
 @pytest.mark.parametrize("which", ["distil", "bundled"])
+@torch.no_grad()
 def test_on_another_shape_and_the_bundled_model_each_head_is_its_z_through_its_slice_of_w_o(which, hf_checkpoints, tokenizer, request):
     if which == "bundled":
         model, session = request.getfixturevalue("bundled")
