@@ -100,7 +100,7 @@ CSS = """
   font-variant-numeric: tabular-nums; } .why-cell.ov-sel { border-color: #e8762d; } .why-mlp { font-weight: 600; }
 .why-table { border-collapse: collapse; font-size: 13px; margin: 6px 0; } .why-table td, .why-table th { padding: 2px 6px;
   border-bottom: 1px solid #e5e8ec; text-align: right; font-variant-numeric: tabular-nums; } .why-table td:first-child { text-align: left;
-  font-family: ui-monospace, monospace; white-space: pre; } .why-chosen { font-weight: 700; } .why { margin-bottom: 10px; }
+  font-family: ui-monospace, monospace; white-space: pre; } .why-chosen { font-weight: 700; } .why { margin-bottom: 10px; overflow-x: auto; }  /* a wide table scrolls on a phone */
 .why-tok { font-family: ui-monospace, monospace; border: 1px solid #c8ced6; border-radius: 3px; padding: 0 2px; white-space: pre; }
 .dec-early, .chip.dec-early { background: #2e9e5b55 !important; } .dec-middle, .chip.dec-middle { background: #9ccc6577 !important; }
 .dec-late, .chip.dec-late { background: #f6b44b88 !important; } .dec-last, .chip.dec-last { background: #e4572e77 !important; }
