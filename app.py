@@ -72,7 +72,6 @@ OVERVIEW_JS = """element.addEventListener('click', (e) => {
   const t = e.target.closest('[data-layer]');
   if (t) trigger('click', {layer: Number(t.dataset.layer), head: Number(t.dataset.head)});
 });"""
-STRIP_KEY = "".join(f'<span class="key"><i class="chip {cat}"></i>{what}</span>' for cat, what in c.STRIP_KEY)
 
 # Static slider ranges that fit every GPT-2 size; each render narrows them to the current text and model.
 MAX_POSITIONS, MAX_LAYERS, MAX_HEADS = 1023, 47, 24
@@ -102,8 +101,9 @@ CSS = """
   border-bottom: 1px solid #e5e8ec; text-align: right; font-variant-numeric: tabular-nums; } .why-table td:first-child { text-align: left;
   font-family: ui-monospace, monospace; white-space: pre; } .why-chosen { font-weight: 700; } .why { margin-bottom: 10px; overflow-x: auto; }  /* a wide table scrolls on a phone */
 .why-tok { font-family: ui-monospace, monospace; border: 1px solid #c8ced6; border-radius: 3px; padding: 0 2px; white-space: pre; }
-.dec-early, .chip.dec-early { background: #2e9e5b55 !important; } .dec-middle, .chip.dec-middle { background: #9ccc6577 !important; }
-.dec-late, .chip.dec-late { background: #f6b44b88 !important; } .dec-last, .chip.dec-last { background: #e4572e77 !important; }
+.dec-early, .chip.dec-early { background: #3f63d699 !important; } .dec-middle, .chip.dec-middle { background: #9fb1ef99 !important; }
+.dec-late, .chip.dec-late { background: #dcb3ec99 !important; } .dec-last, .chip.dec-last { background: #a03cb988 !important; }
+#strip_colour { padding: 0 !important; } #strip_colour .wrap { gap: 4px 10px; }
 #lens_strip .key { margin-right: 12px; white-space: nowrap; } #lens_strip .chip { display: inline-block; width: 10px; height: 10px;
   border-radius: 50%; margin-right: 4px; border: 1px solid #8a949e; }
 .exp-strip { margin: 4px 0; } .exp-label { display: inline-block; min-width: 9em; font-family: system-ui, sans-serif;
@@ -128,7 +128,7 @@ COMPACT_JS = "() => window.innerWidth < 700"
 # On a phone, Step and Generate bring the buttons to the top of the screen, so the text appears right under them.
 SCROLL_JS = "(...args) => { if (window.innerWidth < 700) document.querySelector('#actions').scrollIntoView({block: 'start'}); return args; }"
 SETTING_NAMES = list(c.SHARE_SETTINGS)  # one list: the API's parameter names and what a share link holds
-VIEW_NAMES = ["position", "layer", "head", "tab", "per_head_scale", "compact", "lens_mode"]
+VIEW_NAMES = ["position", "layer", "head", "tab", "per_head_scale", "compact", "lens_mode", "strip_colour"]
 
 
 def quiet_refusals(component_class) -> None:
@@ -206,7 +206,10 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             share_url = gr.Textbox(label="Link (copied to the clipboard; it replays the text, settings, experiment and view)",
                                    elem_id="share_url", max_lines=2, buttons=["copy"])
         strip = gr.HTML(c.empty_strip(), html_template=STRIP_TEMPLATE, js_on_load=STRIP_JS, elem_id="strip")
-        gr.HTML(f"Colour: how likely the model found each token, given the text before it. {STRIP_KEY}", elem_id="strip_key")
+        with gr.Row(equal_height=True):
+            strip_key = gr.HTML(c.strip_key("prob", 1), elem_id="strip_key")
+            strip_colour = gr.Radio([("how likely", "prob"), ("where the model decided", "decided")], value="prob",
+                                    label="Colour the text by", elem_id="strip_colour", scale=0, min_width=260)
         with gr.Row(equal_height=True):
             position = gr.Slider(0, MAX_POSITIONS, value=0, step=1, label="Selected token", elem_id="position", scale=1, min_width=200)
             selected_label = gr.Markdown(elem_id="selected_label")
@@ -289,7 +292,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                            "overview": overview, "lens": lens_plot, "lens_strip": lens_strip, "embed": emb_plot, "norm": norm_plot, "traj": traj_plot,
                            "exp_strips": exp_strips, "exp_loss": exp_loss, "exp_bars": exp_bars,
                            "why_dla": why_dla, "why_neurons": why_neurons, "why_sampler": why_sampler}
-        everything = [state, tab, status, strip, position, selected_label, layer, head, rewind_to, upcoming, pick,
+        everything = [state, tab, status, strip, strip_key, position, selected_label, layer, head, rewind_to, upcoming, pick,
                       tabs, prompt, example_hint, example, targets] + list(view_components.values())
 
         def render(page: c.Page) -> dict:
@@ -302,6 +305,8 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                 out[status] = page.status
             if page.strip is not None:
                 out[strip] = page.strip
+            if page.strip_key is not None:
+                out[strip_key] = page.strip_key
             sel = page.selection
             if sel is not None:
                 out[tab] = sel.tab
@@ -345,7 +350,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             return out
 
         settings = [temperature, top_k, top_p, penalty, max_new, seed]
-        view = [position, layer, head, tab, per_head, compact, lens_mode]
+        view = [position, layer, head, tab, per_head, compact, lens_mode, strip_colour]
 
         def named(*names, event: bool = False):
             """Give a handler taking `*args` these parameter names (they name the API's parameters); a last
@@ -363,7 +368,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
 
         def split(args):
             """(settings values, Selection) from the trailing inputs `settings + view`."""
-            return list(args[:6]), c.Selection.of(*args[6:13])
+            return list(args[:6]), c.Selection.of(*args[6:6 + len(VIEW_NAMES)])
 
         def act(use_case, *extra):
             """A handler for inputs `state, model, prompt, *extra, *settings, *view` -> use_case(..., *extra)."""
@@ -512,6 +517,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         gr.on([position.release, position.input, layer.release, layer.input, head.release, head.input, per_head.input],
               on_select, select_inputs, everything, api_name="inspect", trigger_mode="always_last")
         lens_mode.input(on_select, select_inputs, everything, **private)
+        strip_colour.input(on_select, select_inputs, everything, **private)
         strip.click(on_strip_click, select_inputs, everything, **private)
         overview.click(on_overview_click, select_inputs, everything, **private)
         for tab_id, t in (("chosen", tab_chosen), ("attention", tab_attention), ("overview", tab_overview),

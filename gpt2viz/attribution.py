@@ -28,6 +28,28 @@ import torch
 import torch.nn.functional as F
 
 from .generation import GenerationSession
+from .sampling import SamplingConfig, Stage, cdf_slice, draw_with, sampler_stages, uniform
+from .trace import Trace
+
+
+def as_session(model, trace: Trace, tokenizer=None) -> GenerationSession:
+    """A recording session that has read a trace's tokens: the functions of this module take a session, or a
+    trace with `model=` (converted here, one forward pass each time: convert once to call them often)."""
+    if len(trace) >= model.cfg.n_positions:
+        raise ValueError(f"the trace has {len(trace)} tokens; a session over it holds at most {model.cfg.n_positions - 1}")
+    session = GenerationSession(model, tokenizer, trace.tokens.tolist(), record=True)
+    session.read()
+    return session
+
+
+def _source(source: GenerationSession | Trace, model) -> GenerationSession:
+    if isinstance(source, GenerationSession):
+        return source
+    if isinstance(source, Trace):
+        if model is None:
+            raise ValueError("a trace holds no model: pass the one that made it as model=")
+        return as_session(model, source)
+    raise TypeError(f"expected a GenerationSession or a Trace, got {type(source).__name__}")
 
 
 @dataclass
@@ -142,9 +164,11 @@ def runner_up(session: GenerationSession, position: int, target: int) -> int:
 
 
 @torch.no_grad()
-def attribution(session: GenerationSession, position: int, target: int, baseline: int | None = None) -> Attribution:
+def attribution(session: GenerationSession | Trace, position: int, target: int, baseline: int | None = None, *,
+                model=None) -> Attribution:
     """Split `logit[target] - logit[baseline]` after reading `position` into its parts (see the module
     docstring); `baseline` defaults to the runner-up (`runner_up`)."""
+    session = _source(session, model)
     parts = _Parts(session, position)
     model = session.model
     target = _check_token(model, "target", target)
@@ -172,8 +196,10 @@ def attribution(session: GenerationSession, position: int, target: int, baseline
 
 
 @torch.no_grad()
-def neuron_contributions(session: GenerationSession, position: int, layer: int, target: int, baseline: int | None = None) -> Neurons:
+def neuron_contributions(session: GenerationSession | Trace, position: int, layer: int, target: int,
+                         baseline: int | None = None, *, model=None) -> Neurons:
     """One MLP layer's part of `attribution`, neuron by neuron."""
+    session = _source(session, model)
     parts = _Parts(session, position)
     model = session.model
     if not 0 <= layer < model.cfg.n_layer:
@@ -188,11 +214,11 @@ def neuron_contributions(session: GenerationSession, position: int, layer: int, 
 
 
 @torch.no_grad()
-def neuron_tokens(session: GenerationSession, layer: int, neuron: int | list[int], n: int = 5):
+def neuron_tokens(model_or_session, layer: int, neuron: int | list[int], n: int = 5):
     """The tokens whose logits a neuron's output direction raises most and lowers most, read through the
     final layer norm's scale and the unembedding: (promoted ids, suppressed ids); for a list of neurons, one
-    such pair each (the unembedding is read once for all of them)."""
-    model = session.model
+    such pair each (the unembedding is read once for all of them). Needs only the model (or a session)."""
+    model = getattr(model_or_session, "model", model_or_session)
     neurons = [neuron] if isinstance(neuron, int) else list(neuron)
     if not 0 <= layer < model.cfg.n_layer or not all(0 <= i < model.cfg.d_mlp for i in neurons):
         raise ValueError(f"no neuron {neuron} in layer {layer}")
@@ -217,8 +243,9 @@ class Commitment:
 
 
 @torch.no_grad()
-def commitment(session: GenerationSession, start: int, end: int) -> Commitment:
+def commitment(session: GenerationSession | Trace, start: int, end: int, *, model=None) -> Commitment:
     """Read each position's residual stream at every layer through ln_f and the unembedding (the logit lens)."""
+    session = _source(session, model)
     n = len(session.records)
     if not 0 <= start < end <= n:
         raise ValueError(f"commitment needs 0 <= start < end <= {n}, got {start}, {end}")
@@ -245,9 +272,61 @@ def _settled(agrees: np.ndarray) -> np.ndarray:
     return last_disagree + 1
 
 
-def commitment_layers(session: GenerationSession, start: int, end: int) -> np.ndarray:
+def commitment_layers(session: GenerationSession | Trace, start: int, end: int) -> np.ndarray:
     """`[end - start]` for positions start..end-1: `Commitment.layer`, from the session's cached logit lens
-    (top guess per layer; each position is read through the unembedding once)."""
+    (top guess per layer; each position is read through the unembedding once), or from a trace's own lens."""
+    if isinstance(session, Trace):
+        if not 0 <= start < end <= len(session):
+            raise ValueError(f"commitment needs 0 <= start < end <= {len(session)}, got {start}, {end}")
+        top = session.lens_ids[:, start:end, 0]
+        return _settled(top == top[-1:])
     ids, _ = session.logit_lens(start, end, top_n=1)  # [layer + 1, n, 1]
     top = ids[:, :, 0]
     return _settled(top == top[-1:])
+
+
+@dataclass
+class Draw:
+    """How the token at `position` came out of the sampler: the stages of its distribution (read after
+    position - 1), the uniform number u the draw used and the slice of the final cumulative distribution
+    it fell in (None where nothing was drawn: greedy, forced, or a token of the prompt or of a trace)."""
+
+    position: int
+    token: int
+    method: str  # "sampled", "greedy", "forced" or "read" (a prompt's or a trace's token)
+    config: SamplingConfig  # the settings the stages are computed with (the step's own for a generated token)
+    stages: list[Stage]
+    u: float | None
+    slice: tuple[float, float] | None
+    logits: torch.Tensor  # [vocab] the model's logits after position - 1
+    previous: list[int]  # the tokens the repetition penalty saw
+
+    def what_if(self, config: SamplingConfig) -> int:
+        """The token the same u picks under other settings (the likeliest one with temperature 0), without
+        running the model again; for a token that was not drawn, u is the one its position's draw would use."""
+        final = sampler_stages(self.logits, self.previous, config)[-1].probs
+        return draw_with(final, uniform(config.seed, self.position) if self.u is None else self.u)
+
+
+@torch.no_grad()
+def sampler_anatomy(session: GenerationSession | Trace, position: int, config: SamplingConfig | None = None, *,
+                    model=None) -> Draw:
+    """The sampler's stages for the token at `position` >= 1 (`sampling.sampler_stages`). A generated token
+    is explained with the settings it was drawn with; any other with `config` (default: the session's)."""
+    session = _source(session, model)
+    n = len(session.ids)
+    if position == 0:
+        raise ValueError("the first token was not drawn from anything: give a position in [1, n)")
+    if not 1 <= position < n:
+        raise ValueError(f"position must be in [1, {n}), got {position}")
+    n_prompt = len(session.prompt_ids)
+    step = session.steps[position - n_prompt] if position >= n_prompt else None
+    cfg = (step.config or session.config) if step is not None else (config or session.config)
+    logits = session.capture.logits_at(position - 1)
+    previous = session.ids[:position]
+    stages = sampler_stages(logits, previous, cfg)
+    token = session.ids[position]
+    method = step.method if step is not None else "read"
+    u = uniform(cfg.seed, position) if method == "sampled" else None
+    where = cdf_slice(stages[-1].probs, token) if u is not None else None
+    return Draw(position, token, method, cfg, stages, u, where, logits, previous)

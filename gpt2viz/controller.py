@@ -141,6 +141,7 @@ class Entry:
     lock: threading.Lock  # held by the engine while it works on the session
     generating: Generation | None = None  # the running generation; Stop cancels it
     experiment: Experiment | None = None  # the last run of the Experiment view
+    marks: tuple[tuple[int, ...], dict] = ((), {})  # (the text, its strip's decision marks) when last drawn that way
 
     @property
     def nbytes(self) -> int:
@@ -401,6 +402,7 @@ def examples_for(model_name: str) -> list[str]:
 
 TABS = ("chosen", "attention", "overview", "lens", "embed", "experiment", "why")
 LENS_MODES = ("top", "rank", "entropy")
+STRIP_COLOURS = ("prob", "decided")  # the strip coloured by the probability of each token, or by where the model decided it
 
 
 def new_state(model_name: str) -> dict:
@@ -425,12 +427,15 @@ class Selection:
     per_head_scale: bool = False
     compact: bool = False  # a narrow screen: fewer tokens per figure
     lens_mode: str = "top"  # the lens shows each layer's top guess, the final token's rank, or the entropy
+    strip_colour: str = "prob"  # one of STRIP_COLOURS
 
     @classmethod
-    def of(cls, position, layer, head, tab, per_head_scale=False, compact=False, lens_mode="top") -> "Selection":
+    def of(cls, position, layer, head, tab, per_head_scale=False, compact=False, lens_mode="top",
+           strip_colour="prob") -> "Selection":
         return cls(as_index(position), as_index(layer) or 0, as_index(head) or 0,
                    tab if tab in TABS else "chosen", bool(per_head_scale), bool(compact),
-                   lens_mode if lens_mode in LENS_MODES else "top")
+                   lens_mode if lens_mode in LENS_MODES else "top",
+                   strip_colour if strip_colour in STRIP_COLOURS else "prob")
 
 
 @dataclass
@@ -440,6 +445,7 @@ class Page:
     state: dict
     status: str | None = None
     strip: dict | None = None
+    strip_key: str | None = None  # the strip's colour key (HTML)
     prompt: str | None = None
     hint: str | None = None
     examples: list[str] | None = None
@@ -618,6 +624,10 @@ class Controller:
             yield self._refuse(state, e)
             return
         s, total, message, n = entry.session, config.max_new_tokens, "Stopped.", 0
+        decided = None
+        if selection.strip_colour == "decided":  # the text before this run keeps its colours; new tokens wait for the end
+            text, marks = entry.marks
+            decided = marks if list(text) == s.ids[: len(text)] else {}
         try:
             for n, got in enumerate(run, 1):
                 step = got.step
@@ -630,7 +640,7 @@ class Controller:
                 if n < total and step.finish_reason is None:  # the last token comes with the full page below
                     yield Page({**state, "prompt_len": len(s.prompt_ids), "ids": got.ids},
                                status=f"Generating… {n} of {total} tokens.",
-                               strip=strip_of(self.models.tokenizer, got.ids, got.logprobs, None))
+                               strip=strip_of(self.models.tokenizer, got.ids, got.logprobs, None, decided))
             if entry.generating is not run:
                 message = "Stopped."
         except Exception as e:  # noqa: BLE001
@@ -642,7 +652,7 @@ class Controller:
                 entry.generating = None
         # The last page carries the text and the message only: the page then asks for every view (`select`
         # with the upcoming token), in a second event whose outputs are all the components.
-        yield Page(sync_state(state, entry), status=message, strip=token_strip(s, None))
+        yield Page(sync_state(state, entry), status=message, strip=token_strip(s, None, decided))
 
     def stop(self, state) -> None:
         self.sessions.stop((state or {}).get("key"))
@@ -961,7 +971,12 @@ class Controller:
         cfg = s.model.cfg
         n = len(s.ids)
         sel = clamp(selection, n, cfg.n_layer, cfg.n_head)
-        page = Page(state, status=message, strip=token_strip(s, sel.position), selection=sel, n_tokens=n,
+        decided = None
+        if sel.strip_colour == "decided":
+            decided = strip_marks(s, sel.position)
+            entry.marks = (tuple(s.ids), decided)
+        page = Page(state, status=message, strip=token_strip(s, sel.position, decided),
+                    strip_key=strip_key(sel.strip_colour, s.model.cfg.n_layer), selection=sel, n_tokens=n,
                     n_generated=len(s.steps), n_layer=cfg.n_layer, n_head=cfg.n_head,
                     selected_label=selected_label(s, sel.position))
         if upcoming:
@@ -992,26 +1007,53 @@ def prob_category(logprob: float) -> str:
     return next(label for threshold, label in PROB_BINS if p >= threshold)
 
 
-def token_strip(session: GenerationSession, selected: int | None) -> dict:
-    """The session's text as tokens for the strip (`strip_of`)."""
-    return strip_of(session.tokenizer, session.ids, session.records.logprobs, selected)
+DECIDED_WINDOW = 256  # tokens of the strip coloured by where the model decided (each new one reads the lens once)
 
 
-def strip_of(tokenizer, ids: list[int], logprobs: list[float], selected: int | None) -> dict:
+def token_strip(session: GenerationSession, selected: int | None, decided: dict | None = None) -> dict:
+    """The session's text as tokens for the strip (`strip_of`), coloured by probability or by `decided`."""
+    return strip_of(session.tokenizer, session.ids, session.records.logprobs, selected, decided)
+
+
+def strip_marks(session: GenerationSession, selected: int | None) -> dict[int, tuple[str, str]]:
+    """Where the model decided each of the DECIDED_WINDOW tokens around the selected one (`decision_marks`)."""
+    n = len(session.ids)
+    s, e = window(n - 1 if selected is None else selected, n, DECIDED_WINDOW)
+    s = max(s, 1)
+    return dict(zip(range(s, e), decision_marks(session, s, e))) if e > s else {}
+
+
+def strip_of(tokenizer, ids: list[int], logprobs: list[float], selected: int | None,
+             decided: dict[int, tuple[str, str]] | None = None) -> dict:
     """The text as tokens for the strip: `{"tokens": [{t, c, p, br, sel}], "selected": int}`.
 
     `t` the token as shown everywhere (`plots.show`), `c` its category by the probability the model gave
     it from the tokens before it (`logprobs[i]`; prompt tokens too; the first has none), `p` that
     probability as text, `br` a line break after a newline token, `sel` "sel" on the selected token.
+    With `decided` (position -> (class, text), `decision_marks`), the strip is coloured by where the model
+    decided instead; positions it lacks are left uncoloured ("undecided").
     """
     strings = token_strings(tokenizer, ids)
     out = []
     for i, text in enumerate(strings):
         known = 0 < i < len(logprobs) and not np.isnan(logprobs[i])
-        out.append({"t": plots.show(text), "c": prob_category(logprobs[i]) if known else "first",
-                    "p": f"token {i}: " + (f"the model gave it {plots.pct(float(np.exp(logprobs[i])))}" if known else "the first token"),
-                    "br": "\n" in text, "sel": "sel" if i == selected else ""})
+        c = prob_category(logprobs[i]) if known else "first"
+        p = f"token {i}: " + (f"the model gave it {plots.pct(float(np.exp(logprobs[i])))}" if known else "the first token")
+        if decided is not None:
+            c, p = decided.get(i, ("first", f"token {i}: " + ("the first token" if i == 0 else "not coloured (new, or far from the selected token)")))
+        out.append({"t": plots.show(text), "c": c, "p": p, "br": "\n" in text, "sel": "sel" if i == selected else ""})
     return {"tokens": out, "selected": -1 if selected is None else selected}
+
+
+def strip_key(colour: str, n_layer: int) -> str:
+    """The strip's colour key (HTML) for `colour` (STRIP_COLOURS)."""
+    if colour == "decided":
+        chips = [(f"dec-{c}", w) for c, w in DECISION_BINS] + [("first", "not coloured (the first token, or far from the selected one)")]
+        what = (f"Colour: where the model decided each token — the first of its {n_layer} layers from which the logit lens's top "
+                "guess for it stopped changing (the model's final top guess, which a sampled token need not be).")
+    else:
+        chips, what = STRIP_KEY, "Colour: how likely the model found each token, given the text before it."
+    return what + " " + "".join(f'<span class="key"><i class="chip {c}"></i>{html.escape(w)}</span>' for c, w in chips)
 
 
 def empty_strip() -> dict:
@@ -1255,23 +1297,29 @@ DECISION_BINS = (("early", "decided early (the embeddings or the first third of 
                  ("late", "in the last third"), ("last", "only at the last layer"))
 
 
+def decision_marks(session: GenerationSession, start: int, end: int) -> list[tuple[str, str]]:
+    """For tokens start..end-1 (start >= 1): (class, text) of where the model decided each: the third of the
+    layers from which the logit lens's top guess for it stopped changing (`attribution.commitment_layers`)."""
+    layers = commitment_layers(session, start - 1, end - 1)  # the guess for token p is made reading p - 1
+    L = session.model.cfg.n_layer
+    out = []
+    for p, layer in zip(range(start, end), layers):
+        third = "last" if layer >= L else "early" if layer <= L / 3 else "middle" if layer <= 2 * L / 3 else "late"
+        where = "the embeddings" if layer == 0 else f"block {layer - 1}"
+        out.append((f"dec-{third}", f"token {p}: the model's top guess for it was settled from {where} on"))
+    return out
+
+
 def decision_strip(session: GenerationSession, position: int) -> str:
-    """The text up to the selected token, each token coloured by the layer from which the model's top guess for it
-    stopped changing (`attribution.commitment_layers`, from the logit lens)."""
+    """The text up to the selected token, each token coloured by where the model decided it (`decision_marks`)."""
     n = len(session.records)
     end = min(position + 1, n)
     start = max(1, end - DECISION_WINDOW)
     if end <= start:
         return ""
-    layers = commitment_layers(session, start - 1, end - 1)  # the guess for token p is made reading p - 1
-    L = session.model.cfg.n_layer
     strings = token_strings(session.tokenizer, session.ids[start:end])
-    spans = []
-    for p, text, layer in zip(range(start, end), strings, layers):
-        third = "last" if layer >= L else "early" if layer <= L / 3 else "middle" if layer <= 2 * L / 3 else "late"
-        where = "the embeddings" if layer == 0 else f"block {layer - 1}"
-        spans.append(f'<span class="tok dec-{third}" title="token {p}: the model\'s top guess for it was settled from {where} on">'
-                     f'{html.escape(plots.show(text))}</span>')
+    spans = [f'<span class="tok {c}" title="{html.escape(title)}">{html.escape(plots.show(text))}</span>'
+             for text, (c, title) in zip(strings, decision_marks(session, start, end))]
     key = "".join(f'<span class="key"><i class="chip dec-{c}"></i>{html.escape(w)}</span>' for c, w in DECISION_BINS)
     return (f'<div class="ov-title">Where the model decided, tokens {start}–{end - 1}</div><div class="strip">{"".join(spans)}</div>'
             f'<div class="ov-note">Colour: the layer from which the logit lens\'s top guess for the token no longer changed '

@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from . import plots
-from .attribution import Attribution, Neurons, attribution, neuron_contributions, neuron_tokens
+from .attribution import Attribution, Neurons, attribution, neuron_contributions, neuron_tokens, sampler_anatomy
 from .generation import GenerationSession
-from .sampling import cdf_slice, draw_with, sampler_stages, uniform
 from .tokenizer import token_strings
 
 
@@ -93,48 +92,41 @@ def neurons_html(n: Neurons, session: GenerationSession, target: int, baseline: 
 def sampler_html(session: GenerationSession, position: int, settings) -> str:
     """How the token at `position` was drawn: each stage's top candidates and the mass it removed, the uniform
     number u and the slice it fell in; and which token the same u picks under the page's current `settings`."""
-    n_prompt = len(session.prompt_ids)
     tok = session.tokenizer
-    if position < n_prompt:
+    if position < len(session.prompt_ids):
         return ('<div class="why"><div class="ov-note">This token is part of your prompt: nothing was drawn. Select a '
                 'generated token to see how the sampler chose it.</div></div>')
-    step = session.steps[position - n_prompt]
-    cfg = step.config or session.config
-    with torch.no_grad():
-        logits = session.capture.logits_at(step.position)
-    previous = session.ids[: step.position + 1]
-    st = sampler_stages(logits, previous, cfg)
+    d = sampler_anatomy(session, position)
+    st, cfg, token = d.stages, d.config, d.token
     final = st[-1].probs
     ids = torch.topk(st[0].probs, 6).indices.tolist()
     ids += [i for i in torch.topk(final, 6).indices.tolist() if i not in ids and float(final[i]) > 0]
-    if step.token_id not in ids:
-        ids.append(step.token_id)
+    if token not in ids:
+        ids.append(token)
     ids.sort(key=lambda i: -float(final[i]))
     head = "".join(f'<th>{html.escape(s.name)}' + (f'<br><small>−{plots.pct(s.removed)}</small>' if s.removed > 0 else "")
                    + ("" if s.active else "<br><small>(off)</small>") + "</th>" for s in st)
     rows = []
     for i in ids:
-        mark = "▶ " if i == step.token_id else ""
+        mark = "▶ " if i == token else ""
         cells = "".join(f"<td>{plots.pct(float(s.probs[i]))}</td>" for s in st)
         rows.append(f'<tr class="{"why-chosen" if mark else ""}"><td>{mark}{_tok(tok, i)}</td>{cells}</tr>')
-    if step.method == "sampled":
-        u = uniform(cfg.seed, step.position + 1)
-        low, high = cdf_slice(final, step.token_id)
-        drawn = (f"The draw: u = <b>{u:.4f}</b> (from seed {cfg.seed} and position {step.position + 1}). Lined up in "
-                 f"vocabulary order, the final probabilities cover [0, 1); u fell in {_tok(tok, step.token_id)}'s slice "
+    if d.method == "sampled":
+        low, high = d.slice
+        drawn = (f"The draw: u = <b>{d.u:.4f}</b> (from seed {cfg.seed} and position {position}). Lined up in "
+                 f"vocabulary order, the final probabilities cover [0, 1); u fell in {_tok(tok, token)}'s slice "
                  f"[{low:.4f}, {high:.4f}), so it was chosen.")
-    elif step.method == "greedy":
-        u, drawn = None, "Temperature 0: the likeliest token is taken, nothing is drawn."
+    elif d.method == "greedy":
+        drawn = "Temperature 0: the likeliest token is taken, nothing is drawn."
     else:
-        u, drawn = None, "You chose this token yourself: nothing was drawn."
+        drawn = "You chose this token yourself: nothing was drawn."
     what_if = ""
-    if settings is not None and u is not None:
-        now = sampler_stages(logits, previous, settings)[-1].probs
-        other = draw_with(now, u)
-        same = "the same token" if other == step.token_id else f"<b>{_tok(tok, other)}</b> instead"
+    if settings is not None and d.u is not None:
+        other = d.what_if(settings)
+        same = "the same token" if other == token else f"<b>{_tok(tok, other)}</b> instead"
         what_if = (f" <b>What if</b>, with the settings now on the page ({_settings(settings)}): the same u would have "
                    f"drawn {same}. Move the sampling controls to try others.")
-    return (f'<div class="why"><div class="ov-title">How token {position} ({_tok(tok, step.token_id)}) was drawn</div>'
+    return (f'<div class="why"><div class="ov-title">How token {position} ({_tok(tok, token)}) was drawn</div>'
             f'<table class="why-table"><tr><th>token</th>{head}</tr>' + "".join(rows) + "</table>"
             f'<div class="ov-note">Each column is one stage of the sampler, left to right ({_settings(cfg)}); '
             f'a filter\'s header says how much probability it removed before the rest was renormalised. {drawn}{what_if}</div></div>')

@@ -241,3 +241,51 @@ def test_the_tokens_of_several_neurons_at_once_are_each_neurons_own(setup):
     _, _, session = setup
     many = neuron_tokens(session, 2, [5, 17, 300], n=4)
     assert many == [neuron_tokens(session, 2, i, n=4) for i in (5, 17, 300)]
+
+
+def test_the_sampler_anatomy_of_each_step_is_the_draw_the_generation_made(bundled):
+    from gpt2viz.attribution import sampler_anatomy
+
+    model, session = bundled
+    n_prompt = len(session.prompt_ids)
+    for step in session.steps:
+        d = sampler_anatomy(session, step.position + 1)
+        assert (d.token, d.method, d.config) == (step.token_id, "sampled", step.config)
+        # the draw the generation made: torch's generator seeded for this position, u its first uniform number
+        g = torch.Generator().manual_seed(step.config.seed * 1_000_003 + step.position + 1)
+        assert d.u == torch.rand((), generator=g, dtype=torch.float64).item()
+        low, high = d.slice
+        assert low <= d.u < high
+        assert d.what_if(step.config) == step.token_id
+        assert d.what_if(SamplingConfig(temperature=0)) == int(torch.argmax(d.stages[1].probs))  # greedy: after the penalty
+        assert float(d.stages[-1].probs[step.token_id]) == pytest.approx(step.prob_final, abs=1e-6)
+        assert float(d.stages[0].probs[step.token_id]) == pytest.approx(step.prob, abs=1e-6)
+    read = sampler_anatomy(session, n_prompt - 1)
+    assert read.method == "read" and read.u is None and read.token == session.ids[n_prompt - 1]
+    with pytest.raises(ValueError, match="first token"):
+        sampler_anatomy(session, 0)
+
+
+def test_a_trace_is_explained_like_the_session_that_read_its_text(setup, tokenizer):
+    from gpt2viz import trace
+    from gpt2viz.attribution import as_session, commitment_layers, sampler_anatomy
+
+    _, model, session = setup
+    tr = trace(model, tokenizer, session.ids)
+    target = session.ids[9]
+    a, b = attribution(tr, 8, target, model=model), attribution(session, 8, target)
+    assert a.baseline == b.baseline
+    np.testing.assert_allclose(a.heads, b.heads, atol=1e-5)
+    np.testing.assert_allclose(a.mlp, b.mlp, atol=1e-5)
+    n = neuron_contributions(tr, 8, 1, target, model=model)
+    assert n.contribution.sum() + n.bias == pytest.approx(a.mlp[1], abs=1e-4)
+    # the trace's own lens (its float32 pass) against the full reading checked against transformers above
+    np.testing.assert_array_equal(commitment_layers(tr, 0, len(tr)), commitment(session, 0, len(tr)).layer)
+    np.testing.assert_array_equal(commitment(tr, 2, 7, model=model).rank, commitment(session, 2, 7).rank)
+    d = sampler_anatomy(tr, 5, SamplingConfig(temperature=0.5, top_k=3), model=model)
+    assert d.method == "read" and d.stages[-1].name == "top-p" and int((d.stages[-1].probs > 0).sum()) <= 3
+    with pytest.raises(ValueError, match="model="):
+        attribution(tr, 8, target)
+    with pytest.raises(TypeError, match="GenerationSession or a Trace"):
+        attribution("some text", 1, 2)
+    assert as_session(model, tr).ids == list(tr.tokens)

@@ -398,6 +398,16 @@ def test_why_this_token_explains_the_selected_token_and_its_heads_open_in_the_at
     wait_idle(page)
     expect(page.get_by_role("tab", name="Attention", exact=True)).to_have_attribute("aria-selected", "true")
     expect(page.locator("#attn_plot .gtitle")).to_contain_text(f"Layer {layer}, head {head}")
+    # the text coloured by where the model decided each token: every token but the first, and the key says so
+    page.get_by_label("where the model decided").check()
+    wait_idle(page)
+    expect(page.locator("#strip_key")).to_contain_text("where the model decided")
+    n = page.locator("#strip .tok").count()
+    expect(page.locator("#strip .tok[class*='dec-']")).to_have_count(n - 1)
+    page.screenshot(path=str(ARTIFACTS / "desktop-decided.png"))
+    page.get_by_label("how likely").check()
+    wait_idle(page)
+    expect(page.locator("#strip .tok[class*='dec-']")).to_have_count(0)
 
 
 def test_a_share_link_opens_the_same_page_in_another_browser_and_a_broken_one_says_so(browser, app_url, page):

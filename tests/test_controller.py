@@ -519,3 +519,33 @@ def test_a_share_link_replays_the_page_and_a_bad_one_says_why(ctl, models):
     bad = ctl.open_link(None, tampered)
     assert bad.warning and "link" in bad.status and bad.strip == c.empty_strip()
     assert ctl.share_link(None, prompt, settings, c.Selection()) == ""
+
+
+def test_the_text_can_be_coloured_by_where_the_model_decided_each_token(ctl, tokenizer):
+    from gpt2viz import trace as read_once
+
+    prompt = "The lighthouse keeper climbed the stairs every night"
+    sel = c.Selection(strip_colour="decided")
+    page = ctl.step(None, "test", prompt, SETTINGS, sel)
+    session = ctl.sessions.get(page.state, c.sampling_config(*SETTINGS)).session
+    tr = read_once(session.model, tokenizer, session.ids)  # an independent pass: its own logit lens
+    top = tr.lens_ids[:, :, 0]
+    L = session.model.cfg.n_layer
+    tokens = page.strip["tokens"]
+    assert tokens[0]["c"] == "first"
+    for p in range(1, len(tokens)):
+        agree = top[:, p - 1] == top[-1, p - 1]  # the guess for token p is made reading p - 1
+        layer = min(j for j in range(L + 1) if agree[j:].all())
+        third = "last" if layer >= L else "early" if layer <= L / 3 else "middle" if layer <= 2 * L / 3 else "late"
+        assert tokens[p]["c"] == f"dec-{third}" and tokens[p]["p"].startswith(f"token {p}: the model's top guess")
+    assert "where the model decided" in page.strip_key and "dec-early" in page.strip_key
+    plain = ctl.select(page.state, SETTINGS, c.Selection())
+    assert "how likely" in plain.strip_key and all(not t["c"].startswith("dec-") for t in plain.strip["tokens"])
+    # while a text streams, the tokens before it keep their colours and the new ones wait for the end
+    pages = list(ctl.stream(page.state, "test", prompt, SETTINGS, sel))
+    before = len(tokens)
+    assert all(t["c"] == tokens[i]["c"] for i, t in enumerate(pages[0].strip["tokens"][:before]))
+    assert all(t["c"] == "first" for t in pages[0].strip["tokens"][before:])
+    after = ctl.select(pages[-1].state, SETTINGS, c.Selection(strip_colour="decided"))
+    assert all(t["c"].startswith("dec-") for t in after.strip["tokens"][1:])
+    assert c.Selection.of(0, 0, 0, "chosen", strip_colour="bogus").strip_colour == "prob"
