@@ -12,7 +12,11 @@ import inspect
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
+import uuid
+from pathlib import Path
 
 import gradio as gr
 from starlette.middleware import Middleware
@@ -123,6 +127,32 @@ CSS = """
 
 # The link goes to the clipboard where the browser allows it (it is in the box anyway).
 COPY_JS = "(url) => { if (url && url.includes('?s=') && navigator.clipboard) navigator.clipboard.writeText(url).catch(() => {}); return []; }"
+# Every chart's corner buttons (plotly's modebar): PNG (plotly's own camera) and an SVG button beside it, both
+# saving under the chart's title.
+SAVE_JS = """() => {
+  const slug = (gd) => 'gpt2viz-' + (((gd.layout || {}).title || {}).text || 'chart').toLowerCase()
+      .replace(/<[^>]*>/g, '').replace(/[^a-z0-9]+/g, '-').replace(/^-|-$/g, '').slice(0, 60);
+  const camera = (bar) => bar.querySelector('.modebar-btn[data-title^="Download plot"]');
+  const add = (bar) => {
+    if (bar.querySelector('.gv-svg') || !camera(bar) || !window.Plotly) return;
+    const gd = bar.closest('.js-plotly-plot');
+    bar.addEventListener('mousedown', () => { gd._context.toImageButtonOptions = {format: 'png', filename: slug(gd), scale: 2}; }, true);
+    const group = document.createElement('div');
+    group.className = 'modebar-group';
+    const btn = document.createElement('a');
+    btn.className = 'modebar-btn gv-svg'; btn.setAttribute('data-title', 'Download plot as SVG'); btn.textContent = 'SVG';
+    btn.setAttribute('role', 'button'); btn.style.cssText = 'font: 600 10px system-ui, sans-serif; color: #506784; padding: 4px 3px;';
+    btn.addEventListener('click', (e) => {
+      e.preventDefault();
+      window.Plotly.downloadImage(gd, {format: 'svg', filename: slug(gd)}).catch(() => {});
+    });
+    group.appendChild(btn);
+    bar.insertBefore(group, bar.firstChild);
+  };
+  new MutationObserver(() => document.querySelectorAll('.modebar').forEach(add))
+    .observe(document.body, {childList: true, subtree: true});
+  return [];
+}"""
 # A narrow screen gets figures with fewer tokens (read once, when the page loads).
 COMPACT_JS = "() => window.innerWidth < 700"
 # On a phone, Step and Generate bring the buttons to the top of the screen, so the text appears right under them.
@@ -170,6 +200,28 @@ class RefuseUploads:
         await self.app(scope, receive, send)
 
 
+DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "gpt2viz-downloads"
+DOWNLOAD_TTL = 3600  # seconds a prepared download stays on disk (Gradio serves its own copy, cleaned by delete_cache)
+
+
+def save_download(name: str, data: bytes) -> str:
+    """Write a prepared download where Gradio can serve it: a fresh folder per file (the name is the
+    controller's, never the user's), and anything older than DOWNLOAD_TTL removed."""
+    DOWNLOAD_DIR.mkdir(exist_ok=True)
+    now = time.time()
+    for old in DOWNLOAD_DIR.iterdir():
+        try:
+            if now - old.stat().st_mtime > DOWNLOAD_TTL:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    folder = DOWNLOAD_DIR / uuid.uuid4().hex
+    folder.mkdir()
+    path = folder / name
+    path.write_bytes(data)
+    return str(path)
+
+
 def who_of(request: gr.Request | None) -> c.Who:
     """Whose work a request is: the browser session and the client's address (for the engine's caps)."""
     client = getattr(request, "client", None)
@@ -201,10 +253,19 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", min_width=70)
             reset_btn = gr.Button("Reset", elem_id="reset", min_width=70)
         status = gr.Markdown(elem_id="status")
-        with gr.Accordion("Share this page", open=False, elem_id="share"):
+        with gr.Accordion("Share and download", open=False, elem_id="share"):
             share_btn = gr.Button("Make a link to this page", elem_id="share_btn", size="sm")
             share_url = gr.Textbox(label="Link (copied to the clipboard; it replays the text, settings, experiment and view)",
                                    elem_id="share_url", max_lines=2, buttons=["copy"])
+            with gr.Row(equal_height=True):
+                download_what = gr.Dropdown([(what, key) for key, what in c.DOWNLOADS.items()], value="handout.pdf",
+                                            label="Download", elem_id="download_what", scale=3, min_width=220)
+                paper = gr.Radio([("A4", "a4"), ("Letter", "letter")], value="a4", label="Paper (handouts)",
+                                 elem_id="paper", scale=1, min_width=150)
+            download_btn = gr.Button("Prepare the download", elem_id="download_btn", size="sm")
+            download_file = gr.File(label="Your file", elem_id="download_file", interactive=False, height=80)
+            gr.Markdown("Every chart on the page can also be saved by itself: hover it and use the camera (PNG) or "
+                        "SVG button in its corner.", elem_classes="explain")
         strip = gr.HTML(c.empty_strip(), html_template=STRIP_TEMPLATE, js_on_load=STRIP_JS, elem_id="strip")
         with gr.Row(equal_height=True):
             strip_key = gr.HTML(c.strip_key("prob", 1), elem_id="strip_key")
@@ -292,7 +353,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                            "overview": overview, "lens": lens_plot, "lens_strip": lens_strip, "embed": emb_plot, "norm": norm_plot, "traj": traj_plot,
                            "exp_strips": exp_strips, "exp_loss": exp_loss, "exp_bars": exp_bars,
                            "why_dla": why_dla, "why_neurons": why_neurons, "why_sampler": why_sampler}
-        everything = [state, tab, status, strip, strip_key, position, selected_label, layer, head, rewind_to, upcoming, pick,
+        everything = [state, tab, status, strip, strip_key, lens_mode, strip_colour, versus, position, selected_label, layer, head, rewind_to, upcoming, pick,
                       tabs, prompt, example_hint, example, targets] + list(view_components.values())
 
         def render(page: c.Page) -> dict:
@@ -307,6 +368,10 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
                 out[strip] = page.strip
             if page.strip_key is not None:
                 out[strip_key] = page.strip_key
+            if page.modes and page.selection is not None:
+                out[lens_mode], out[strip_colour] = page.selection.lens_mode, page.selection.strip_colour
+            if page.versus is not None:
+                out[versus] = page.versus
             sel = page.selection
             if sel is not None:
                 out[tab] = sel.tab
@@ -490,6 +555,16 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             base = str(request.headers.get("origin") or "") if request else ""
             return f"{base}/?s={link}" if base else f"?s={link}"
 
+        @named("state", "what", "paper", *SETTING_NAMES, *VIEW_NAMES)
+        def on_download(st, what, paper_size, *rest):
+            *rest, request = rest
+            ctrl, sel = split(rest)
+            base = str(request.headers.get("origin") or "") if request else ""
+            page = ctl.download(st, ctrl, sel, what, paper_size, base=base, who=who_of(request))
+            out = render(page)
+            out[download_file] = save_download(*page.file) if page.file else None
+            return out
+
         def on_load(st, request: gr.Request):
             link = (getattr(request, "query_params", None) or {}).get("s")
             if not link:
@@ -538,7 +613,10 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
         add_head.click(on_add_head, [targets, model_name, layer, head], targets, **private)
         model_name.select(act(ctl.switch_model), [state, model_name, prompt] + settings + view, everything, api_name="set_model")
         demo.load(None, None, compact, js=COMPACT_JS, **private)
+        demo.load(None, None, None, js=SAVE_JS, **private)
         demo.load(on_load, [state], everything + settings, **private)  # a link also sets the sampling controls
+        download_btn.click(on_download, [state, download_what, paper] + settings + view, [state, status, download_file],
+                           api_name="download")
         share_btn.click(on_share, [state, prompt] + settings + view, share_url, api_name="share_link").then(
             None, [share_url], None, js=COPY_JS, **private)
     return demo

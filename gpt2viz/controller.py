@@ -27,12 +27,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import plots
+from . import export, plots
+from .handout import render as render_handout
 from .compare import coupled_report
 from .engine import Engine, Generation, Overloaded, Who
 from .interventions import describe
 from .share import SETTING_NAMES as SHARE_SETTINGS
-from .share import Shared, ShareLinkError
+from .share import LENS_MODES, STRIP_COLOURS, Shared, ShareLinkError  # the view's modes (a link carries them)
 from .share import decode as decode_link
 from .share import encode as encode_link
 from .why import why_views
@@ -401,8 +402,6 @@ def examples_for(model_name: str) -> list[str]:
 # --- the page's state and what a use case returns ---------------------------------------------
 
 TABS = ("chosen", "attention", "overview", "lens", "embed", "experiment", "why")
-LENS_MODES = ("top", "rank", "entropy")
-STRIP_COLOURS = ("prob", "decided")  # the strip coloured by the probability of each token, or by where the model decided it
 
 
 def new_state(model_name: str) -> dict:
@@ -462,6 +461,9 @@ class Page:
     targets: list[str] | None = None  # what the Experiment view can switch off (after a model switch)
     targets_value: list[str] | None = None  # what it switches off (the induction lesson sets it)
     settings: dict | None = None  # the sampling controls' values (a shared link sets them)
+    modes: bool = False  # send the selection's view modes to their controls (a shared link sets them)
+    versus: str | None = None  # the Why tab's comparison token as typed (a shared link sets it)
+    file: tuple[str, bytes] | None = None  # a download: (file name, contents)
     warning: bool = False
     echo: bool = True  # send the selection back to the sliders (False: the user just set them to these values)
 
@@ -822,22 +824,73 @@ class Controller:
         page.open_tab = "experiment"
         return page
 
+    def _shared(self, state, entry: Entry, settings, selection: Selection) -> Shared:
+        """The page's state as a link holds it (`share.Shared`)."""
+        s, exp = entry.session, entry.experiment
+        methods = "".join({"sampled": "s", "greedy": "g", "forced": "f"}[st.method] for st in s.steps)
+        cfg = sampling_config(*settings)
+        versus = state.get("versus")
+        return Shared(entry.model_name, self.models.tokenizer.decode(s.prompt_ids), {k: getattr(cfg, k) for k in SHARE_SETTINGS},
+                      [st.token_id for st in s.steps], methods, list(exp.interventions) if exp else [],
+                      selection.position, selection.layer, selection.head, selection.tab, selection.lens_mode,
+                      selection.strip_colour, versus if isinstance(versus, int) else None)
+
     def share_link(self, state, prompt, settings, selection: Selection) -> str:
         """The link that replays this page (`share.py`): "" when there is no text yet."""
         if not (state or {}).get("ids"):
             return ""
         try:
             entry = self.sessions.get(state, sampling_config(*settings))
+            return encode_link(self._shared(state, entry, settings, selection))
         except Exception:  # noqa: BLE001 - nothing to share
             return ""
-        s = entry.session
-        exp = entry.experiment
-        methods = "".join({"sampled": "s", "greedy": "g", "forced": "f"}[st.method] for st in s.steps)
-        cfg = sampling_config(*settings)
-        shared = Shared(entry.model_name, self.models.tokenizer.decode(s.prompt_ids), {k: getattr(cfg, k) for k in SHARE_SETTINGS},
-                        [st.token_id for st in s.steps], methods, list(exp.interventions) if exp else [],
-                        selection.position, selection.layer, selection.head, selection.tab)
-        return encode_link(shared)
+
+    def download(self, state, settings, selection: Selection, what, paper="a4", base: str = "", who: Who | None = None) -> Page:
+        """One of DOWNLOADS for this page, as `Page.file` (name, bytes): the handout (PDF or PNG, A4 or Letter;
+        its link starts with `base`, the page's address), the upcoming token's table or the lens window as CSV,
+        the whole run as .npz, or the Python script."""
+        who = who or Who()
+        try:
+            if what not in DOWNLOADS:
+                raise UserError(f"There is no download {str(what)[:40]!r}: choose one of the list.")
+            if paper not in ("a4", "letter"):
+                raise UserError("Choose A4 or Letter paper.")
+            config = sampling_config(*settings)
+            if not (state or {}).get("ids"):
+                raise UserError("Nothing to download yet: press Step or Generate first.")
+            entry = self.sessions.get(state, config, who)
+            if entry.generating:
+                raise UserError("Busy generating: press Stop first, or wait for the text to finish.")
+            s = entry.session
+            cfg = s.model.cfg
+            sel = clamp(selection, len(s.ids), cfg.n_layer, cfg.n_head)
+            name = re.sub(r"[^A-Za-z0-9._-]+", "-", entry.model_name)[:40]
+            if what == "reproduce.py":
+                data = export.script(self._shared(state, entry, settings, sel), state.get("versus")).encode("utf-8")
+            elif what in ("handout.pdf", "handout.png"):
+                link = self.share_link(state, None, settings, sel)
+                link = f"{base}/?s={link}" if base and link else link
+                n = len(s.ids)
+                handout = self._call(entry, who, lambda: export.handout_data(
+                    s, entry.model_name, sel.position, sel.layer, sel.head, link, window(sel.position, n, HANDOUT["attention"]),
+                    window(sel.position, n, HANDOUT["lens"]), lens_layers(cfg.n_layer, HANDOUT["lens_layers"])))
+                data = render_handout(handout, paper, what.rsplit(".", 1)[1])  # on the waiter's thread, not the engine's
+            else:
+                def table() -> bytes:
+                    s.read()
+                    if what == "upcoming.csv":
+                        if s.room_left <= 0:
+                            raise UserError("The text fills the model's context: there is no upcoming token.")
+                        return export.upcoming_csv(s).encode("utf-8")
+                    if what == "lens.csv":
+                        return export.lens_csv(s, *window(sel.position, len(s.ids), COMPACT["lens"] if sel.compact else WINDOW_LENS)).encode("utf-8")
+                    return export.run_npz(s, entry.model_name)
+                data = self._call(entry, who, table)
+            page = Page(sync_state(state, entry), status=f"Ready: {DOWNLOADS[what]}. Click the file below to save it.")
+            page.file = (f"gpt2viz-{name}-{what}", data)
+            return page
+        except Exception as e:  # noqa: BLE001
+            return self._refuse(state, e)
 
     def open_link(self, state, link, who: Who | None = None) -> Page:
         """The page a link describes: its model, prompt and settings, its tokens replayed (a sampled token is drawn
@@ -853,9 +906,11 @@ class Controller:
                 f"{', '.join(self.models.names())}. Choose one and press Step to start."))
         settings = [shared.settings[k] for k in SHARE_SETTINGS]
         config = sampling_config(*settings)
-        sel = Selection.of(shared.position, shared.layer, shared.head, shared.tab)
+        sel = Selection.of(shared.position, shared.layer, shared.head, shared.tab, lens_mode=shared.lens_mode,
+                           strip_colour=shared.strip_colour)
         try:
             state, entry = self._entry(new_state(shared.model), shared.model, shared.prompt, config, who)
+            state["versus"] = shared.versus
             s = entry.session
             if len(s.prompt_ids) + len(shared.tokens) > s.model.cfg.n_positions:
                 raise UserError("This link's text is longer than the model's context.")
@@ -886,7 +941,9 @@ class Controller:
             note = f" {differ} sampled token(s) came out differently on this server and were taken from the link." if differ else ""
             page.status = f"Opened a shared page: {shared.model}, {len(shared.tokens)} generated tokens.{note}" + (
                 f" {page.status}" if page.status else "")
-            page.prompt, page.settings = shared.prompt, shared.settings
+            page.prompt, page.settings, page.modes = shared.prompt, shared.settings, True
+            if shared.versus is not None:
+                page.versus = token_strings(self.models.tokenizer, [shared.versus])[0]
             return page
         except Exception as e:  # noqa: BLE001
             return self._refuse(state, e)
@@ -1079,6 +1136,11 @@ def crop_note(start: int, end: int, n: int) -> str:
 
 WINDOW_ATTENTION = 16  # tokens in one head's heatmap and in the all-heads grid (each one labelled)
 WINDOW_LENS = 12
+HANDOUT = dict(attention=16, lens=8, lens_layers=13)  # what fits a printed page
+DOWNLOADS = {"handout.pdf": "the handout (PDF)", "handout.png": "the handout (PNG)",
+             "upcoming.csv": "the upcoming token's table (CSV)", "lens.csv": "the logit lens window (CSV)",
+             "run.npz": "the whole run as numpy arrays (.npz, with a README inside)",
+             "reproduce.py": "a Python script that recreates this page and prints the selected view's numbers"}
 COMPACT = dict(attention=10, lens=7, lens_layers=5)  # a phone's screen
 
 

@@ -3,7 +3,8 @@
     link = encode(Shared(model="gpt2", prompt="The cat", settings=SETTINGS, tokens=[262, 3290], methods="sf", ...))
     state = decode(link)       # Shared again, every field checked; ShareLinkError says what is wrong
 
-Format `v1.<base64url>`: a JSON header (model, prompt, settings, methods, interventions, selection) and the
+Format `v1.<base64url>`: a JSON header (model, prompt, settings, methods, interventions, the view: selection, tab,
+modes and the Why tab's comparison token) and the
 generated token ids as 16-bit little-endian numbers (GPT-2 has 50,257 tokens; 17-bit ids go in a wider
 array), together deflated. The token ids are the branch actually taken, so a link replays the same text on
 any machine even where another CPU would round a sampled draw the other way. Decoding only parses: JSON and
@@ -33,6 +34,8 @@ MAX_TOKENS = 4096
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/ -]{0,99}")
 METHODS = {"s": "sampled", "g": "greedy", "f": "forced"}
 SETTING_NAMES = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed")
+LENS_MODES = ("top", "rank", "entropy")
+STRIP_COLOURS = ("prob", "decided")
 
 
 class ShareLinkError(ValueError):
@@ -53,13 +56,16 @@ class Shared:
     layer: int = 0
     head: int = 0
     tab: str = "chosen"
+    lens_mode: str = "top"  # the Lens tab's mode
+    strip_colour: str = "prob"  # what the strip's colours show
+    versus: int | None = None  # the Why tab's comparison token (None: the runner-up)
 
 
 def encode(state: Shared) -> str:
     """The link text for `state` (checked first, so that only links `decode` accepts are ever made)."""
     check(state)
     header = {"m": state.model, "p": state.prompt, "s": [state.settings[k] for k in SETTING_NAMES], "k": state.methods,
-              "i": [to_dict(iv) for iv in state.interventions], "v": [state.position, state.layer, state.head, state.tab]}
+              "i": [to_dict(iv) for iv in state.interventions], "v": [state.position, state.layer, state.head, state.tab, state.lens_mode, state.strip_colour, state.versus]}
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     wide = any(t > 0xFFFF for t in state.tokens)
     ids = np.asarray(state.tokens, dtype="<u4" if wide else "<u2").tobytes()
@@ -102,7 +108,7 @@ def decode(link) -> Shared:
     if not isinstance(header, dict) or set(header) != {"m", "p", "s", "k", "i", "v"}:
         raise ShareLinkError("This link is damaged: its header does not describe a page.")
     s, v = header["s"], header["v"]
-    if not (isinstance(s, list) and len(s) == len(SETTING_NAMES) and isinstance(v, list) and len(v) == 4):
+    if not (isinstance(s, list) and len(s) == len(SETTING_NAMES) and isinstance(v, list) and len(v) in (4, 7)):
         raise ShareLinkError("This link is damaged: its settings or selection are incomplete.")
     if not isinstance(header["i"], list):
         raise ShareLinkError("This link is damaged: its interventions are not a list.")
@@ -113,6 +119,8 @@ def decode(link) -> Shared:
     state = Shared(model=header["m"], prompt=header["p"], settings=dict(zip(SETTING_NAMES, s)),
                    tokens=np.frombuffer(ids, dtype="<u4" if width == 4 else "<u2").astype(int).tolist(),
                    methods=header["k"], interventions=interventions, position=v[0], layer=v[1], head=v[2], tab=v[3])
+    if len(v) == 7:  # links made before the view's modes were kept have 4
+        state.lens_mode, state.strip_colour, state.versus = v[4], v[5], v[6]
     check(state)
     return state
 
@@ -155,3 +163,6 @@ def check(state: Shared) -> None:
     _index("head", state.head)
     if not isinstance(state.tab, str) or not re.fullmatch(r"[a-z]{1,16}", state.tab):
         raise ShareLinkError("This link opens an unknown tab.")
+    if state.lens_mode not in LENS_MODES or state.strip_colour not in STRIP_COLOURS:
+        raise ShareLinkError("This link asks for a view mode the page does not have.")
+    _index("comparison token", state.versus, allow_none=True)
