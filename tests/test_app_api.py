@@ -13,7 +13,7 @@ PROMPT = "ROMEO:\nBut soft, what light"
 DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=5, seed=0)
 # The outputs every endpoint returns, in order (the page's components, less its per-user state).
 OUT = {name: i for i, name in enumerate(
-    "tab status strip position selected_label layer head rewind_to upcoming pick prompt hint example targets "
+    "tab status strip strip_key lens_mode strip_colour versus position selected_label layer head rewind_to upcoming pick prompt hint example targets "
     "chosen attention row grid overview lens lens_strip embed norm traj exp_strips exp_loss exp_bars why_dla why_neurons why_sampler".split())}
 
 
@@ -42,7 +42,25 @@ def client(app_url):
 def test_endpoints_are_the_documented_ones(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert names == {"/generate", "/step", "/reset", "/stop", "/force_candidate", "/force_text", "/rewind", "/inspect",
-                     "/set_model", "/upcoming", "/show_me", "/experiment", "/induction_lesson", "/compare_with", "/share_link"}
+                     "/set_model", "/upcoming", "/show_me", "/experiment", "/induction_lesson", "/compare_with", "/share_link",
+                     "/download"}
+
+
+def test_downloads_come_as_files_and_a_bad_request_as_a_message(client):
+    import numpy as np
+
+    client.predict(**args(), api_name="/step")
+    status, path = client.predict(**settings(), what="run.npz", paper="a4", position=2, layer=0, head=0, tab="chosen",
+                                  api_name="/download")
+    assert "Ready" in status and path.endswith("gpt2viz-tiny-shakespeare-run.npz")
+    with np.load(path) as z:
+        assert z["attention"].shape[:2] == (4, 6) and z["tokens"].shape == (len(z["token_strings"]),)
+    status, path = client.predict(**settings(), what="reproduce.py", paper="a4", api_name="/download")
+    assert path.endswith(".py") and "load_model('tiny-shakespeare')" in open(path).read()
+    status, path = client.predict(**settings(), what="handout.png", paper="letter", api_name="/download")
+    assert open(path, "rb").read(4) == b"\x89PNG"
+    with pytest.raises(AppError, match="is not in the list of choices"):  # a clear refusal, no traceback
+        client.predict(**settings(), what="/etc/passwd", paper="a4", api_name="/download")
 
 
 def test_generate_streams_one_token_at_a_time(client):

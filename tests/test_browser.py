@@ -417,7 +417,11 @@ def test_a_share_link_opens_the_same_page_in_another_browser_and_a_broken_one_sa
     page.locator("#strip .tok").nth(4).click()
     wait_idle(page)
     tab(page, "Lens")
-    page.get_by_text("Share this page").click()
+    page.get_by_label("rank of the final guess").check()
+    wait_idle(page)
+    page.get_by_label("where the model decided").check()
+    wait_idle(page)
+    page.get_by_text("Share and download").click()
     page.click("#share_btn")
     wait_idle(page)
     url = page.locator("#share_url textarea, #share_url input").first.input_value()
@@ -433,12 +437,49 @@ def test_a_share_link_opens_the_same_page_in_another_browser_and_a_broken_one_sa
         assert int(other.locator("#strip .tok.sel").get_attribute("data-pos")) == 4
         expect(other.get_by_role("tab", name="Lens", exact=True)).to_have_attribute("aria-selected", "true")
         expect(other.locator("#prompt textarea")).to_have_value(PROMPT)
+        expect(other.get_by_label("rank of the final guess")).to_be_checked()
+        expect(other.get_by_label("where the model decided")).to_be_checked()
+        assert other.locator("#lens_plot .gtitle").text_content() == page.locator("#lens_plot .gtitle").text_content()
+        assert other.locator("#strip .tok[class*='dec-']").count() == len(tokens) - 1
         for broken, message in ((url.split("?s=")[1][:-8], "This link is damaged"), ("__import__('os')", "unknown kind")):
             fresh = context.new_page()
             fresh.goto(app_url.rstrip("/") + "/?s=" + broken)
             # the warning pops up with the page; #status may already have been redrawn by an event of the loading page
             expect(fresh.locator(".toast-body").first).to_contain_text(message, timeout=60_000)
             assert strip_tokens(fresh) == []
+    finally:
+        context.close()
+
+
+def test_downloads_and_saving_a_chart(browser, app_url):
+    context = browser.new_context(viewport={"width": 1280, "height": 720}, accept_downloads=True)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(app_url)
+        page.wait_for_selector("#generate")
+        wait_idle(page)
+        set_prompt(page, PROMPT)
+        step(page)
+        # a chart by itself: the SVG button beside plotly's camera, saved under the chart's title
+        page.hover("#upcoming_plot .js-plotly-plot")
+        with page.expect_download() as got:
+            page.click("#upcoming_plot .gv-svg")
+        assert re.fullmatch(r"gpt2viz-upcoming-token-\d+\.svg", got.value.suggested_filename)
+        assert Path(got.value.path()).read_text().startswith("<svg")
+        page.get_by_text("Share and download").click()
+        for choice, suffix, magic in (("the handout (PDF)", ".pdf", b"%PDF"), ("a Python script", ".py", b'"""Recreates')):
+            page.click("#download_what input")
+            page.get_by_role("option", name=re.compile(re.escape(choice))).click()
+            page.click("#download_btn")
+            wait_idle(page)
+            expect(page.locator("#status")).to_contain_text("Ready:")
+            link = page.locator("#download_file a[download]").first
+            expect(link).to_have_attribute("download", f"gpt2viz-tiny-shakespeare-{'handout.pdf' if suffix == '.pdf' else 'reproduce.py'}")
+            with page.expect_download() as got:
+                link.click()
+            assert Path(got.value.path()).read_bytes().startswith(magic)
+        page.screenshot(path=str(ARTIFACTS / "projector-download.png"))
     finally:
         context.close()
 

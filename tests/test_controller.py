@@ -549,3 +549,15 @@ def test_the_text_can_be_coloured_by_where_the_model_decided_each_token(ctl, tok
     after = ctl.select(pages[-1].state, SETTINGS, c.Selection(strip_colour="decided"))
     assert all(t["c"].startswith("dec-") for t in after.strip["tokens"][1:])
     assert c.Selection.of(0, 0, 0, "chosen", strip_colour="bogus").strip_colour == "prob"
+
+
+def test_a_link_keeps_the_view_modes_and_the_why_comparison_token(ctl, tokenizer):
+    prompt = "The lighthouse keeper climbed"
+    page = ctl.step(None, "test", prompt, SETTINGS, c.Selection())
+    page = ctl.compare_with(page.state, SETTINGS, c.Selection(tab="why"), " the")
+    sel = c.Selection(position=2, tab="lens", lens_mode="entropy", strip_colour="decided")
+    link = ctl.share_link(page.state, prompt, SETTINGS, sel)
+    opened = ctl.open_link(None, link)
+    assert (opened.selection.lens_mode, opened.selection.strip_colour) == ("entropy", "decided") and opened.modes
+    assert opened.state["versus"] == tokenizer.encode(" the")[0] and opened.versus == " the"
+    assert opened.strip["tokens"][1]["c"].startswith("dec-")

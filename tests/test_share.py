@@ -41,7 +41,9 @@ def states(draw):
         methods="".join(draw(st.lists(st.sampled_from("sgf"), min_size=n, max_size=n))),
         interventions=draw(st.lists(interventions, max_size=4)),
         position=draw(st.one_of(st.none(), st.integers(0, 1023))), layer=draw(st.integers(0, 47)), head=draw(st.integers(0, 24)),
-        tab=draw(st.sampled_from(["chosen", "attention", "overview", "lens", "embed", "experiment", "why"])))
+        tab=draw(st.sampled_from(["chosen", "attention", "overview", "lens", "embed", "experiment", "why"])),
+        lens_mode=draw(st.sampled_from(["top", "rank", "entropy"])), strip_colour=draw(st.sampled_from(["prob", "decided"])),
+        versus=draw(st.one_of(st.none(), st.integers(0, 50256))))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -93,6 +95,9 @@ GOOD = {"m": "gpt2", "p": "Hi", "s": list(SETTINGS.values()), "k": "", "i": [], 
     (_forge({**GOOD, "i": [{"kind": "ablate_heads", "layer": 0, "heads": [0], "extra": 1}]}), "experiment is not valid"),
     (_forge({**GOOD, "v": [-1, 0, 0, "chosen"]}), "selected token"),
     (_forge({**GOOD, "v": [None, 0, 0, "<script>"]}), "unknown tab"),
+    (_forge({**GOOD, "v": [None, 0, 0, "lens", "eval", "prob", None]}), "view mode the page does not have"),
+    (_forge({**GOOD, "v": [None, 0, 0, "why", "top", "prob", -5]}), "comparison token"),
+    (_forge({**GOOD, "v": [None, 0, 0, "why", "top", "prob"]}), "incomplete"),
     (_forge({**GOOD, "x": 1}), "does not describe a page"),
     (_forge(GOOD, ids=b"\x01"), "do not add up"),
     ("v1." + base64.urlsafe_b64encode(zlib.compress(b"\x00\xff\xff\xff\x7f{}")).decode().rstrip("="), "do not add up"),
@@ -109,3 +114,8 @@ def test_random_text_never_crashes_the_decoder(text):
         decode("v1." + text)
     except ShareLinkError:
         pass
+
+
+def test_a_link_made_before_the_view_modes_were_kept_still_opens():
+    state = decode(_forge({**GOOD, "v": [3, 1, 2, "lens"]}))
+    assert (state.position, state.tab, state.lens_mode, state.strip_colour, state.versus) == (3, "lens", "top", "prob", None)
