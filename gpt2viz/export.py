@@ -124,7 +124,8 @@ def script(shared: Shared, versus: int | None = None) -> str:
         "",
         "from gpt2viz import GenerationSession, SamplingConfig, load_model, load_tokenizer",
         "",
-        f"model = load_model({shared.model!r})",
+        (f"model = load_model({shared.model.removeprefix('local: ')!r})  # the server's own folder of this name: give its path"
+         if shared.model.startswith("local: ") else f"model = load_model({shared.model!r})"),
         "tok = load_tokenizer()",
         f"config = SamplingConfig({settings})",
         f"PROMPT = {shared.prompt!r}",
