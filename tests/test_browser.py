@@ -413,14 +413,35 @@ def test_why_this_token_explains_the_selected_token_and_its_heads_open_in_the_at
 def test_a_share_link_opens_the_same_page_in_another_browser_and_a_broken_one_says_so(browser, app_url, page):
     set_prompt(page, PROMPT)
     step(page)
-    step(page)
-    page.locator("#strip .tok").nth(4).click()
+    n_prompt = len(strip_tokens(page)) - 1
+    page.click("#pick input")  # a forced token: the picker's third candidate
+    page.get_by_role("option").nth(2).click()
+    page.click("#pick_btn")
+    expect(page.locator("#strip .tok")).to_have_count(n_prompt + 2)
     wait_idle(page)
+    step(page)
+    step(page)
+    page.get_by_text("Rewind", exact=True).first.click()  # back to 3 generated tokens, then another branch
+    set_number(page, "rewind_to", 3)
+    page.click("#rewind_btn")
+    expect(page.locator("#strip .tok")).to_have_count(n_prompt + 3)
+    wait_idle(page)
+    step(page)
     tab(page, "Lens")
     page.get_by_label("rank of the final guess").check()
     wait_idle(page)
     page.get_by_label("where the model decided").check()
     wait_idle(page)
+    tab(page, "Attention")
+    set_number(page, "layer", 2)
+    wait_idle(page)
+    set_number(page, "head", 3)
+    wait_idle(page)
+    tab(page, "Chosen")
+    page.locator("#strip .tok").nth(n_prompt + 1).click()  # the forced token
+    wait_idle(page)
+    chart, bars = title(page, "chosen_plot"), page.locator("#chosen_plot .bartext").all_inner_texts()
+    assert "chosen by you" in page.locator("#chosen_plot").inner_text()
     page.get_by_text("Share and download").click()
     page.click("#share_btn")
     wait_idle(page)
@@ -434,13 +455,17 @@ def test_a_share_link_opens_the_same_page_in_another_browser_and_a_broken_one_sa
         expect(other.locator("#status")).to_contain_text("Opened a shared page", timeout=60_000)
         wait_idle(other)
         assert strip_tokens(other) == tokens
-        assert int(other.locator("#strip .tok.sel").get_attribute("data-pos")) == 4
-        expect(other.get_by_role("tab", name="Lens", exact=True)).to_have_attribute("aria-selected", "true")
+        assert int(other.locator("#strip .tok.sel").get_attribute("data-pos")) == n_prompt + 1
+        expect(other.get_by_role("tab", name="Chosen", exact=True)).to_have_attribute("aria-selected", "true")
+        assert title(other, "chosen_plot") == chart and other.locator("#chosen_plot .bartext").all_inner_texts() == bars
         expect(other.locator("#prompt textarea")).to_have_value(PROMPT)
-        expect(other.get_by_label("rank of the final guess")).to_be_checked()
+        tab(other, "Attention")  # the same selected head
+        expect(other.locator("#attn_plot .gtitle")).to_contain_text("Layer 2, head 3")
         expect(other.get_by_label("where the model decided")).to_be_checked()
-        assert other.locator("#lens_plot .gtitle").text_content() == page.locator("#lens_plot .gtitle").text_content()
         assert other.locator("#strip .tok[class*='dec-']").count() == len(tokens) - 1
+        tab(other, "Lens")  # the lens in the mode it had
+        expect(other.get_by_label("rank of the final guess")).to_be_checked()
+        expect(other.locator("#lens_plot .gtitle")).to_contain_text("rank of the final guess")
         for broken, message in ((url.split("?s=")[1][:-8], "This link is damaged"), ("__import__('os')", "unknown kind")):
             fresh = context.new_page()
             fresh.goto(app_url.rstrip("/") + "/?s=" + broken)
