@@ -171,8 +171,8 @@ class TeacherForced:
     def logits(self, position: int) -> torch.Tensor:
         """`[vocab]` float32 next-token logits after `position`."""
         if self.kept is not None and 0 <= position - self.keep_from < self.kept.shape[0]:
-            return self.kept[position - self.keep_from]
-        return self.model.unembed(self.normed[position]).float()
+            return self.kept[position - self.keep_from].cpu()
+        return self.model.unembed(self.normed[position]).float().cpu()
 
 
 @torch.no_grad()

@@ -334,7 +334,7 @@ def read_together(sessions: list[GenerationSession], segments: list[list[int]] |
     starts = [len(s.records) for s in sessions]
     out = model.forward_ragged([torch.tensor(ids) for ids in segments], [s._kv for s in sessions], [s.plan for s in sessions])
     complete = [i for i, (s, ids) in enumerate(zip(sessions, segments)) if starts[i] + len(ids) == len(s._state.ids)]
-    logits = dict(zip(complete, model.unembed_rows(out.normed[[out.bounds[i + 1] - 1 for i in complete]]).float())) if complete else {}
+    logits = dict(zip(complete, model.unembed_rows(out.normed[[out.bounds[i + 1] - 1 for i in complete]]).float().cpu())) if complete else {}
     for i, s in enumerate(sessions):
         rows = out.rows(i)
         s.absorb(starts[i], out.normed[rows], out.resid[:, rows], out.embed[rows], out.pos_embed[rows], logits.get(i))

@@ -23,7 +23,7 @@ class Pending:
     """A forward pass whose token has not been chosen yet."""
 
     position: int
-    logits: torch.Tensor  # [vocab]
+    logits: torch.Tensor  # [vocab] float32 on the CPU: sampling is the same on every device
     attention: np.ndarray | None  # [layer, head, key] float16 (PerStep only)
     resid: np.ndarray  # [layer + 1, d_model] float16
     lens_ids: np.ndarray | None  # (PerStep only)
@@ -107,7 +107,7 @@ class PerStep:
             attention = torch.stack([attention_from_keys(model, layer, resid[layer, -1:], self.kv.keys(layer)[0], len(ids) - 1)[:, 0]
                                      for layer in range(model.cfg.n_layer)]).to(torch.float16)
         logits, lens_ids, lens_probs = read_position(model, resid[:, -1], normed[-1], self.top_n)
-        return Pending(len(ids) - 1, logits, attention.cpu().numpy(), resid[:, -1].float().cpu().numpy().astype(np.float16),
+        return Pending(len(ids) - 1, logits.float().cpu(), attention.cpu().numpy(), resid[:, -1].float().cpu().numpy().astype(np.float16),
                        lens_ids.cpu().numpy().astype(np.int32), lens_probs.cpu().numpy().astype(np.float16))
 
     def chose(self, probs: torch.Tensor, token: int) -> None:
@@ -172,7 +172,7 @@ class Recorder:
             return None
         if logits is None:
             logits = self.model.unembed(normed[-1]).float()
-        return Pending(len(ids) - 1, logits, None, resid[:, -1].float().cpu().numpy().astype(np.float16), None, None)
+        return Pending(len(ids) - 1, logits.float().cpu(), None, resid[:, -1].float().cpu().numpy().astype(np.float16), None, None)
 
     def chose(self, probs: torch.Tensor, token: int) -> None:
         """The token chosen after the last position: its log-probability under the model."""
@@ -230,7 +230,7 @@ class Recorder:
         """`[vocab]` float32 the model's next-token logits after reading `position` (from the recorded stream)."""
         if not 0 <= position < len(self.records):
             raise ValueError(f"logits_at needs 0 <= position < {len(self.records)}, got {position}")
-        return self.model.unembed(self.model.ln_f(self.recorded_resid([position])[-1])).float()[0]
+        return self.model.unembed(self.model.ln_f(self.recorded_resid([position])[-1])).float()[0].cpu()
 
     @torch.no_grad()
     def model_distribution(self, position: int) -> torch.Tensor:
@@ -239,4 +239,4 @@ class Recorder:
         if not 0 <= position < len(self.records):
             raise ValueError(f"model_distribution needs 0 <= position < {len(self.records)}, got {position}")
         final = self.recorded_resid([position])[-1]  # [1, d_model]
-        return torch.softmax(self.model.unembed(self.model.ln_f(final)).float()[0], -1)
+        return torch.softmax(self.model.unembed(self.model.ln_f(final)).float()[0].cpu(), -1)
