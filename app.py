@@ -22,6 +22,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from gpt2viz import controller as c
+from gpt2viz import hardware
 from gpt2viz.memory import configure_allocator
 
 log = logging.getLogger("gpt2viz")
@@ -627,12 +628,21 @@ def main() -> None:
     parser.add_argument("--model", default=os.environ.get("GPT2VIZ_MODEL"), help="model name or checkpoint folder")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--device", default=os.environ.get("GPT2VIZ_DEVICE", "auto"), choices=hardware.DEVICES,
+                        help="where the models run (auto: a CUDA GPU when there is one; on ZeroGPU see gpt2viz/hardware.py)")
+    parser.add_argument("--dtype", default=os.environ.get("GPT2VIZ_DTYPE", "float32"), choices=list(hardware.DTYPES),
+                        help="the weights' dtype on a GPU (the CPU always runs float32)")
     args = parser.parse_args()
+    try:
+        device = hardware.choose_device(args.device)
+        dtype = hardware.choose_dtype(args.dtype, device)
+    except hardware.DeviceError as e:
+        parser.error(str(e))
     logging.basicConfig(level=logging.INFO)
     configure_allocator()  # before the server's threads start (gpt2viz/memory.py)
     started = time.time()
-    models = c.Models(default=args.model)
-    log.info("model %s ready in %.1fs", models.default, time.time() - started)
+    models = c.Models(default=args.model, device=device, dtype=dtype)
+    log.info("model %s ready on %s in %.1fs", models.default, device, time.time() - started)
     demo = build(models, c.Sessions(models))
     # Handlers only wait on the engine's loop (gpt2viz/engine.py), which decides who computes, batches
     # everyone's tokens and caps each client's queued work: Gradio's limits only bound waiting threads.

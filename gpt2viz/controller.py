@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import export, plots
+from . import export, hardware, plots
 from .handout import render as render_handout
 from .compare import coupled_report
 from .engine import Engine, Generation, Overloaded, Who
@@ -65,7 +65,9 @@ class UserError(ValueError):
 class Models:
     """Models loaded once per process and shared read-only by every user."""
 
-    def __init__(self, default: str | None = None, max_loaded: int = 2) -> None:
+    def __init__(self, default: str | None = None, max_loaded: int = 2, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.device, self.dtype = device, dtype  # hardware.choose_device / choose_dtype
         self._models: OrderedDict[str, GPT2] = OrderedDict()
         self._lock = threading.Lock()
         self.max_loaded = max_loaded
@@ -97,8 +99,8 @@ class Models:
         """Models a user can pick: bundled ones always; Hub ones when the Hub is reachable or they are cached."""
         names = list(self.extra)
         for name in HUB_MODELS:
-            if name in ("gpt2-large", "gpt2-xl"):
-                continue  # too slow to be live on a 2-core CPU
+            if not hardware.offered(name, self.device):
+                continue  # gpt2-large and gpt2-xl: too slow to be live on a 2-core CPU
             if self.online or name in self._models or self._cached(name):
                 names.append(name)
         names += [n for n, path in BUNDLED_MODELS.items() if (path / "config.json").exists()]
@@ -118,7 +120,11 @@ class Models:
                 return self._models[name]
         if name not in self.extra and name not in HUB_MODELS and name not in BUNDLED_MODELS:
             raise UserError(f"unknown model {name!r}")
-        model = load_model(self.extra.get(name, name), local_files_only=not self.online)
+        model = load_model(self.extra.get(name, name), local_files_only=not self.online, device=self.device,
+                           dtype=self.dtype if self.device != "cpu" else torch.float32)
+        if hardware.on_gpu_per_call(name) and name not in hardware.GPU_MODELS:
+            hardware.place_for_gpu_calls(name, load_model(self.extra.get(name, name), local_files_only=not self.online),
+                                         self.tokenizer)
         with self._lock:
             self._models[name] = model
             while len(self._models) > self.max_loaded:
@@ -620,6 +626,9 @@ class Controller:
                 yield Page(state, status=warn("The text fills the model's context: rewind or reset to continue."), warning=True)
                 return
             rate = float(tokens_per_second) if isinstance(tokens_per_second, (int, float)) and tokens_per_second > 0 else 0.0
+            if hardware.on_gpu_per_call(entry.model_name):
+                yield from self._stream_on_gpu(state, entry, config, who)
+                return
             run = entry.generating = self.engine.generate(entry.session, entry.lock, config.max_new_tokens, who,
                                                           rate=min(rate, 1000.0))
         except Exception as e:  # noqa: BLE001
@@ -655,6 +664,38 @@ class Controller:
         # The last page carries the text and the message only: the page then asks for every view (`select`
         # with the upcoming token), in a second event whose outputs are all the components.
         yield Page(sync_state(state, entry), status=message, strip=token_strip(s, None, decided))
+
+    def _stream_on_gpu(self, state, entry: Entry, config: SamplingConfig, who: Who) -> Iterator[Page]:
+        """`stream` for a model whose generations run on a GPU lent per call (ZeroGPU, `hardware.py`): one call
+        generates the whole text, token by token (shown as they come); then the CPU's copy reads the tokens in
+        one pass (`GenerationSession.replay`), so that every view is read from the text as usual."""
+        s = entry.session
+        settings = {k: getattr(config, k) for k in SHARE_SETTINGS}
+        n = min(config.max_new_tokens, s.room_left)
+        got: list[int] = []
+        entry.generating = run = _GpuRun()
+        try:
+            for token in hardware.generate_on_gpu(entry.model_name, list(s.ids), settings, n, {}):
+                if run.cancelled:
+                    break
+                got.append(token)
+                ids = s.ids + got
+                yield Page({**state, "prompt_len": len(s.prompt_ids), "ids": ids},
+                           status=f"Generating on the GPU… {len(got)} of {n} tokens.",
+                           strip=strip_of(self.models.tokenizer, ids, list(s.records.logprobs), None))
+        except Exception as e:  # noqa: BLE001 - the quota, the queue or the GPU: say so, keep what came
+            log.error("GPU generation failed: %s: %s", type(e).__name__, e)
+            message = warn(f"The GPU could not finish this text ({type(e).__name__}: {str(e)[:200]}).")
+        else:
+            message = None
+        finally:
+            entry.generating = None
+        differ = self._call(entry, who, lambda: s.replay(got)) if got else 0
+        if message is None:
+            message = step_summary(s.steps[-1]) if got else "Nothing was generated."
+            if differ:
+                message += f" {differ} token(s) drawn on the GPU came out differently here and were kept as drawn there."
+        yield Page(sync_state(state, entry), status=message, strip=token_strip(s, None))
 
     def stop(self, state) -> None:
         self.sessions.stop((state or {}).get("key"))
@@ -1040,6 +1081,15 @@ class Controller:
             page.upcoming, page.choices = upcoming_view(s, draw=False)
         page.views = tab_views(s, sel, self.models, entry.experiment, versus=state.get("versus"))
         return page
+
+
+class _GpuRun:
+    """A generation running in a GPU call: Stop marks it, and the page stops taking its tokens."""
+
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 def _models_with_role_hint(role: str) -> str:

@@ -250,18 +250,27 @@ class GenerationSession:
         self._check_room()
         if force is not None and (isinstance(force, bool) or not isinstance(force, int) or not 0 <= force < model.cfg.vocab_size):
             raise ValueError(f"forced token id must be an integer in [0, {model.cfg.vocab_size}), got {force!r}")
-        ids = self._state.ids
         pending = self._read()
-        dist = distributions(pending.logits, ids, cfg)
+        dist = distributions(pending.logits, self._state.ids, cfg)
         if force is not None:
             token, method = force, "forced"
-        elif cfg.greedy:
-            token, method = int(torch.argmax(dist.probs_final)), "greedy"
         else:
-            token, method = draw(dist.probs_final, step_generator(cfg.seed, pending.position + 1)), "sampled"
+            token, method = self._choose(dist, pending.position)
         self._pending = None
+        return self._commit(pending, dist, token, method)
+
+    def _choose(self, dist, position: int) -> tuple[int, str]:
+        """The sampler's choice after reading `position`: the likeliest token (temperature 0) or the draw of (seed, position + 1)."""
+        if self.config.greedy:
+            return int(torch.argmax(dist.probs_final)), "greedy"
+        return draw(dist.probs_final, step_generator(self.config.seed, position + 1)), "sampled"
+
+    def _commit(self, pending: Pending, dist, token: int, method: str, record_logprob: bool = True) -> Step:
+        """Append `token`, chosen from `dist` after reading `pending.position`, as the next step."""
+        cfg, model, ids = self.config, self.model, self._state.ids
         ids.append(token)
-        self.capture.chose(dist.probs, token)
+        if record_logprob:
+            self.capture.chose(dist.probs, token)
         step = Step(
             index=len(self._state.steps),
             position=pending.position,
@@ -289,6 +298,46 @@ class GenerationSession:
             step.message = f"the text filled the model's context of {model.cfg.n_positions} tokens"
         self._state.steps.append(step)
         return step
+
+    @torch.no_grad()
+    def replay(self, tokens: list[int]) -> int:
+        """Take tokens this session's sampler chose on another copy of the model (a GPU's, `hardware.py`):
+        read them all in one pass, then make each one's step from the distribution recorded here, drawing
+        again. A token the draw here does not give (the other device rounded a draw the other way) is kept,
+        as forced. Needs `record=True`. Returns how many were kept that way."""
+        if not self.record:
+            raise ValueError("replay needs a recording session (record=True)")
+        tokens = [int(t) for t in tokens]
+        if len(tokens) > self.room_left or any(not 0 <= t < self.model.cfg.vocab_size for t in tokens):
+            raise ValueError("replay: the tokens do not fit the context or are not token ids")
+        if not tokens:
+            return 0
+        cfg, ids = self.config, self._state.ids
+        differ = 0
+
+        def take(pending: Pending, token: int, logprob_known: bool) -> None:
+            nonlocal differ
+            dist = distributions(pending.logits, ids, cfg)
+            chosen, method = self._choose(dist, pending.position)
+            if chosen != token:
+                differ, method = differ + 1, "forced"
+            self._commit(pending, dist, token, method, record_logprob=not logprob_known)
+
+        first = self._read()
+        self._pending = None
+        take(first, tokens[0], False)
+        if len(tokens) == 1:
+            return differ
+        n = len(ids)  # the first new token is read here, with all the others but the last, in one pass
+        ids.extend(tokens[1:-1])
+        last = self.capture.read(ids, n - 1, self.plan.hooks(n - 1))  # also records the log-probability of tokens[1:-1]
+        del ids[n:]
+        for i, token in enumerate(tokens[1:], 1):
+            position = n - 2 + i
+            pending = last if i == len(tokens) - 1 else Pending(
+                position, self.capture.logits_at(position), None, self.records.resid[position].astype(np.float16), None, None)
+            take(pending, token, i < len(tokens) - 1)
+        return differ
 
     def _candidates(self, dist, chosen: int | None) -> list[Candidate]:
         n = self.top_n
