@@ -76,6 +76,10 @@ class Models:
         self.notice = ""
         self.extra: dict[str, str] = {}  # display name -> path given on the command line
         self.default = self._choose_default(default)
+        if device != "cpu" and dtype != torch.float32:
+            self.notice += (f" **Half precision.** The models run in {str(dtype).removeprefix('torch.')} on the GPU: "
+                            "probabilities can differ from GPT-2's float32 numbers by about a percentage point "
+                            "(bench/README.md).")
 
     def _choose_default(self, requested: str | None) -> str:
         wanted = requested or "gpt2"
