@@ -253,9 +253,12 @@ class Sessions:
                 raise UserError("Write a prompt and press Generate or Step first.")
             new_key, entry = self.create(state["model"], state["ids"][: state["prompt_len"]], config)
             replay = [int(t) for t in state["ids"][state["prompt_len"]:]]
-            if replay:
-                for _ in self.engine.generate(entry.session, entry.lock, len(replay), who, force=replay):
-                    pass
+            methods = state.get("methods")
+            if not (isinstance(methods, str) and len(methods) == len(replay) and set(methods) <= set("sgf")):
+                methods = "f" * len(replay)  # a state without a record of how its tokens came: say they were given
+            if replay:  # two passes on the engine, however long the text: the tokens drawn here are drawn again
+                s = entry.session
+                self.engine.call(s, entry.lock, lambda: (s.replay(replay, methods), s.read()), who)
             with self._lock:
                 self._entries[key or new_key] = self._entries.pop(new_key)
             state["key"] = key or new_key
@@ -422,7 +425,11 @@ def new_state(model_name: str) -> dict:
 def sync_state(state: dict, entry: Entry, key: str | None = None) -> dict:
     """The state after a use case (other keys, such as what the page last drew, are kept)."""
     s = entry.session
-    return {**state, "key": key or state.get("key"), "model": entry.model_name, "prompt_len": len(s.prompt_ids), "ids": s.ids}
+    return {**state, "key": key or state.get("key"), "model": entry.model_name, "prompt_len": len(s.prompt_ids), "ids": s.ids,
+            "methods": "".join(METHOD_LETTERS[st.method] for st in s.steps)}
+
+
+METHOD_LETTERS = {"sampled": "s", "greedy": "g", "forced": "f"}  # as share links write them
 
 
 @dataclass
@@ -872,7 +879,7 @@ class Controller:
     def _shared(self, state, entry: Entry, settings, selection: Selection) -> Shared:
         """The page's state as a link holds it (`share.Shared`)."""
         s, exp = entry.session, entry.experiment
-        methods = "".join({"sampled": "s", "greedy": "g", "forced": "f"}[st.method] for st in s.steps)
+        methods = "".join(METHOD_LETTERS[st.method] for st in s.steps)
         cfg = sampling_config(*settings)
         versus = state.get("versus")
         return Shared(entry.model_name, self.models.tokenizer.decode(s.prompt_ids), {k: getattr(cfg, k) for k in SHARE_SETTINGS},

@@ -300,11 +300,13 @@ class GenerationSession:
         return step
 
     @torch.no_grad()
-    def replay(self, tokens: list[int]) -> int:
-        """Take tokens this session's sampler chose on another copy of the model (a GPU's, `hardware.py`):
-        read them all in one pass, then make each one's step from the distribution recorded here, drawing
-        again. A token the draw here does not give (the other device rounded a draw the other way) is kept,
-        as forced. Needs `record=True`. Returns how many were kept that way."""
+    def replay(self, tokens: list[int], methods: str | None = None) -> int:
+        """Take tokens this session's sampler chose elsewhere (on a GPU's copy of the model, `hardware.py`; or
+        before the session was rebuilt): read them all in one pass, then make each one's step from the
+        distribution recorded here, drawing again. `methods` ("s", "g" or "f" per token, as share links write
+        them) marks the forced ones; a token the draw here does not give (another device rounded a draw the
+        other way, or other settings drew it) is kept, as forced. Needs `record=True`. Returns how many tokens
+        not marked forced were kept that way."""
         if not self.record:
             raise ValueError("replay needs a recording session (record=True)")
         tokens = [int(t) for t in tokens]
@@ -313,13 +315,19 @@ class GenerationSession:
         if not tokens:
             return 0
         cfg, ids = self.config, self._state.ids
-        differ = 0
+        differ, steps_before = 0, len(self._state.steps)
+
+        forced = [m == "f" for m in methods] if methods is not None else [False] * len(tokens)
+        if len(forced) != len(tokens):
+            raise ValueError("replay: one method per token")
 
         def take(pending: Pending, token: int, logprob_known: bool) -> None:
             nonlocal differ
             dist = distributions(pending.logits, ids, cfg)
             chosen, method = self._choose(dist, pending.position)
-            if chosen != token:
+            if forced[len(self._state.steps) - steps_before]:
+                method = "forced"
+            elif chosen != token:
                 differ, method = differ + 1, "forced"
             self._commit(pending, dist, token, method, record_logprob=not logprob_known)
 

@@ -561,3 +561,29 @@ def test_a_link_keeps_the_view_modes_and_the_why_comparison_token(ctl, tokenizer
     assert (opened.selection.lens_mode, opened.selection.strip_colour) == ("entropy", "decided") and opened.modes
     assert opened.state["versus"] == tokenizer.encode(" the")[0] and opened.versus == " the"
     assert opened.strip["tokens"][1]["c"].startswith("dec-")
+
+
+def test_a_rebuilt_session_keeps_how_each_token_came(models):
+    """After eviction the text is read again in two passes; sampled tokens are drawn again (the same draws),
+    the forced one stays forced, and the views are those of the original session."""
+    store = c.Sessions(models, max_sessions=1)
+    ctl = c.Controller(models, store)
+    prompt = "The lighthouse keeper climbed"
+    page = ctl.step(None, "test", prompt, SETTINGS, c.Selection())
+    page = ctl.force(page.state, "test", prompt, SETTINGS, c.Selection(), page.choices[4][1])
+    for _ in range(3):
+        page = ctl.step(page.state, "test", prompt, SETTINGS, c.Selection())
+    before = store.get(page.state, c.sampling_config(*SETTINGS)).session
+    methods = [s.method for s in before.steps]
+    assert methods == ["sampled", "forced", "sampled", "sampled", "sampled"] and page.state["methods"] == "sfsss"
+    chosen = ctl.select(page.state, SETTINGS, c.Selection(position=len(before.ids) - 2)).views["chosen"]
+    ctl.step(None, "test", "Another student's text", SETTINGS, c.Selection())  # evicts the first
+    rebuilt = store.get(page.state, c.sampling_config(*SETTINGS)).session
+    assert rebuilt is not before and rebuilt.ids == before.ids and [s.method for s in rebuilt.steps] == methods
+    assert len(rebuilt.records) == len(rebuilt.ids)
+    again = ctl.select(page.state, SETTINGS, c.Selection(position=len(before.ids) - 2)).views["chosen"]
+    assert again.layout.title.text == chosen.layout.title.text and "drawn at random" in again.layout.title.subtitle.text
+    np.testing.assert_allclose(again.data[1].x, chosen.data[1].x, atol=2e-4)
+    forced = {**page.state, "methods": None}  # an older page's state: every token said to be given
+    store.drop(forced["key"])
+    assert [s.method for s in store.get(forced, c.sampling_config(*SETTINGS)).session.steps] == ["forced"] * 5
