@@ -276,10 +276,12 @@ def app_path(shape: dict, n_prompt_tokens: int, n_steps: int, root: Path = ROOT,
             words = ("the cat sat on a mat and " * 200).split()
             prompt = tok.decode(tok.encode(" ".join(words))[:n_prompt_tokens])
             # state, model, prompt, tokens/s (0: as fast as it goes), the six settings, then the view:
-            # position, layer, head, tab, per-head scale, compact, lens mode (the page at 0b7dc77 and before: no lens mode)
+            # position, layer, head, tab, per-head scale, compact, lens mode, strip colour (the page at 0b7dc77 and
+            # before: no lens mode; before 6cbf4c4: no strip colour)
             data = [None, model_name, prompt, 0, 1.0, 0, 1.0, 1.0, n_steps, 0, 0, 0, 0, "chosen", False, False]
-            if any(c.get("props", {}).get("elem_id") == "lens_mode" for c in config["components"]):
-                data.append("top")
+            for elem_id, value in (("lens_mode", "top"), ("strip_colour", "prob")):
+                if any(c.get("props", {}).get("elem_id") == elem_id for c in config["components"]):
+                    data.append(value)
             if legacy:  # state, model, prompt, then the six settings
                 data = [None, model_name, prompt, 1.0, 0, 1.0, 1.0, n_steps, 0]
             session = "bench" + str(port)
