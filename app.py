@@ -121,6 +121,7 @@ CSS = """
   #intro p { display: none; }
   #intro h1 { font-size: 22px; }
   .js-plotly-plot .modebar-container { display: none !important; }  /* it covers the titles of a phone-wide figure */
+  #strip_key_row { flex-direction: column !important; } #strip_key_row > * { width: 100% !important; min-width: 0 !important; }
   #tabs .tab-container button { padding: 4px 1px !important; font-size: 11px !important; }
   #tabs { margin-left: -10px !important; width: calc(100% + 20px) !important; max-width: none !important; }  /* room for every tab on one line */
 }
@@ -268,7 +269,7 @@ def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
             gr.Markdown("Every chart on the page can also be saved by itself: hover it and use the camera (PNG) or "
                         "SVG button in its corner.", elem_classes="explain")
         strip = gr.HTML(c.empty_strip(), html_template=STRIP_TEMPLATE, js_on_load=STRIP_JS, elem_id="strip")
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True, elem_id="strip_key_row"):  # on a phone the choice goes under the key
             strip_key = gr.HTML(c.strip_key("prob", 1), elem_id="strip_key")
             strip_colour = gr.Radio([("how likely", "prob"), ("where the model decided", "decided")], value="prob",
                                     label="Colour the text by", elem_id="strip_colour", scale=0, min_width=260)
