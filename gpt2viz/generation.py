@@ -340,11 +340,14 @@ class GenerationSession:
         ids.extend(tokens[1:-1])
         last = self.capture.read(ids, n - 1, self.plan.hooks(n - 1))  # also records the log-probability of tokens[1:-1]
         del ids[n:]
-        for i, token in enumerate(tokens[1:], 1):
-            position = n - 2 + i
-            pending = last if i == len(tokens) - 1 else Pending(
-                position, self.capture.logits_at(position), None, self.records.resid[position].astype(np.float16), None, None)
-            take(pending, token, i < len(tokens) - 1)
+        middle = list(range(n - 1, n - 2 + len(tokens) - 1))  # the positions read before tokens[1:-1]
+        for chunk in range(0, max(len(tokens) - 1, 1), 64):  # their logits in products of 64 rows
+            rows = middle[chunk:chunk + 64]
+            logits = self.capture.logits_of(rows) if rows else None
+            for j, position in enumerate(rows):
+                take(Pending(position, logits[j], None, self.records.resid[position].astype(np.float16), None, None),
+                     tokens[1 + chunk + j], True)
+        take(last, tokens[-1], False)
         return differ
 
     def _candidates(self, dist, chosen: int | None) -> list[Candidate]:

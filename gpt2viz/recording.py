@@ -228,9 +228,14 @@ class Recorder:
     @torch.no_grad()
     def logits_at(self, position: int) -> torch.Tensor:
         """`[vocab]` float32 the model's next-token logits after reading `position` (from the recorded stream)."""
-        if not 0 <= position < len(self.records):
-            raise ValueError(f"logits_at needs 0 <= position < {len(self.records)}, got {position}")
-        return self.model.unembed(self.model.ln_f(self.recorded_resid([position])[-1])).float()[0].cpu()
+        return self.logits_of([position])[0]
+
+    @torch.no_grad()
+    def logits_of(self, positions: list[int]) -> torch.Tensor:
+        """`[len(positions), vocab]` float32 on the CPU: `logits_at` of several positions, in one product."""
+        if not all(0 <= p < len(self.records) for p in positions):
+            raise ValueError(f"logits_at needs 0 <= position < {len(self.records)}, got {positions}")
+        return self.model.unembed(self.model.ln_f(self.recorded_resid(positions)[-1])).float().cpu()
 
     @torch.no_grad()
     def model_distribution(self, position: int) -> torch.Tensor:
