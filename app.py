@@ -230,8 +230,9 @@ def who_of(request: gr.Request | None) -> c.Who:
     return c.Who(str(getattr(request, "session_hash", "") or ""), str(getattr(client, "host", "") or ""))
 
 
-def build(models: c.Models, sessions: c.Sessions) -> gr.Blocks:
-    ctl = c.Controller(models, sessions)
+def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = None) -> gr.Blocks:
+    """The page, wired to `ctl` (default: a Controller over `models` and `sessions` in this process)."""
+    ctl = ctl or c.Controller(models, sessions)
     default_prompt = c.example_text(c.DEFAULT_EXAMPLE_BUNDLED if models.default in c.BUNDLED_MODELS else c.DEFAULT_EXAMPLE)
     # The page has no file input; whatever is uploaded to Gradio's cache anyway is deleted within two hours.
     with gr.Blocks(title="gpt2viz", delete_cache=(3600, 3600)) as demo:
@@ -633,6 +634,8 @@ def main() -> None:
                         help="where the models run (auto: a CUDA GPU when there is one; on ZeroGPU see gpt2viz/hardware.py)")
     parser.add_argument("--dtype", default=os.environ.get("GPT2VIZ_DTYPE", "float32"), choices=list(hardware.DTYPES),
                         help="the weights' dtype on a GPU (the CPU always runs float32)")
+    parser.add_argument("--engine-process", action="store_true", default=os.environ.get("GPT2VIZ_ENGINE_PROCESS") == "1",
+                        help="run the models, sessions and engine in a process of their own (gpt2viz/worker.py)")
     args = parser.parse_args()
     try:
         device = hardware.choose_device(args.device)
@@ -642,9 +645,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     configure_allocator()  # before the server's threads start (gpt2viz/memory.py)
     started = time.time()
-    models = c.Models(default=args.model, device=device, dtype=dtype)
+    if args.engine_process:
+        from gpt2viz import worker  # noqa: PLC0415
+        from gpt2viz.tokenizer import load_tokenizer  # noqa: PLC0415
+
+        engine = worker.Worker(args.model, device, args.dtype)
+        models = worker.RemoteModels(engine, load_tokenizer())
+        demo = build(models, worker.RemoteSessions(engine), worker.RemoteController(engine))
+    else:
+        models = c.Models(default=args.model, device=device, dtype=dtype)
+        demo = build(models, c.Sessions(models))
     log.info("model %s ready on %s in %.1fs", models.default, device, time.time() - started)
-    demo = build(models, c.Sessions(models))
     # Handlers only wait on the engine's loop (gpt2viz/engine.py), which decides who computes, batches
     # everyone's tokens and caps each client's queued work: Gradio's limits only bound waiting threads.
     demo.queue(max_size=1024, default_concurrency_limit=128)

@@ -485,11 +485,17 @@ class Page:
     echo: bool = True  # send the selection back to the sliders (False: the user just set them to these values)
 
     def build(self) -> "Page":
-        """Draw the figures the engine's part of a render left as recipes (`recipe`), on the waiter's thread."""
+        """Draw the figures the engine's part of a render left as recipes (`recipe`), on the waiter's thread
+        (in the web process when the engine has a process of its own: `worker.py`)."""
+        if DEFER_BUILD:
+            return self
         if isinstance(self.upcoming, functools.partial):
             self.upcoming = self.upcoming()
         self.views = {k: v() if isinstance(v, functools.partial) else v for k, v in self.views.items()}
         return self
+
+
+DEFER_BUILD = False  # True in the engine's own process (worker.py): the web process draws the figures
 
 
 def as_index(value) -> int | None:

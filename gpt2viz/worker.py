@@ -1,0 +1,205 @@
+"""The models, the sessions and the engine in a process of their own (`python app.py --engine-process`).
+
+Why: in one process, the web server's threads (Gradio's event loop, its per-message work) and the engine's
+loop share Python's interpreter lock, and a pass of ~3,000 small torch ops waits for the lock at each of
+them (bench/README.md, "Where the time goes"). Here the web process only forwards each use case of the
+`Controller` with its (plain, picklable) arguments and receives its `Page`, whose figures come as recipes
+(`controller.recipe`) and are drawn in the web process (`Page.build`). A stream comes back page by page;
+closing it on the web side (Stop, or the browser gone) closes it in the worker.
+
+Messages on one pipe, pickled: ("call", id, target, args, kwargs), ("cancel", id) to the worker;
+("ok" | "item" | "end" | "err", id, payload) back.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import multiprocessing
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+log = logging.getLogger(__name__)
+
+
+class WorkerError(RuntimeError):
+    """The worker process failed a call outside the Controller's own error handling, or is gone."""
+
+
+def _serve(conn, default: str | None, device: str, dtype_name: str) -> None:
+    import torch  # noqa: PLC0415 - the worker's own imports
+
+    from . import controller as c  # noqa: PLC0415
+    from .memory import configure_allocator  # noqa: PLC0415
+
+    configure_allocator()
+    c.DEFER_BUILD = True  # figures stay recipes: the web process draws them
+    models = c.Models(default=default, device=device, dtype=getattr(torch, dtype_name))
+    sessions = c.Sessions(models)
+    ctl = c.Controller(models, sessions)
+    targets = {"ctl": ctl, "sessions": sessions}
+    lock = threading.Lock()
+    cancelled: set[int] = set()
+
+    def send(*message) -> None:
+        with lock:
+            conn.send(message)
+
+    def run(call_id: int, target: str, args, kwargs) -> None:
+        try:
+            if target == "model_cfg":
+                result = models.get(*args).cfg
+            else:
+                owner, name = target.split(".")
+                result = getattr(targets[owner], name)(*args, **kwargs)
+            if inspect.isgenerator(result):
+                try:
+                    for item in result:
+                        if call_id in cancelled:
+                            break
+                        send("item", call_id, item)
+                finally:
+                    result.close()
+                send("end", call_id, None)
+            else:
+                send("ok", call_id, result)
+        except BaseException as e:  # noqa: BLE001 - reported to the caller, one line in the log
+            log.warning("worker call %s failed: %s: %s", target, type(e).__name__, e)
+            send("err", call_id, f"{type(e).__name__}: {e}")
+        finally:
+            cancelled.discard(call_id)
+
+    pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="call")
+    send("ready", 0, {"names": models.names(), "default": models.default, "notice": models.notice})
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message[0] == "call":
+            pool.submit(run, *message[1:])
+        elif message[0] == "cancel":
+            cancelled.add(message[1])
+
+
+class Worker:
+    """The web process's end: starts the worker, sends calls, routes the answers to their callers."""
+
+    def __init__(self, default: str | None, device: str = "cpu", dtype_name: str = "float32", timeout: float = 600) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, default, device, dtype_name), daemon=True, name="gpt2viz-engine")
+        self.process.start()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, queue.Queue] = {}
+        self._lock = threading.Lock()
+        if not self.conn.poll(timeout):
+            raise WorkerError("the engine process did not start")
+        kind, _, self.info = self.conn.recv()
+        if kind != "ready":
+            raise WorkerError(f"the engine process failed to start: {self.info}")
+        threading.Thread(target=self._read, daemon=True, name="worker-reader").start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, call_id, payload = self.conn.recv()
+            except (EOFError, OSError):
+                for q in list(self._waiting.values()):
+                    q.put(("err", "the engine process is gone"))
+                return
+            q = self._waiting.get(call_id)
+            if q is not None:
+                q.put((kind, payload))
+
+    def _send(self, *message) -> None:
+        with self._lock:
+            self.conn.send(message)
+
+    def _open(self, target: str, args, kwargs) -> tuple[int, queue.Queue]:
+        call_id, q = next(self._ids), queue.Queue()
+        self._waiting[call_id] = q
+        self._send("call", call_id, target, args, kwargs)
+        return call_id, q
+
+    def call(self, target: str, *args, **kwargs):
+        call_id, q = self._open(target, args, kwargs)
+        try:
+            kind, payload = q.get()
+        finally:
+            self._waiting.pop(call_id, None)
+        if kind == "err":
+            raise WorkerError(payload)
+        return payload
+
+    def stream(self, target: str, *args, **kwargs):
+        call_id, q = self._open(target, args, kwargs)
+        done = False
+        try:
+            while True:
+                kind, payload = q.get()
+                if kind == "item":
+                    yield payload
+                elif kind == "end":
+                    done = True
+                    return
+                else:
+                    done = True
+                    raise WorkerError(payload)
+        finally:
+            if not done:
+                self._send("cancel", call_id)
+            self._waiting.pop(call_id, None)
+
+
+class RemoteController:
+    """The `Controller`'s use cases, run in the worker; each `Page` drawn here (`Page.build`)."""
+
+    STREAMS = ("stream",)
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self.STREAMS:
+            def streamed(*args, **kwargs):
+                for page in self.worker.stream(f"ctl.{name}", *args, **kwargs):
+                    yield page.build() if hasattr(page, "build") else page
+            return streamed
+
+        def called(*args, **kwargs):
+            result = self.worker.call(f"ctl.{name}", *args, **kwargs)
+            return result.build() if hasattr(result, "build") else result
+        return called
+
+
+class RemoteModels:
+    """What the page's layout asks of the models (names, the default, the notice, a model's shape)."""
+
+    def __init__(self, worker: Worker, tokenizer) -> None:
+        self.worker, self.tokenizer = worker, tokenizer
+        self.default, self.notice = worker.info["default"], worker.info["notice"]
+        self._names = worker.info["names"]
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def get(self, name: str):
+        return _Shape(self.worker.call("model_cfg", name))
+
+
+class _Shape:
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+
+class RemoteSessions:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def drop(self, key) -> None:
+        self.worker.call("sessions.drop", key)
