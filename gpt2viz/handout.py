@@ -84,9 +84,7 @@ def _strip(fig: Figure, h: Handout, rect: tuple[float, float, float, float], siz
             if x + w > width_pt:
                 x, y = 0.0, y + 1
             boxes.append((i, label, x, y, w))
-            x += w + 3
-            if h.tokens[i].endswith("↵"):
-                x, y = 0.0, y + 1
+            x += w + 3  # a newline token shows as ↵ and the text flows on: paper is scarcer than screen
         return boxes, y + 1
 
     first = 0
@@ -185,14 +183,14 @@ def render(h: Handout, paper: str = "a4", fmt: str = "pdf") -> bytes:
     _strip(fig, h, (0.05, 0.70, 0.90, 0.21), size)
     _upcoming(fig, h, (0.14, 0.42, 0.31, 0.23))
     _attention(fig, h, (0.60, 0.45, 0.35, 0.20))
-    _lens(fig, h, (0.12, 0.12, 0.83, 0.22))
+    _lens(fig, h, (0.12, 0.19, 0.83, 0.19))
     link = h.link or "(no link: the page had no text)"
-    lines = textwrap.wrap(link, 130, break_on_hyphens=False) or [link]
-    if len(lines) > 6:
-        lines = lines[:5] + ["… (the link is too long to print in full: copy it from the page, or use the Python script)"]
-    fig.text(0.05, 0.055, "To open this page again, open this link (it replays the text, settings and view):", fontsize=6.5,
+    lines = textwrap.wrap(link, 150, break_on_hyphens=False) or [link]  # a 200-token run's link is ~1,200 characters
+    if len(lines) > 10:
+        lines = lines[:9] + ["… (the link is too long to print in full: copy it from the page, or use the Python script)"]
+    fig.text(0.05, 0.105, "To open this page again, open this link (it replays the text, settings and view):", fontsize=6.5,
              va="top")
-    fig.text(0.05, 0.043, "\n".join(lines), fontsize=5.2, family=MONO, va="top")
+    fig.text(0.05, 0.093, "\n".join(lines), fontsize=5.2, family=MONO, va="top", linespacing=1.15)
     out = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a glyph the font lacks prints as a box, not a warning in the log
