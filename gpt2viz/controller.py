@@ -426,10 +426,15 @@ def sync_state(state: dict, entry: Entry, key: str | None = None) -> dict:
     """The state after a use case (other keys, such as what the page last drew, are kept)."""
     s = entry.session
     return {**state, "key": key or state.get("key"), "model": entry.model_name, "prompt_len": len(s.prompt_ids), "ids": s.ids,
-            "methods": "".join(METHOD_LETTERS[st.method] for st in s.steps)}
+            "methods": methods_of(s)}
 
 
 METHOD_LETTERS = {"sampled": "s", "greedy": "g", "forced": "f"}  # as share links write them
+
+
+def methods_of(session: GenerationSession) -> str:
+    """How each generated token came, a letter each (METHOD_LETTERS)."""
+    return "".join(METHOD_LETTERS[st.method] for st in session.steps)
 
 
 @dataclass
@@ -885,7 +890,7 @@ class Controller:
     def _shared(self, state, entry: Entry, settings, selection: Selection) -> Shared:
         """The page's state as a link holds it (`share.Shared`)."""
         s, exp = entry.session, entry.experiment
-        methods = "".join(METHOD_LETTERS[st.method] for st in s.steps)
+        methods = methods_of(s)
         cfg = sampling_config(*settings)
         versus = state.get("versus")
         return Shared(entry.model_name, self.models.tokenizer.decode(s.prompt_ids), {k: getattr(cfg, k) for k in SHARE_SETTINGS},
@@ -926,8 +931,8 @@ class Controller:
             if what == "reproduce.py":
                 data = export.script(self._shared(state, entry, settings, sel), state.get("versus")).encode("utf-8")
             elif what in ("handout.pdf", "handout.png"):
-                link = self.share_link(state, None, settings, sel)
-                link = f"{base}/?s={link}" if base and link else link
+                link = encode_link(self._shared(state, entry, settings, sel))
+                link = f"{base}/?s={link}" if base else link
                 n = len(s.ids)
                 handout = self._call(entry, who, lambda: export.handout_data(
                     s, entry.model_name, sel.position, sel.layer, sel.head, link, window(sel.position, n, HANDOUT["attention"]),

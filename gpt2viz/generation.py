@@ -314,40 +314,38 @@ class GenerationSession:
             raise ValueError("replay: the tokens do not fit the context or are not token ids")
         if not tokens:
             return 0
-        cfg, ids = self.config, self._state.ids
-        differ, steps_before = 0, len(self._state.steps)
-
         forced = [m == "f" for m in methods] if methods is not None else [False] * len(tokens)
         if len(forced) != len(tokens):
             raise ValueError("replay: one method per token")
+        ids = self._state.ids
+        differ = 0
 
-        def take(pending: Pending, token: int, logprob_known: bool) -> None:
+        def take(i: int, pending: Pending, logprob_known: bool) -> None:
             nonlocal differ
-            dist = distributions(pending.logits, ids, cfg)
+            dist = distributions(pending.logits, ids, self.config)
             chosen, method = self._choose(dist, pending.position)
-            if forced[len(self._state.steps) - steps_before]:
+            if forced[i]:
                 method = "forced"
-            elif chosen != token:
+            elif chosen != tokens[i]:
                 differ, method = differ + 1, "forced"
-            self._commit(pending, dist, token, method, record_logprob=not logprob_known)
+            self._commit(pending, dist, tokens[i], method, record_logprob=not logprob_known)
 
         first = self._read()
         self._pending = None
-        take(first, tokens[0], False)
+        take(0, first, False)
         if len(tokens) == 1:
             return differ
         n = len(ids)  # the first new token is read here, with all the others but the last, in one pass
         ids.extend(tokens[1:-1])
         last = self.capture.read(ids, n - 1, self.plan.hooks(n - 1))  # also records the log-probability of tokens[1:-1]
         del ids[n:]
-        middle = list(range(n - 1, n - 2 + len(tokens) - 1))  # the positions read before tokens[1:-1]
-        for chunk in range(0, max(len(tokens) - 1, 1), 64):  # their logits in products of 64 rows
-            rows = middle[chunk:chunk + 64]
-            logits = self.capture.logits_of(rows) if rows else None
+        middle = range(n - 1, n - 3 + len(tokens))  # the positions read before tokens[1:-1]
+        for chunk in range(0, len(middle), 64):  # their logits in products of 64 rows
+            rows = list(middle[chunk:chunk + 64])
+            logits = self.capture.logits_of(rows)
             for j, position in enumerate(rows):
-                take(Pending(position, logits[j], None, self.records.resid[position].astype(np.float16), None, None),
-                     tokens[1 + chunk + j], True)
-        take(last, tokens[-1], False)
+                take(1 + chunk + j, Pending(position, logits[j], None, self.records.resid[position].astype(np.float16), None, None), True)
+        take(len(tokens) - 1, last, False)
         return differ
 
     def _candidates(self, dist, chosen: int | None) -> list[Candidate]:

@@ -524,9 +524,9 @@ class GPT2(nn.Module):
         return cached[1]
 
     def _check_tokens(self, tokens) -> torch.Tensor:
-        if not isinstance(tokens, torch.Tensor) or tokens.device != self.wte.weight.device:
-            tokens = torch.as_tensor(tokens, dtype=torch.long if not isinstance(tokens, torch.Tensor) else None,
-                                     device=self.wte.weight.device)
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.as_tensor(tokens, dtype=torch.long)
+        tokens = tokens.to(self.wte.weight.device)  # a no-op where they already are
         if tokens.dim() == 1:
             tokens = tokens[None]
         if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int, torch.int32):

@@ -243,5 +243,4 @@ class Recorder:
         recorded last residual stream through ln_f and the unembedding."""
         if not 0 <= position < len(self.records):
             raise ValueError(f"model_distribution needs 0 <= position < {len(self.records)}, got {position}")
-        final = self.recorded_resid([position])[-1]  # [1, d_model]
-        return torch.softmax(self.model.unembed(self.model.ln_f(final)).float()[0].cpu(), -1)
+        return torch.softmax(self.logits_at(position), -1)
