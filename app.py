@@ -8,6 +8,7 @@ gpt2viz.controller.Controller, which returns a `Page` that `render` maps onto th
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import logging
 import os
@@ -420,11 +421,24 @@ def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = Non
         settings = [temperature, top_k, top_p, penalty, max_new, seed]
         view = [position, layer, head, tab, per_head, compact, lens_mode, strip_colour]
 
-        def named(*names, event: bool = False):
+        answers = c.ViewOrder()
+
+        def named(*names, event: bool = False, order: str | None = None):
             """Give a handler taking `*args` these parameter names (they name the API's parameters); a last
             parameter receives the request (gr.Request: whose work it is), with `event` one before it the
-            browser event's data (gr.EventData). Gradio finds these special arguments by type hint."""
-            def wrap(fn):
+            browser event's data (gr.EventData). Gradio finds these special arguments by type hint.
+            `order`: "view" drops the answer if a newer one of the same page was shown first (c.ViewOrder);
+            "text" takes its place in that order but is always shown."""
+            def wrap(body):
+                if order is None:
+                    fn = body
+                else:
+                    @functools.wraps(body)
+                    def fn(*args):
+                        session = who_of(args[-1]).owner
+                        ticket = answers.ticket(session) if session else 0
+                        out = body(*args)
+                        return out if not session or answers.may_show(session, ticket, always=order == "text") else gr.skip()
                 params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
                 special = {"evt": gr.EventData} if event else {}
                 special["request"] = gr.Request
@@ -440,7 +454,7 @@ def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = Non
 
         def act(use_case, *extra):
             """A handler for inputs `state, model, prompt, *extra, *settings, *view` -> use_case(..., *extra)."""
-            @named("state", "model", "prompt", *extra, *SETTING_NAMES, *VIEW_NAMES)
+            @named("state", "model", "prompt", *extra, *SETTING_NAMES, *VIEW_NAMES, order="text")
             def handler(st, name, text, *rest):
                 *rest, request = rest
                 ctrl, sel = split(rest[len(extra):])
@@ -454,14 +468,14 @@ def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = Non
             for page in ctl.stream(st, name, text, ctrl, sel, rate, who=who_of(request)):
                 yield {**render(page), tab: sel.tab}  # only these outputs: Gradio rebuilds every output a message skips
 
-        @named("state", *SETTING_NAMES, *VIEW_NAMES)
+        @named("state", *SETTING_NAMES, *VIEW_NAMES, order="text")
         def on_generated(st, *rest):
             *rest, request = rest
             ctrl, sel = split(rest)
             sel.position = None
             return render(ctl.select(st, ctrl, sel, who=who_of(request), upcoming=True))
 
-        @named("state", *SETTING_NAMES, *VIEW_NAMES)
+        @named("state", *SETTING_NAMES, *VIEW_NAMES, order="text")
         def on_stop(st, *rest):
             *rest, request = rest
             ctl.stop(st)
@@ -471,20 +485,20 @@ def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = Non
             page.status = page.status or "Stopped."
             return render(page)
 
-        @named("state", *SETTING_NAMES, *VIEW_NAMES)
+        @named("state", *SETTING_NAMES, *VIEW_NAMES, order="view")
         def on_select(st, *rest):
             *rest, request = rest
             ctrl, sel = split(rest)
             return render(ctl.select(st, ctrl, sel, from_sliders=True, who=who_of(request)))
 
-        @named("state", *SETTING_NAMES, *VIEW_NAMES, event=True)
+        @named("state", *SETTING_NAMES, *VIEW_NAMES, event=True, order="view")
         def on_strip_click(st, *rest):
             *rest, evt, request = rest
             ctrl, sel = split(rest)
             sel.position = c.as_index(getattr(evt, "position", None))
             return render(ctl.select(st, ctrl, sel, who=who_of(request)))
 
-        @named("state", *SETTING_NAMES, *VIEW_NAMES, event=True)
+        @named("state", *SETTING_NAMES, *VIEW_NAMES, event=True, order="view")
         def on_overview_click(st, *rest):
             *rest, evt, request = rest
             ctrl, sel = split(rest)
@@ -495,7 +509,7 @@ def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = Non
             return render(page)
 
         def on_tab(tab_id):
-            @named("state", *SETTING_NAMES, *VIEW_NAMES)
+            @named("state", *SETTING_NAMES, *VIEW_NAMES, order="view")
             def handler(st, *rest):
                 *rest, request = rest
                 ctrl, sel = split(rest)
@@ -503,26 +517,26 @@ def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = Non
                 return {**render(ctl.select(st, ctrl, sel, who=who_of(request))), tab: tab_id}  # remembered even before there is a text
             return handler
 
-        @named("state", *SETTING_NAMES)
+        @named("state", *SETTING_NAMES, order="view")
         def on_upcoming(st, *ctrl):
             *ctrl, request = ctrl
             return render(ctl.upcoming(st, list(ctrl), who=who_of(request)))
 
         def on_example(show: bool):
-            @named("state", "model", "example", *SETTING_NAMES, *VIEW_NAMES)
+            @named("state", "model", "example", *SETTING_NAMES, *VIEW_NAMES, order="text")
             def handler(st, name, ex, *rest):
                 *rest, request = rest
                 ctrl, sel = split(rest)
                 return render(ctl.choose_example(st, name, ex, ctrl, sel, show_me=show, who=who_of(request)))
             return handler
 
-        @named("state", "model", "prompt", "targets", "mode", "neurons", "patch_text", *SETTING_NAMES, *VIEW_NAMES)
+        @named("state", "model", "prompt", "targets", "mode", "neurons", "patch_text", *SETTING_NAMES, *VIEW_NAMES, order="text")
         def on_experiment(st, name, text, chosen, how, cells, source, *rest):
             *rest, request = rest
             ctrl, sel = split(rest)
             return render(ctl.experiment(st, name, text, ctrl, sel, chosen, how, cells, source, who=who_of(request)))
 
-        @named("state", *SETTING_NAMES, *VIEW_NAMES, event=True)
+        @named("state", *SETTING_NAMES, *VIEW_NAMES, event=True, order="view")
         def on_why_click(st, *rest):
             *rest, evt, request = rest
             ctrl, sel = split(rest)
@@ -536,13 +550,13 @@ def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = Non
             page.open_tab = "attention" if not page.warning else None
             return render(page)
 
-        @named("state", "versus", *SETTING_NAMES, *VIEW_NAMES)
+        @named("state", "versus", *SETTING_NAMES, *VIEW_NAMES, order="text")
         def on_versus(st, typed, *rest):
             *rest, request = rest
             ctrl, sel = split(rest)
             return render(ctl.compare_with(st, ctrl, sel, typed, who=who_of(request)))
 
-        @named("state", "model", *SETTING_NAMES, *VIEW_NAMES)
+        @named("state", "model", *SETTING_NAMES, *VIEW_NAMES, order="text")
         def on_lesson(st, name, *rest):
             *rest, request = rest
             ctrl, sel = split(rest)

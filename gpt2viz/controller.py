@@ -159,6 +159,41 @@ class Entry:
         return self.session.nbytes + (self.experiment.nbytes if self.experiment else 0)
 
 
+class ViewOrder:
+    """Which of one browser session's answers the page may still show: the newest asked for wins.
+
+    A page's events run side by side, so a slow answer (a tab drawn at the newest token) can arrive after a
+    quicker one asked for later (a click on a token), and would undo it. Each handler takes a ticket when it
+    starts, in the order the browser sent its events; an answer whose ticket is older than one already shown
+    is dropped (`may_show` is False). Answers that change the text (Step, Generate) take tickets too, so a view
+    asked for before them cannot land after them, but they are always shown. Sessions are forgotten
+    least-recently-used beyond `capacity`."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._issued: OrderedDict[str, int] = OrderedDict()
+        self._shown: dict[str, int] = {}
+
+    def ticket(self, session: str) -> int:
+        with self._lock:
+            n = self._issued.pop(session, 0) + 1
+            self._issued[session] = n
+            while len(self._issued) > self.capacity:
+                old, _ = self._issued.popitem(last=False)
+                self._shown.pop(old, None)
+            return n
+
+    def may_show(self, session: str, ticket: int, *, always: bool = False) -> bool:
+        """Whether the answer holding `ticket` may be shown (and, if so, it is the newest shown from now on)."""
+        with self._lock:
+            if ticket < self._shown.get(session, 0) and not always:
+                return False
+            if session in self._issued:
+                self._shown[session] = max(ticket, self._shown.get(session, 0))
+            return True
+
+
 SESSION_SHARE_OF_MEMORY = 0.4  # of the machine's (or container's) memory, for all users' sessions together
 
 

@@ -23,6 +23,7 @@ class FakeModels:
 
     def __init__(self, models: dict, tokenizer):
         self.models, self.tokenizer, self.default = models, tokenizer, next(iter(models))
+        self.notice = ""
 
     def names(self):
         return list(self.models)
@@ -587,3 +588,58 @@ def test_a_rebuilt_session_keeps_how_each_token_came(models):
     forced = {**page.state, "methods": None}  # an older page's state: every token said to be given
     store.drop(forced["key"])
     assert [s.method for s in store.get(forced, c.sampling_config(*SETTINGS)).session.steps] == ["forced"] * 5
+
+
+def test_the_newest_answer_a_page_asked_for_wins():
+    order = c.ViewOrder(capacity=2)
+    tab, click = order.ticket("a"), order.ticket("a")
+    other = order.ticket("b")
+    assert order.may_show("a", click)  # the click's answer arrives first ...
+    assert not order.may_show("a", tab)  # ... so the tab's, asked for before it, is dropped
+    assert order.may_show("b", other)  # another page's order is its own
+    view, step, later = order.ticket("a"), order.ticket("a"), order.ticket("a")
+    assert order.may_show("a", later) and order.may_show("a", step, always=True)  # a text-changing answer always lands
+    assert not order.may_show("a", view)  # a view asked for before it is stale
+    order.ticket("c"), order.ticket("d")  # "a" forgotten beyond the capacity: its next answers start afresh
+    assert order.may_show("a", order.ticket("a"))
+
+
+def test_a_slow_tab_answer_does_not_undo_a_later_click_on_a_token(models):
+    """The race behind a lost click: the Chosen tab's redraw (at the newest token) still running when the user
+    clicks an earlier token; the click's answer lands first and the tab's, when it comes, is dropped."""
+    import threading
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    import app
+
+    release, entered = threading.Event(), threading.Event()
+
+    class SlowFirst(c.Controller):
+        calls = 0
+
+        def select(self, *args, **kw):
+            SlowFirst.calls += 1
+            if SlowFirst.calls == 1:
+                entered.set()
+                assert release.wait(30)
+            return super().select(*args, **kw)
+
+    ctl = SlowFirst(models, c.Sessions(models))
+    demo = app.build(models, c.Sessions(models), ctl)
+    page = ctl.step(None, "test", "Hi there, friend", SETTINGS, c.Selection())
+    state = page.state
+    fns = {f.fn.__qualname__.split("<locals>.", 1)[-1]: f.fn for f in demo.fns.values() if f.fn}
+    request = SimpleNamespace(session_hash="page-1", client=SimpleNamespace(host="127.0.0.1"), headers={})
+    view = [None, 0, 0, "chosen", False, False, "top", "prob"]
+    results = {}
+    tab = threading.Thread(target=lambda: results.setdefault("tab", fns["on_tab.<locals>.handler"](state, *SETTINGS, *view, request)))
+    tab.start()
+    assert entered.wait(30)
+    results["click"] = fns["on_strip_click"](state, *SETTINGS, *view, SimpleNamespace(position=1), request)
+    release.set()
+    tab.join(30)
+    assert results["tab"] == gr.skip()  # dropped: the page keeps the click's answer
+    chosen = next(v for k, v in results["click"].items() if getattr(k, "elem_id", None) == "chosen_plot")
+    assert "for token 1 " in chosen.layout.title.text  # the clicked token's, not the newest's
