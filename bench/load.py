@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,19 +103,120 @@ def student(url: str, model: str, n_tokens: int, n_steps: int, seed: int, start:
     out.update(times=times, steps=steps, status=str(job.outputs()[-1][1] if job.outputs() else ""))
 
 
-def level(url: str, model: str, n_clients: int, n_tokens: int, n_steps: int) -> dict:
-    start = threading.Event()
-    results = [dict() for _ in range(n_clients)]
-    threads = [threading.Thread(target=student, args=(url, model, n_tokens, n_steps, i, start, results[i]))
-               for i in range(n_clients)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0 + 0.05 * n_clients)  # every client has fetched the app's config
+def payloads(url: str, model: str, n_tokens: int) -> dict[str, tuple[int, list, int]]:
+    """{api name: (fn_index, the request's data list, where the seed goes in it)} for /generate and /step,
+    built once by gradio_client exactly as it would send them."""
+    from gradio_client import Client, utils
+
+    client = Client(url, verbose=False)
+    out = {}
+    for name, extra in (("/generate", {"tokens_per_second": 0}), ("/step", {})):
+        fn = client._infer_fn_index(name, None)
+        ep = client.endpoints[fn]
+        a, b = (list(ep.insert_empty_state(*utils.construct_args(ep.parameters_info, (), {
+            "model": model, "prompt": PROMPT, **DEFAULTS, "seed": seed, "max_new_tokens": n_tokens, **extra})))
+            for seed in (0, 1))
+        out[name] = (fn, a, next(i for i, (x, y) in enumerate(zip(a, b)) if x != y))
+    client.close()
+    return out
+
+
+async def sse_student(http, url: str, calls: dict, n_steps: int, seed: int, start, out: dict) -> None:
+    """A student speaking Gradio's queue protocol itself (join, then read the session's event stream): the
+    same requests as gradio_client's, for a fraction of its CPU time. Each streamed message is one token."""
+    from gradio_client.utils import apply_diff
+
+    session = uuid.uuid4().hex
+
+    async def event(name: str, on_message=None) -> None:
+        fn, data, seed_at = calls[name]
+        data = list(data)
+        data[seed_at] = seed
+        join = await http.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": session,
+                                                                     "event_data": None, "trigger_id": None})
+        event_id, outputs = join.json()["event_id"], None
+        async with http.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}) as stream:
+            async for line in stream.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                msg = json.loads(line[5:])
+                if msg.get("event_id") != event_id:
+                    continue
+                if msg["msg"] == "process_generating" and on_message:
+                    data = msg.get("output", {}).get("data", [])
+                    outputs = data if outputs is None else [apply_diff(old, new) for old, new in zip(outputs, data)]
+                    on_message(next((len(o["tokens"]) for o in outputs if isinstance(o, dict) and "tokens" in o), 0))
+                if msg["msg"] == "process_completed":
+                    if not msg.get("success", True):
+                        raise RuntimeError(str(msg.get("output"))[:200])
+                    return
+
+    await start.wait()
     t0 = time.perf_counter()
-    start.set()
-    for t in threads:
-        t.join(timeout=1800)
+    times: list = []
+
+    def arrived(n: int) -> None:  # the strip's length: a message may bring several tokens
+        if n and (not times or n > times[-1][1]):
+            times.append((time.perf_counter() - t0, n))
+
+    await event("/generate", arrived)
+    steps = []
+    for _ in range(n_steps):
+        s0 = time.perf_counter()
+        await event("/step")
+        steps.append(time.perf_counter() - s0)
+    out.update(times=times, steps=steps)
+
+
+def sse_level(url: str, calls: dict, n_clients: int, n_steps: int, results: list) -> None:
+    import asyncio
+
+    import httpx
+
+    async def main() -> None:
+        start = asyncio.Event()
+        limits = httpx.Limits(max_connections=4 * n_clients + 10, max_keepalive_connections=2 * n_clients + 10)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as http:
+            tasks = [asyncio.create_task(sse_student(http, url, calls, n_steps, i, start, results[i])) for i in range(n_clients)]
+            await asyncio.sleep(0.2)
+            start.set()
+            for task in tasks:
+                try:
+                    await task
+                except Exception as e:  # noqa: BLE001 - a student that failed is counted as not finished
+                    print(f"a student failed: {type(e).__name__}: {e}", flush=True)
+
+    asyncio.run(main())
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def level(url: str, model: str, n_clients: int, n_tokens: int, n_steps: int, harness: str = "gradio_client",
+          server_pid: int | None = None) -> dict:
+    results = [dict() for _ in range(n_clients)]
+    if harness == "sse":
+        calls = payloads(url, model, n_tokens)
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        server0 = cpu_seconds(server_pid) if server_pid else 0.0
+        sse_level(url, calls, n_clients, n_steps, results)
+    else:
+        start = threading.Event()
+        threads = [threading.Thread(target=student, args=(url, model, n_tokens, n_steps, i, start, results[i]))
+                   for i in range(n_clients)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0 + 0.05 * n_clients)  # every client has fetched the app's config
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        server0 = cpu_seconds(server_pid) if server_pid else 0.0
+        start.set()
+        for t in threads:
+            t.join(timeout=1800)
     wall = time.perf_counter() - t0
+    harness_cpu = (time.process_time() - cpu0) / wall  # cores the simulated class itself used
+    server_cpu = (cpu_seconds(server_pid) - server0) / wall if server_pid else float("nan")
     ok = [r for r in results if r.get("times")]
     first = [r["times"][0][0] for r in ok]
     rates, generated = [], 0
@@ -125,7 +227,8 @@ def level(url: str, model: str, n_clients: int, n_tokens: int, n_steps: int) -> 
             rates.append((n_last - n_first) / (t_last - t_first))
     gen_end = max(r["times"][-1][0] for r in ok) if ok else float("nan")
     steps = [s for r in ok for s in r["steps"]]
-    return dict(clients=n_clients, finished=len(ok), wall_s=wall,
+    return dict(clients=n_clients, finished=len(ok), wall_s=wall, harness=harness, harness_cores=harness_cpu,
+                server_cores=server_cpu,
                 ttft=pct(first), student_tps=pct(rates), min_student_tps=min(rates) if rates else float("nan"),
                 aggregate_tps=generated / gen_end if ok else float("nan"), step_s=pct(steps))
 
@@ -137,7 +240,8 @@ def pct(xs: list[float]) -> dict:
     return dict(p50=statistics.median(xs), p95=xs[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))], max=xs[-1])
 
 
-def run_tree(tree: Path, checkpoint: Path, clients: list[int], n_tokens: int, n_steps: int, log: Path, port: int) -> dict:
+def run_tree(tree: Path, checkpoint: Path, clients: list[int], n_tokens: int, n_steps: int, log: Path, port: int,
+             harness: str = "gradio_client") -> dict:
     server = Server(tree, checkpoint, port, log)
     model = f"local: {checkpoint.name}"
     try:
@@ -145,7 +249,7 @@ def run_tree(tree: Path, checkpoint: Path, clients: list[int], n_tokens: int, n_
         rss_before = server_rss(server.proc.pid)
         levels = []
         for n in clients:
-            levels.append(level(server.url, model, n, n_tokens, n_steps))
+            levels.append(level(server.url, model, n, n_tokens, n_steps, harness, server.proc.pid))
             print(json.dumps(levels[-1]), flush=True)
         return dict(levels=levels, rss_before=rss_before, rss_after=server_rss(server.proc.pid))
     finally:
@@ -159,15 +263,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--peer", help="also run the app at this git commit (a worktree), same checkpoint, same levels")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
+    parser.add_argument("--harness", choices=["gradio_client", "sse"], default="gradio_client",
+                        help="the students: gradio_client in a thread each, or one event loop speaking the queue protocol "
+                             "(the same requests, a fraction of the CPU: on 2 cores the class otherwise takes a quarter of them)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpt2viz-load-"))
     checkpoint = make_checkpoint(work / "gpt2-small-random")
-    report = {"this": run_tree(ROOT, checkpoint, args.clients, args.tokens, args.steps, work / "this.log", 7901)}
+    report = {"this": run_tree(ROOT, checkpoint, args.clients, args.tokens, args.steps, work / "this.log", 7901, args.harness)}
     if args.peer:
         peer = work / "peer"
         subprocess.run(["git", "worktree", "add", "--detach", str(peer), args.peer], cwd=ROOT, check=True, capture_output=True)
         try:
-            report["peer"] = run_tree(peer, checkpoint, args.clients, args.tokens, args.steps, work / "peer.log", 7902)
+            report["peer"] = run_tree(peer, checkpoint, args.clients, args.tokens, args.steps, work / "peer.log", 7902, args.harness)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(peer)], cwd=ROOT, capture_output=True)
     print_report(report)
@@ -180,14 +287,15 @@ def print_report(report: dict) -> None:
         base = run["levels"][0] if run["levels"][0]["clients"] == 1 else None
         print(f"\n{name}: resident memory {run['rss_before'] / 2**30:.2f} GiB before, {run['rss_after'] / 2**30:.2f} GiB after")
         print("| students | finished | first token p50 / p95 / max (s) | tokens/s per student p50 (min) | all together tokens/s"
-              + (" (× one alone)" if base else "") + " | Step p50 / p95 (s) |")
-        print("|---|---|---|---|---|---|")
+              + (" (× one alone)" if base else "") + " | Step p50 / p95 (s) | cores: server, students |")
+        print("|---|---|---|---|---|---|---|")
         for lv in run["levels"]:
             t, r, st = lv["ttft"], lv["student_tps"], lv["step_s"]
             ratio = f" (×{lv['aggregate_tps'] / base['aggregate_tps']:.1f})" if base else ""
             print(f"| {lv['clients']} | {lv['finished']} | {t.get('p50', 0):.2f} / {t.get('p95', 0):.2f} / {t.get('max', 0):.2f} "
                   f"| {r.get('p50', 0):.1f} ({lv['min_student_tps']:.1f}) | {lv['aggregate_tps']:.1f}{ratio} "
-                  f"| {st.get('p50', 0):.2f} / {st.get('p95', 0):.2f} |")
+                  f"| {st.get('p50', 0):.2f} / {st.get('p95', 0):.2f} | {lv.get('server_cores', float('nan')):.2f}, "
+                  f"{lv.get('harness_cores', float('nan')):.2f} |")
 
 
 if __name__ == "__main__":

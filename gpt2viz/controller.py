@@ -697,7 +697,8 @@ class Controller:
             text, marks = entry.marks
             decided = marks if list(text) == s.ids[: len(text)] else {}
         try:
-            for n, got in enumerate(run, 1):
+            for batch in run.batches():  # several tokens in one message when this waiter fell behind
+                n, got = n + len(batch), batch[-1]
                 step = got.step
                 message = step_summary(step)
                 if step.finish_reason is not None and step.finish_reason != "max_new_tokens":

@@ -27,6 +27,7 @@ One loop serves every loaded model (an iteration batches the sessions of one mod
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import queue
@@ -77,6 +78,7 @@ class _Job:
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
     served: int = -1  # the iteration that last served it (new jobs first)
+    submitted: float = field(default_factory=time.monotonic)
     next_at: float = 0.0
     done: int = 0
 
@@ -90,13 +92,33 @@ class Generation:
 
     def __iter__(self) -> Iterator[Delivered]:
         try:
-            while True:
-                item = self._job.out.get()
+            for got in self.batches():
+                yield from got
+        finally:
+            self.cancel()
+
+    def batches(self) -> Iterator[list[Delivered]]:
+        """The tokens in the batches they are waited for: each wait returns every token generated meanwhile
+        (one at least), so a waiter that is slow to pass them on (a busy web server) sends one message
+        for several tokens instead of falling further behind."""
+        try:
+            error = None
+            while error is None:
+                got, item = [], self._job.out.get()
+                while item is not _DONE:
+                    if isinstance(item, BaseException):
+                        error = item  # raised after the tokens before it
+                        break
+                    got.append(item)
+                    try:
+                        item = self._job.out.get_nowait()
+                    except queue.Empty:
+                        break
+                if got:
+                    yield got
                 if item is _DONE:
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            raise error
         finally:
             self.cancel()
 
@@ -111,15 +133,18 @@ class Engine:
 
     def __init__(self, max_batch: int = 32, prefill_tokens: int = 128, call_slice: float = 0.05,
                  max_jobs_per_owner: int = 3, max_jobs_per_client: int = 48, max_jobs: int = 512,
-                 idle_seconds: float = 30.0, on_idle: Callable[[], None] | None = None) -> None:
+                 idle_seconds: float = 30.0, on_idle: Callable[[], None] | None = None, max_ahead: int = 8) -> None:
         self.max_batch, self.prefill_tokens, self.call_slice = max_batch, prefill_tokens, call_slice
+        self.max_ahead = max_ahead  # tokens a generation may run ahead of its waiter (who takes them in `batches`)
         self.max_jobs_per_owner, self.max_jobs_per_client, self.max_jobs = max_jobs_per_owner, max_jobs_per_client, max_jobs
         self.idle_seconds, self.on_idle = idle_seconds, on_idle  # on_idle: run when the queue empties (at most every 5 s)
         self._jobs: list[_Job] = []
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._iteration = itertools.count()
-        self.stats = {"iterations": 0, "batched_rows": 0, "calls": 0, "advance_s": 0.0, "calls_s": 0.0, "forward_s": 0.0}
+        self.stats = {"iterations": 0, "batched_rows": 0, "calls": 0, "advance_s": 0.0, "calls_s": 0.0, "forward_s": 0.0,
+                      "generations_ready": 0, "generations_batched": 0}
+        self.first_token_s: collections.deque[float] = collections.deque(maxlen=1000)  # submitted -> first token, per generation
 
     # -- the waiters' side --
 
@@ -181,10 +206,16 @@ class Engine:
                 last_report, was, reported = time.monotonic(), reported, dict(self.stats)
                 n = reported["iterations"] - was["iterations"]
                 if n:
+                    waits = sorted(self.first_token_s)
+                    self.first_token_s.clear()
                     log.info("engine: %d passes of %.1f rows, %.0f ms each (%.0f ms forward), %d calls (%.0f%% of the time), "
-                             "%d jobs queued", n, (reported["batched_rows"] - was["batched_rows"]) / n,
+                             "%d jobs queued, %.1f of %.1f ready generations batched per pass; first tokens %s", n, (reported["batched_rows"] - was["batched_rows"]) / n,
                              1000 * (reported["advance_s"] - was["advance_s"]) / n, 1000 * (reported["forward_s"] - was["forward_s"]) / n,
-                             reported["calls"] - was["calls"], 100 * (reported["calls_s"] - was["calls_s"]) / 30, len(self._jobs))
+                             reported["calls"] - was["calls"], 100 * (reported["calls_s"] - was["calls_s"]) / 30, len(self._jobs),
+                             (reported["generations_batched"] - was["generations_batched"]) / n,
+                             (reported["generations_ready"] - was["generations_ready"]) / n,
+                             f"p50 {waits[len(waits) // 2]:.2f} s, max {waits[-1]:.2f} s after the request reached the engine ({len(waits)})"
+                             if waits else "none")
             with self._cv:
                 self._jobs = [j for j in self._jobs if not self._finish_if_cancelled(j)]
                 if not self._jobs:
@@ -260,7 +291,7 @@ class Engine:
             for job in gens:
                 if len(batch) >= self.max_batch:
                     break
-                if job.session.model is not model or job.out.qsize() >= 2:
+                if job.session.model is not model or job.out.qsize() >= self.max_ahead:
                     continue  # another model's turn comes next; or the waiter has not taken its last tokens yet
                 if not job.lock.acquire(blocking=False):
                     continue
@@ -275,6 +306,8 @@ class Engine:
                     budget -= len(unread)
                 batch.append((job, unread))
                 job.served = iteration
+            self.stats["generations_ready"] += len(gens)
+            self.stats["generations_batched"] += len(batch)
             reading = [(job, ids) for job, ids in batch if ids and job.session.record]
             if reading:
                 began = time.monotonic()
@@ -315,6 +348,8 @@ class Engine:
                 return self._finish(job)
             force = job.force[job.done] if job.done < len(job.force) else None
             step = s.step(force=force)  # its pass is already read: no forward here
+            if job.done == 0:
+                self.first_token_s.append(time.monotonic() - job.submitted)
             job.done += 1
             job.out.put(Delivered(step, s.ids, list(s.records.logprobs)))
             if job.rate:

@@ -227,3 +227,33 @@ def test_forward_ragged_equals_forward_sequence_by_sequence(model):
         ref = cache["resid_post", -1][0, past:]
         np.testing.assert_allclose(out.resid[-1, out.rows(i)], ref, atol=1e-4)
         assert kv.length == len(ids)
+
+
+def test_a_slow_waiter_gets_the_tokens_made_meanwhile_in_one_batch_and_the_engine_runs_ahead_a_bounded_way(trained, tokenizer):
+    engine = Engine(max_ahead=4)
+    s = GenerationSession(trained, tokenizer, "ROMEO:", SamplingConfig(seed=7), record=True)
+    run = engine.generate(s, threading.Lock(), 12)
+    batches = []
+    for got in run.batches():
+        batches.append(got)
+        time.sleep(0.5)  # a busy web server: several passes while this waiter sends one message
+    sizes = [len(b) for b in batches]
+    assert sum(sizes) == 12 and max(sizes) > 1 and max(sizes) <= 4  # never more than max_ahead waiting
+    tokens = [d.step.token_id for b in batches for d in b]
+    assert tokens == [st.token_id for st in s.steps] == s.ids[-12:]
+    assert [d.ids for d in batches[-1]][-1] == s.ids  # the newest snapshot is the whole text
+    solo = GenerationSession(trained, tokenizer, "ROMEO:", SamplingConfig(seed=7), record=True)
+    for _ in range(12):
+        solo.step()
+    assert solo.ids == s.ids  # the same tokens as stepping alone, however they were waited for
+
+
+def test_an_error_after_tokens_reaches_the_waiter_after_them(trained, tokenizer):
+    engine = Engine()
+    s = GenerationSession(trained, tokenizer, "ROMEO:", SamplingConfig(seed=7), record=True)
+    run = engine.generate(s, threading.Lock(), 3, force=[None, None, 10**9])  # the third token is no token
+    got = []
+    with pytest.raises(ValueError, match="forced token id"):
+        for batch in run.batches():
+            got += batch
+    assert len(got) == 2 and s.ids[-2:] == [d.step.token_id for d in got]
