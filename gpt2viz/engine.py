@@ -20,7 +20,9 @@ a busy server as on an idle one.
 
 Fairness: jobs are served least recently served first; prompts are read at most `prefill_tokens`
 per iteration in all; calls get as long as the pass took (at least `call_slice`, at least one);
-each browser session and each client address has a cap on queued jobs (`Overloaded`).
+each browser session and each client address has a cap on queued jobs (`Overloaded`). A whole class
+often comes from one school's address, so that cap is a class's worth (128: one generation and one
+view each for 60 students), well under the server's (512).
 One loop serves every loaded model (an iteration batches the sessions of one model): on a
 2-core machine two loops would only take turns on the same cores.
 """
@@ -132,7 +134,7 @@ class Engine:
     """The model loop. Thread-safe; its thread starts with the first job and ends when idle."""
 
     def __init__(self, max_batch: int = 32, prefill_tokens: int = 128, call_slice: float = 0.05,
-                 max_jobs_per_owner: int = 3, max_jobs_per_client: int = 48, max_jobs: int = 512,
+                 max_jobs_per_owner: int = 3, max_jobs_per_client: int = 128, max_jobs: int = 512,
                  idle_seconds: float = 30.0, on_idle: Callable[[], None] | None = None, max_ahead: int = 8) -> None:
         self.max_batch, self.prefill_tokens, self.call_slice = max_batch, prefill_tokens, call_slice
         self.max_ahead = max_ahead  # tokens a generation may run ahead of its waiter (who takes them in `batches`)
