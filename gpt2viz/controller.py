@@ -692,6 +692,7 @@ class Controller:
             yield self._refuse(state, e)
             return
         s, total, message, n = entry.session, config.max_new_tokens, "Stopped.", 0
+        methods = methods_of(s)  # then one letter per token delivered: a state streamed is a state a rebuild can use
         decided = None
         if selection.strip_colour == "decided":  # the text before this run keeps its colours; new tokens wait for the end
             text, marks = entry.marks
@@ -699,6 +700,7 @@ class Controller:
         try:
             for batch in run.batches():  # several tokens in one message when this waiter fell behind
                 n, got = n + len(batch), batch[-1]
+                methods += "".join(METHOD_LETTERS[d.step.method] for d in batch)
                 step = got.step
                 message = step_summary(step)
                 if step.finish_reason is not None and step.finish_reason != "max_new_tokens":
@@ -707,7 +709,7 @@ class Controller:
                     message = "Stopped."
                     break
                 if n < total and step.finish_reason is None:  # the last token comes with the full page below
-                    yield Page({**state, "prompt_len": len(s.prompt_ids), "ids": got.ids},
+                    yield Page({**state, "prompt_len": len(s.prompt_ids), "ids": got.ids, "methods": methods},
                                status=f"Generating… {n} of {total} tokens.",
                                strip=strip_of(self.models.tokenizer, got.ids, got.logprobs, None, decided))
             if entry.generating is not run:

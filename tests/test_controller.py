@@ -643,3 +643,20 @@ def test_a_slow_tab_answer_does_not_undo_a_later_click_on_a_token(models):
     assert results["tab"] == gr.skip()  # dropped: the page keeps the click's answer
     chosen = next(v for k, v in results["click"].items() if getattr(k, "elem_id", None) == "chosen_plot")
     assert "for token 1 " in chosen.layout.title.text  # the clicked token's, not the newest's
+
+
+def test_every_streamed_state_says_how_each_of_its_tokens_came(models):
+    """A page's state mid-stream is what a rebuild after eviction reads: its methods match its ids."""
+    store = c.Sessions(models, max_sessions=1)
+    ctl = c.Controller(models, store)
+    prompt = "The lighthouse keeper climbed"
+    page = ctl.step(None, "test", prompt, SETTINGS, c.Selection())
+    page = ctl.force(page.state, "test", prompt, SETTINGS, c.Selection(), page.choices[4][1])  # "sf" so far
+    pages = list(ctl.stream(page.state, "test", prompt, SETTINGS[:4] + [4, 0], c.Selection()))
+    streamed = [p.state for p in pages[:-1]]
+    assert streamed and all(len(st["methods"]) == len(st["ids"]) - st["prompt_len"] for st in streamed)
+    assert all(st["methods"].startswith("sf") and set(st["methods"][2:]) == {"s"} for st in streamed)
+    mid = streamed[0]
+    ctl.step(None, "test", "Another student's text", SETTINGS, c.Selection())  # evicts the first
+    rebuilt = store.get({**mid}, c.sampling_config(*SETTINGS)).session
+    assert rebuilt.ids == mid["ids"] and "".join(c.METHOD_LETTERS[s.method] for s in rebuilt.steps) == mid["methods"]
