@@ -339,3 +339,22 @@ def test_reducing_many_blocks_of_logits_does_not_grow_the_process():
     grown = resident_bytes() - before
     assert sum(ids.shape[0] for ids, _ in kept) == 4096
     assert grown < 4096 * 50257 * 4 / 8, f"the process grew by {grown / 2**20:.0f} MiB reducing 4096 rows"
+
+
+def test_candidates_hold_every_stage_of_the_independent_pipeline_in_order(hf_checkpoints, small_model, tokenizer):
+    """Each candidate's four numbers against transformers' logits put through each stage by hand."""
+    hf_model = hf_checkpoints["small"][0]
+    cfg = SamplingConfig(temperature=0.7, top_k=12, seed=3)
+    session = GenerationSession(small_model, tokenizer, PROMPT, cfg, top_n=10)
+    step = session.step()
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([session.ids[:-1]])).logits[0, -1].double()
+    probs, tempered = torch.softmax(logits, 0), torch.softmax(logits / 0.7, 0)
+    kth = torch.topk(logits, 12).values[-1]
+    final = torch.softmax((logits / 0.7).masked_fill(logits < kth, float("-inf")), 0)
+    assert [c.token_id for c in step.candidates][:10] == torch.topk(logits, 10).indices.tolist()  # likeliest first
+    for c in step.candidates:
+        assert c.logit == pytest.approx(float(logits[c.token_id]), abs=1e-4)
+        assert (c.prob, c.prob_temperature, c.prob_final) == pytest.approx(
+            (float(probs[c.token_id]), float(tempered[c.token_id]), float(final[c.token_id])), abs=1e-5)
+    assert any(c.token_id == step.token_id for c in step.candidates)
