@@ -289,6 +289,7 @@ class Engine:
         model = gens[0].session.model
         batch: list[tuple[_Job, list[int]]] = []
         budget = self.prefill_tokens
+        seen: set = set()
         try:
             for job in gens:
                 if len(batch) >= self.max_batch:
@@ -299,13 +300,17 @@ class Engine:
                     continue
                 unread = job.session.unread()
                 if len(unread) > 1:
-                    if budget <= 0:
-                        job.lock.release()
-                        continue
                     # Chunks end at multiples of `prefill_tokens`, whatever else runs: a session's passes,
                     # and so its numbers, never depend on the load.
                     unread = unread[: self.prefill_tokens - len(job.session.records) % self.prefill_tokens]
-                    budget -= len(unread)
+                    fresh = (tuple(unread),) if not job.session.records and not job.session.plan else None
+                    if fresh is None or fresh not in seen:  # the same text read afresh again costs nothing (`same_starts`)
+                        if budget <= 0:
+                            job.lock.release()
+                            continue
+                        budget -= len(unread)
+                    if fresh is not None:
+                        seen.add(fresh)
                 batch.append((job, unread))
                 job.served = iteration
             self.stats["generations_ready"] += len(gens)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -206,6 +207,15 @@ class GenerationSession:
         if pending is not None:
             self._pending = pending
 
+    def absorb_same(self, other: "GenerationSession") -> None:
+        """Take in what `other` just absorbed from a pass over the very same text, read afresh (`same_starts`):
+        its records (the arrays are shared, never written again) and its pending choice."""
+        mine, theirs = self.capture.records, other.capture.records
+        mine.resid, mine.embed, mine.pos_embed = list(theirs.resid), list(theirs.embed), list(theirs.pos_embed)
+        mine.logprobs, mine.lens = list(theirs.logprobs), dict(theirs.lens)
+        if other._pending is not None:
+            self._pending = dataclasses.replace(other._pending, logits=other._pending.logits.clone())
+
     def attention_pattern(self, layer: int, start: int, end: int) -> np.ndarray:
         """`[head, end - start, end]`: see `Recorder.attention_pattern` (needs `record=True`)."""
         return self.capture.attention_pattern(layer, start, end)
@@ -391,13 +401,39 @@ def read_together(sessions: list[GenerationSession], segments: list[list[int]] |
     model = sessions[0].model
     segments = [s.unread() for s in sessions] if segments is None else segments
     starts = [len(s.records) for s in sessions]
-    out = model.forward_ragged([torch.tensor(ids) for ids in segments], [s._kv for s in sessions], [s.plan for s in sessions])
-    complete = [i for i, (s, ids) in enumerate(zip(sessions, segments)) if starts[i] + len(ids) == len(s._state.ids)]
-    logits = dict(zip(complete, model.unembed_rows(out.normed[[out.bounds[i + 1] - 1 for i in complete]]).float().cpu())) if complete else {}
+    group = same_starts(sessions, segments)
+    run = sorted(set(group))  # the sessions the pass computes; group[i]: the one whose rows session i takes
+    out = model.forward_ragged([torch.tensor(segments[i]) for i in run], [sessions[i]._kv for i in run], [sessions[i].plan for i in run])
+    row_group = {i: k for k, i in enumerate(run)}
     for i, s in enumerate(sessions):
-        rows = out.rows(i)
-        s.absorb(starts[i], out.normed[rows], out.resid[:, rows], out.embed[rows], out.pos_embed[rows], logits.get(i))
-    return out.bounds[-1]
+        if group[i] != i:
+            s._kv.copy_from(sessions[group[i]]._kv)
+    complete = [i for i, (s, ids) in enumerate(zip(sessions, segments)) if starts[i] + len(ids) == len(s._state.ids)]
+    last_rows = sorted({row_group[group[i]] for i in complete})
+    logits = dict(zip(last_rows, model.unembed_rows(out.normed[[out.bounds[k + 1] - 1 for k in last_rows]]).float().cpu())) if last_rows else {}
+    for i, s in enumerate(sessions):
+        donor, k = sessions[group[i]], row_group[group[i]]
+        if donor is not s and donor._state.ids == s._state.ids:
+            s.absorb_same(donor)  # the same text: the same records (the donor absorbed first: it comes first)
+            continue
+        rows = out.rows(k)
+        mine = logits[k] if i in complete else None
+        mine = mine.clone() if mine is not None and donor is not s else mine
+        s.absorb(starts[i], out.normed[rows], out.resid[:, rows], out.embed[rows], out.pos_embed[rows], mine)
+    return sum(len(segments[i]) for i in run)
+
+
+def same_starts(sessions: list[GenerationSession], segments: list[list[int]]) -> list[int]:
+    """For each session, the first one in the list that starts the very same text afresh (the same ids from
+    position 0, the same model, no interventions), else itself. Those get the same numbers, bit for bit (a
+    pass's numbers for a sequence depend on nothing else), so a pass computes them once and the others copy
+    them: a class that presses Generate on one example costs one prompt's reading, not thirty."""
+    first: dict[tuple, int] = {}
+    group = list(range(len(sessions)))
+    for i, (s, ids) in enumerate(zip(sessions, segments)):
+        if len(s.records) == 0 and s._kv.length == 0 and not s.plan:
+            group[i] = first.setdefault((id(s.model), tuple(ids)), i)
+    return group
 
 
 def generate(

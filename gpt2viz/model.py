@@ -153,6 +153,12 @@ class KVCache:
         buf_v[:, :, start:end] = v
         return buf_k[:, :, :end], buf_v[:, :, :end]
 
+    def copy_from(self, other: "KVCache") -> None:
+        """Become a copy of `other` (its positions and room to grow), sharing no storage with it."""
+        self._k = [t.clone() if t is not None else None for t in other._k]
+        self._v = [t.clone() if t is not None else None for t in other._v]
+        self.length = other.length
+
     def keys(self, layer: int) -> torch.Tensor:
         """The cached keys of one layer, `[batch, head, length, d_head]`."""
         if self._k[layer] is None:

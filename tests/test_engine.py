@@ -18,6 +18,7 @@ import torch
 
 from gpt2viz import GenerationSession, SamplingConfig, load_model
 from gpt2viz.engine import Engine, Overloaded, Who
+from gpt2viz.generation import read_together
 from gpt2viz.interventions import AblateHeads, AblateMLP, AblateNeurons, ScaleHead, Steer
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21",
@@ -257,3 +258,35 @@ def test_an_error_after_tokens_reaches_the_waiter_after_them(trained, tokenizer)
         for batch in run.batches():
             got += batch
     assert len(got) == 2 and s.ids[-2:] == [d.step.token_id for d in got]
+
+
+def test_a_class_on_one_example_reads_it_once_and_each_gets_what_it_gets_alone(model, tokenizer):
+    """Six sessions start the same prompt (their own seeds and settings), two start others, one of those with an
+    intervention (never shared): the prompt is read once, and every session's numbers are bit for bit its own."""
+    prompt = PROMPTS[6]  # 17 tokens: two chunks of 8 and one of 1 with prefill_tokens=8
+    specs = [(prompt, CONFIGS[i], ()) for i in range(6)] + [(PROMPTS[0], CONFIGS[6], ()),
+                                                             (prompt, CONFIGS[7], INTERVENTIONS[1])]
+    n_tokens = [5, 8, 3, 6, 7, 4, 5, 6]
+
+    def session(i):
+        text, cfg, edits = specs[i]
+        return GenerationSession(model, tokenizer, text, cfg, record=True, interventions=edits)
+
+    first = [session(i) for i in range(8)]  # one pass over all eight: the shared prompt's rows computed once
+    n_prompt, n_other = len(first[0].prompt_ids), len(first[6].prompt_ids)
+    assert read_together(first) == n_prompt + n_other + n_prompt  # the shared one, the other, the edited one
+    for s in first[1:6]:
+        assert s.pending and s.records.logprobs[1:] == first[0].records.logprobs[1:] and s._pending.logits.equal(first[0]._pending.logits)
+    together, engine = [session(i) for i in range(8)], Engine(prefill_tokens=8)
+    run_all(engine, together, n_tokens)  # through the engine, arriving as they come
+    for i, s in enumerate(together):
+        solo = session(i)
+        run_all(Engine(prefill_tokens=8), [solo], [n_tokens[i]])
+        assert s.ids == solo.ids and s.records.logprobs[1:] == solo.records.logprobs[1:]
+        for a, b in zip(s.records.resid, solo.records.resid):
+            np.testing.assert_array_equal(a, b)
+        for layer in (0, model.cfg.n_layer - 1):
+            np.testing.assert_array_equal(s._kv.keys(layer), solo._kv.keys(layer))
+            np.testing.assert_array_equal(s.attention_pattern(layer, 0, len(s.ids)), solo.attention_pattern(layer, 0, len(s.ids)))
+        assert [st.candidates for st in s.steps] == [st.candidates for st in solo.steps]
+    assert together[0]._kv.keys(0).data_ptr() != together[1]._kv.keys(0).data_ptr()  # copies, not shared caches
