@@ -35,6 +35,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -145,7 +146,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._iteration = itertools.count()
         self.stats = {"iterations": 0, "batched_rows": 0, "calls": 0, "advance_s": 0.0, "calls_s": 0.0, "forward_s": 0.0,
-                      "generations_ready": 0, "generations_batched": 0}
+                      "generations_ready": 0, "generations_batched": 0, "prompts_adopted": 0}
+        self._prompts: collections.OrderedDict[tuple, weakref.ref] = collections.OrderedDict()  # read prompts, by text
         self.first_token_s: collections.deque[float] = collections.deque(maxlen=1000)  # submitted -> first token, per generation
 
     # -- the waiters' side --
@@ -299,7 +301,9 @@ class Engine:
                 if not job.lock.acquire(blocking=False):
                     continue
                 unread = job.session.unread()
-                if len(unread) > 1:
+                if len(unread) > 1 and self._adopt(job.session):
+                    unread = []  # its prompt was read for another session: it chooses its token this iteration
+                elif len(unread) > 1:
                     # Chunks end at multiples of `prefill_tokens`, whatever else runs: a session's passes,
                     # and so its numbers, never depend on the load.
                     unread = unread[: self.prefill_tokens - len(job.session.records) % self.prefill_tokens]
@@ -335,6 +339,25 @@ class Engine:
             raise
         self.stats["iterations"] += 1
         self.stats["batched_rows"] += rows
+        for job, _ in reading:
+            s = job.session
+            if s._prompt_read is not None and len(s.records) == len(s.prompt_ids):  # its prompt, just read
+                self._prompts[(id(s.model), tuple(s.prompt_ids))] = weakref.ref(s)
+                self._prompts.move_to_end((id(s.model), tuple(s.prompt_ids)))
+                while len(self._prompts) > 256:
+                    self._prompts.popitem(last=False)
+
+    def _adopt(self, session: GenerationSession) -> bool:
+        """A session that has read nothing takes the reading of its prompt from a session that read the same
+        prompt in an earlier pass (`GenerationSession.adopt_prompt`): a class on one example reads it once."""
+        if not session.record or session.plan or len(session.records):
+            return False
+        ref = self._prompts.get((id(session.model), tuple(session.prompt_ids)))
+        donor = ref() if ref is not None else None
+        if donor is None or not session.adopt_prompt(donor):
+            return False
+        self.stats["prompts_adopted"] += 1
+        return True
 
     def _choose(self, job: _Job, batched: bool) -> None:
         """After the pass: a generation takes its next token; a read job is done once nothing is unread.

@@ -129,6 +129,9 @@ class GenerationSession:
         self._kv = model.new_kv_cache()
         self.capture: Recorder | PerStep = (Recorder if record else PerStep)(model, self._kv, top_n)
         self._pending: Pending | None = None
+        # The final-normed row of the prompt's last position, kept when the engine's pass read the prompt
+        # (`read_together`): what lets a session with the same prompt take this reading (`adopt_prompt`).
+        self._prompt_read: torch.Tensor | None = None
         self.plan: Plan = resolve(tuple(interventions), model, tokenizer)
         if record and not self.plan.recordable:
             raise InterventionError(
@@ -179,6 +182,8 @@ class GenerationSession:
         del self._state.ids[len(self.prompt_ids) + n_generated:]
         # Re-read the prompt whole when rewinding to the start, so the first step replays exactly.
         self._kv.truncate(0 if n_generated == 0 else min(self._kv.length, len(self._state.ids) - 1))
+        if self._kv.length < len(self.prompt_ids):
+            self._prompt_read = None
         self.capture.truncate(self._kv.length, len(self._state.ids))
 
     def unread(self) -> list[int]:
@@ -215,6 +220,29 @@ class GenerationSession:
         mine.logprobs, mine.lens = list(theirs.logprobs), dict(theirs.lens)
         if other._pending is not None:
             self._pending = dataclasses.replace(other._pending, logits=other._pending.logits.clone())
+        self._prompt_read = other._prompt_read
+
+    @torch.no_grad()
+    def adopt_prompt(self, other: "GenerationSession") -> bool:
+        """Take `other`'s reading of the very same prompt instead of reading it again, if it has one from the
+        engine's pass (its cache and records of the prompt's positions, the choice pending after it, the
+        logits unembedded again from the kept row): bit for bit what this session's own pass would give,
+        since that pass would read the same chunks and a row's numbers depend on nothing else. Only for a
+        session that has read nothing yet and holds only its prompt, without interventions. Returns
+        whether it did."""
+        n = len(self.prompt_ids)
+        if (other is self or not (self.record and other.record) or other.model is not self.model or other._prompt_read is None or self.plan or other.plan
+                or other.prompt_ids != self.prompt_ids or self._state.ids != self.prompt_ids or self._kv.length
+                or len(self.capture.records) or other._kv.length < n or len(other.capture.records) < n):
+            return False
+        self._kv.copy_from(other._kv, n)
+        mine, theirs = self.capture.records, other.capture.records
+        mine.resid, mine.embed, mine.pos_embed = theirs.resid[:n], theirs.embed[:n], theirs.pos_embed[:n]
+        mine.logprobs, mine.lens = theirs.logprobs[:n], {p: v for p, v in theirs.lens.items() if p < n}
+        logits = self.model.unembed_rows(other._prompt_read[None]).float().cpu()[0]
+        self._pending = Pending(n - 1, logits, None, mine.resid[n - 1].astype(np.float16), None, None)
+        self._prompt_read = other._prompt_read
+        return True
 
     def attention_pattern(self, layer: int, start: int, end: int) -> np.ndarray:
         """`[head, end - start, end]`: see `Recorder.attention_pattern` (needs `record=True`)."""
@@ -420,6 +448,8 @@ def read_together(sessions: list[GenerationSession], segments: list[list[int]] |
         mine = logits[k] if i in complete else None
         mine = mine.clone() if mine is not None and donor is not s else mine
         s.absorb(starts[i], out.normed[rows], out.resid[:, rows], out.embed[rows], out.pos_embed[rows], mine)
+        if not s.plan and len(s.records) == len(s.prompt_ids) and starts[i] + len(segments[i]) == len(s.prompt_ids):
+            s._prompt_read = out.normed[out.bounds[k + 1] - 1].clone()  # the prompt read whole by this pass's body
     return sum(len(segments[i]) for i in run)
 
 

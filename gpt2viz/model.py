@@ -153,11 +153,14 @@ class KVCache:
         buf_v[:, :, start:end] = v
         return buf_k[:, :, :end], buf_v[:, :, :end]
 
-    def copy_from(self, other: "KVCache") -> None:
-        """Become a copy of `other` (its positions and room to grow), sharing no storage with it."""
-        self._k = [t.clone() if t is not None else None for t in other._k]
-        self._v = [t.clone() if t is not None else None for t in other._v]
-        self.length = other.length
+    def copy_from(self, other: "KVCache", length: int | None = None) -> None:
+        """Become a copy of `other`'s first `length` positions (default: all), sharing no storage with it."""
+        n = other.length if length is None else length
+        if not 0 <= n <= other.length:
+            raise ValueError(f"cannot copy {n} positions of a cache of {other.length}")
+        self._k = [t[:, :, :n].clone() if t is not None else None for t in other._k]
+        self._v = [t[:, :, :n].clone() if t is not None else None for t in other._v]
+        self.length = n
 
     def keys(self, layer: int) -> torch.Tensor:
         """The cached keys of one layer, `[batch, head, length, d_head]`."""

@@ -290,3 +290,28 @@ def test_a_class_on_one_example_reads_it_once_and_each_gets_what_it_gets_alone(m
             np.testing.assert_array_equal(s.attention_pattern(layer, 0, len(s.ids)), solo.attention_pattern(layer, 0, len(s.ids)))
         assert [st.candidates for st in s.steps] == [st.candidates for st in solo.steps]
     assert together[0]._kv.keys(0).data_ptr() != together[1]._kv.keys(0).data_ptr()  # copies, not shared caches
+
+
+def test_a_prompt_read_in_an_earlier_pass_is_taken_not_read_again_and_the_numbers_are_the_same(model, tokenizer):
+    prompt = PROMPTS[6]
+    engine = Engine(prefill_tokens=8)
+    first = GenerationSession(model, tokenizer, prompt, CONFIGS[0], record=True)
+    run_all(engine, [first], [4])
+    rows = engine.stats["batched_rows"]
+    later = [GenerationSession(model, tokenizer, prompt, CONFIGS[i], record=True) for i in (2, 5)]
+    edited = GenerationSession(model, tokenizer, prompt, CONFIGS[3], record=True, interventions=INTERVENTIONS[1])
+    run_all(engine, later + [edited], [6, 3, 2])
+    assert engine.stats["prompts_adopted"] == 2  # the edited one reads its own (its numbers are not the others')
+    assert engine.stats["batched_rows"] - rows <= 6 + 3 + len(edited.prompt_ids) + 2 + 3  # no prompt read twice
+    for s, cfg, n in ((later[0], CONFIGS[2], 6), (later[1], CONFIGS[5], 3)):
+        solo = GenerationSession(model, tokenizer, prompt, cfg, record=True)
+        run_all(Engine(prefill_tokens=8), [solo], [n])
+        engine.read(s, threading.Lock())
+        assert s.ids == solo.ids and s.records.logprobs[1:] == solo.records.logprobs[1:]
+        for a, b in zip(s.records.resid, solo.records.resid):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(s._kv.keys(2), solo._kv.keys(2))
+        assert [st.candidates for st in s.steps] == [st.candidates for st in solo.steps]
+    first.rewind(0)  # its prompt's reading is gone: nobody can take it any more
+    again = GenerationSession(model, tokenizer, prompt, CONFIGS[1], record=True)
+    assert not again.adopt_prompt(first)
