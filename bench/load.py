@@ -3,8 +3,10 @@
     python bench/load.py                      # 1, 5, 10, 20, 30, 60 students on a gpt2-small-shaped checkpoint
     python bench/load.py --clients 1 30 --peer 25db805   # and the app at an earlier commit, in the same run
 
-Each student (a gradio_client in a thread, its own browser session) presses Generate for 30 tokens
-(as fast as the server goes), then Step 5 times; all start together. Reported per level: time to
+Each student (a gradio_client in a thread, its own browser session; or, with `--harness sse`, all of them
+in one event loop speaking Gradio's queue protocol, for a fraction of the CPU) presses Generate for 30
+tokens (as fast as the server goes), then Step 5 times; all start together, on one example text or
+(`--prompts distinct`) each on its own. Reported per level: time to
 the first token (p50 / p95 / max), each student's tokens per second while generating (from its
 first token to its last), all students' tokens per second together, the Steps' latency, the
 server's resident memory before and after, and the ratios against one student alone measured in
@@ -78,11 +80,12 @@ class Server:
         self.log.close()
 
 
-def student(url: str, model: str, n_tokens: int, n_steps: int, seed: int, start: threading.Event, out: dict) -> None:
+def student(url: str, model: str, n_tokens: int, n_steps: int, seed: int, start: threading.Event, out: dict,
+            distinct: bool = False) -> None:
     from gradio_client import Client
 
     client = Client(url, verbose=False)
-    args = dict(model=model, prompt=PROMPT, **{**DEFAULTS, "seed": seed}, max_new_tokens=n_tokens)
+    args = dict(model=model, prompt=prompt_of(seed, distinct), **{**DEFAULTS, "seed": seed}, max_new_tokens=n_tokens)
     start.wait()
     t0 = time.perf_counter()
     times, last = [], None
@@ -113,15 +116,21 @@ def payloads(url: str, model: str, n_tokens: int) -> dict[str, tuple[int, list, 
     for name, extra in (("/generate", {"tokens_per_second": 0}), ("/step", {})):
         fn = client._infer_fn_index(name, None)
         ep = client.endpoints[fn]
-        a, b = (list(ep.insert_empty_state(*utils.construct_args(ep.parameters_info, (), {
-            "model": model, "prompt": PROMPT, **DEFAULTS, "seed": seed, "max_new_tokens": n_tokens, **extra})))
-            for seed in (0, 1))
-        out[name] = (fn, a, next(i for i, (x, y) in enumerate(zip(a, b)) if x != y))
+        a, b, c = (list(ep.insert_empty_state(*utils.construct_args(ep.parameters_info, (), {
+            "model": model, "prompt": prompt, **DEFAULTS, "seed": seed, "max_new_tokens": n_tokens, **extra})))
+            for seed, prompt in ((0, PROMPT), (1, PROMPT), (0, PROMPT + "!")))
+        out[name] = (fn, a, next(i for i, (x, y) in enumerate(zip(a, b)) if x != y),
+                     next(i for i, (x, y) in enumerate(zip(a, c)) if x != y))
     client.close()
     return out
 
 
-async def sse_student(http, url: str, calls: dict, n_steps: int, seed: int, start, out: dict) -> None:
+def prompt_of(student: int, distinct: bool) -> str:
+    """Everyone's text is the same example (a class told to pick one), or each student's own."""
+    return f"{PROMPT} (student {student})" if distinct else PROMPT
+
+
+async def sse_student(http, url: str, calls: dict, n_steps: int, seed: int, start, out: dict, distinct: bool = False) -> None:
     """A student speaking Gradio's queue protocol itself (join, then read the session's event stream): the
     same requests as gradio_client's, for a fraction of its CPU time. Each streamed message is one token."""
     from gradio_client.utils import apply_diff
@@ -129,9 +138,9 @@ async def sse_student(http, url: str, calls: dict, n_steps: int, seed: int, star
     session = uuid.uuid4().hex
 
     async def event(name: str, on_message=None) -> None:
-        fn, data, seed_at = calls[name]
+        fn, data, seed_at, prompt_at = calls[name]
         data = list(data)
-        data[seed_at] = seed
+        data[seed_at], data[prompt_at] = seed, prompt_of(seed, distinct)
         join = await http.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": session,
                                                                      "event_data": None, "trigger_id": None})
         event_id, outputs = join.json()["event_id"], None
@@ -168,7 +177,7 @@ async def sse_student(http, url: str, calls: dict, n_steps: int, seed: int, star
     out.update(times=times, steps=steps)
 
 
-def sse_level(url: str, calls: dict, n_clients: int, n_steps: int, results: list) -> None:
+def sse_level(url: str, calls: dict, n_clients: int, n_steps: int, results: list, distinct: bool) -> None:
     import asyncio
 
     import httpx
@@ -177,7 +186,7 @@ def sse_level(url: str, calls: dict, n_clients: int, n_steps: int, results: list
         start = asyncio.Event()
         limits = httpx.Limits(max_connections=4 * n_clients + 10, max_keepalive_connections=2 * n_clients + 10)
         async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as http:
-            tasks = [asyncio.create_task(sse_student(http, url, calls, n_steps, i, start, results[i])) for i in range(n_clients)]
+            tasks = [asyncio.create_task(sse_student(http, url, calls, n_steps, i, start, results[i], distinct)) for i in range(n_clients)]
             await asyncio.sleep(0.2)
             start.set()
             for task in tasks:
@@ -195,16 +204,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def level(url: str, model: str, n_clients: int, n_tokens: int, n_steps: int, harness: str = "gradio_client",
-          server_pid: int | None = None) -> dict:
+          server_pid: int | None = None, distinct: bool = False) -> dict:
     results = [dict() for _ in range(n_clients)]
     if harness == "sse":
         calls = payloads(url, model, n_tokens)
         cpu0, t0 = time.process_time(), time.perf_counter()
         server0 = cpu_seconds(server_pid) if server_pid else 0.0
-        sse_level(url, calls, n_clients, n_steps, results)
+        sse_level(url, calls, n_clients, n_steps, results, distinct)
     else:
         start = threading.Event()
-        threads = [threading.Thread(target=student, args=(url, model, n_tokens, n_steps, i, start, results[i]))
+        threads = [threading.Thread(target=student, args=(url, model, n_tokens, n_steps, i, start, results[i], distinct))
                    for i in range(n_clients)]
         for t in threads:
             t.start()
@@ -227,7 +236,7 @@ def level(url: str, model: str, n_clients: int, n_tokens: int, n_steps: int, har
             rates.append((n_last - n_first) / (t_last - t_first))
     gen_end = max(r["times"][-1][0] for r in ok) if ok else float("nan")
     steps = [s for r in ok for s in r["steps"]]
-    return dict(clients=n_clients, finished=len(ok), wall_s=wall, harness=harness, harness_cores=harness_cpu,
+    return dict(clients=n_clients, finished=len(ok), wall_s=wall, harness=harness, distinct_prompts=distinct, harness_cores=harness_cpu,
                 server_cores=server_cpu,
                 ttft=pct(first), student_tps=pct(rates), min_student_tps=min(rates) if rates else float("nan"),
                 aggregate_tps=generated / gen_end if ok else float("nan"), step_s=pct(steps))
@@ -241,7 +250,7 @@ def pct(xs: list[float]) -> dict:
 
 
 def run_tree(tree: Path, checkpoint: Path, clients: list[int], n_tokens: int, n_steps: int, log: Path, port: int,
-             harness: str = "gradio_client") -> dict:
+             harness: str = "gradio_client", distinct: bool = False) -> dict:
     server = Server(tree, checkpoint, port, log)
     model = f"local: {checkpoint.name}"
     try:
@@ -249,7 +258,7 @@ def run_tree(tree: Path, checkpoint: Path, clients: list[int], n_tokens: int, n_
         rss_before = server_rss(server.proc.pid)
         levels = []
         for n in clients:
-            levels.append(level(server.url, model, n, n_tokens, n_steps, harness, server.proc.pid))
+            levels.append(level(server.url, model, n, n_tokens, n_steps, harness, server.proc.pid, distinct))
             print(json.dumps(levels[-1]), flush=True)
         return dict(levels=levels, rss_before=rss_before, rss_after=server_rss(server.proc.pid))
     finally:
@@ -266,15 +275,17 @@ def main() -> None:
     parser.add_argument("--harness", choices=["gradio_client", "sse"], default="gradio_client",
                         help="the students: gradio_client in a thread each, or one event loop speaking the queue protocol "
                              "(the same requests, a fraction of the CPU: on 2 cores the class otherwise takes a quarter of them)")
+    parser.add_argument("--prompts", choices=["same", "distinct"], default="same",
+                        help="every student on the same example text (as a class told to pick one), or each on its own")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpt2viz-load-"))
     checkpoint = make_checkpoint(work / "gpt2-small-random")
-    report = {"this": run_tree(ROOT, checkpoint, args.clients, args.tokens, args.steps, work / "this.log", 7901, args.harness)}
+    report = {"this": run_tree(ROOT, checkpoint, args.clients, args.tokens, args.steps, work / "this.log", 7901, args.harness, args.prompts == "distinct")}
     if args.peer:
         peer = work / "peer"
         subprocess.run(["git", "worktree", "add", "--detach", str(peer), args.peer], cwd=ROOT, check=True, capture_output=True)
         try:
-            report["peer"] = run_tree(peer, checkpoint, args.clients, args.tokens, args.steps, work / "peer.log", 7902, args.harness)
+            report["peer"] = run_tree(peer, checkpoint, args.clients, args.tokens, args.steps, work / "peer.log", 7902, args.harness, args.prompts == "distinct")
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(peer)], cwd=ROOT, capture_output=True)
     print_report(report)

@@ -18,6 +18,11 @@ products give a row the same result whatever the other rows, and prompts are rea
 boundaries depend only on the position (tests/test_engine.py). So a seed replays the same text on
 a busy server as on an idle one.
 
+A prompt is read once for everyone who starts it: sessions that start the same text in one pass share
+its rows (`generation.same_starts`), and one whose prompt another session read earlier takes that
+reading (`GenerationSession.adopt_prompt`); both are bit for bit what the session's own pass would give.
+A class told to pick one example costs one prompt's reading, not thirty.
+
 Fairness: jobs are served least recently served first; prompts are read at most `prefill_tokens`
 per iteration in all; calls get as long as the pass took (at least `call_slice`, at least one);
 each browser session and each client address has a cap on queued jobs (`Overloaded`). A whole class

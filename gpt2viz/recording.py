@@ -54,8 +54,11 @@ class Records:
 
     @property
     def nbytes(self) -> int:
-        return (sum(a.nbytes for rows in (self.resid, self.embed, self.pos_embed) for a in rows)
-                + sum(ids.nbytes + probs.nbytes for ids, probs in self.lens.values()))
+        # Every position's rows have one shape (and every lens entry one): the store sums this for every
+        # session on every request, so it must not walk every array.
+        rows = self.resid[0].nbytes + self.embed[0].nbytes + self.pos_embed[0].nbytes if self.resid else 0
+        lens = sum(a.nbytes for a in next(iter(self.lens.values()))) if self.lens else 0
+        return len(self.resid) * rows + len(self.lens) * lens
 
     def add(self, start, resid, embed, pos_embed, known_logprobs: list[float]) -> None:
         """Store rows for positions start..start+T-1 from one forward pass, and the log-probabilities

@@ -358,3 +358,19 @@ def test_candidates_hold_every_stage_of_the_independent_pipeline_in_order(hf_che
         assert (c.prob, c.prob_temperature, c.prob_final) == pytest.approx(
             (float(probs[c.token_id]), float(tempered[c.token_id]), float(final[c.token_id])), abs=1e-5)
     assert any(c.token_id == step.token_id for c in step.candidates)
+
+
+def test_a_sessions_record_bytes_are_the_sum_over_every_array_it_holds(small_model, tokenizer):
+    session = GenerationSession(small_model, tokenizer, PROMPT, SamplingConfig(seed=4), record=True)
+    for _ in range(5):
+        session.step()
+    session.read()
+    session.logit_lens(2, 7)  # lens entries are held too
+    r = session.records
+    walked = (sum(a.nbytes for rows in (r.resid, r.embed, r.pos_embed) for a in rows)
+              + sum(ids.nbytes + probs.nbytes for ids, probs in r.lens.values()))
+    assert r.lens and r.nbytes == walked > 0
+    session.rewind(2)
+    r = session.records
+    assert r.nbytes == sum(a.nbytes for rows in (r.resid, r.embed, r.pos_embed) for a in rows) + sum(
+        ids.nbytes + probs.nbytes for ids, probs in r.lens.values())
