@@ -161,6 +161,8 @@ COMPACT_JS = "() => window.innerWidth < 700"
 # On a phone, Step and Generate bring the buttons to the top of the screen, so the text appears right under them.
 SCROLL_JS = "(...args) => { if (window.innerWidth < 700) document.querySelector('#actions').scrollIntoView({block: 'start'}); return args; }"
 SETTING_NAMES = list(c.SHARE_SETTINGS)  # one list: the API's parameter names and what a share link holds
+PAGES_KEPT = 512  # browser sessions whose page Gradio keeps (`launch_options`): twice the session store's texts
+
 VIEW_NAMES = ["position", "layer", "head", "tab", "per_head_scale", "compact", "lens_mode", "strip_colour"]
 
 
@@ -673,9 +675,17 @@ def main() -> None:
     # Handlers only wait on the engine's loop (gpt2viz/engine.py), which decides who computes, batches
     # everyone's tokens and caps each client's queued work: Gradio's limits only bound waiting threads.
     demo.queue(max_size=1024, default_concurrency_limit=128)
-    demo.launch(server_name=args.host, server_port=args.port, css=CSS, theme=gr.themes.Soft(), max_threads=256,
-                app_kwargs={"middleware": [Middleware(RefuseUploads)]},
-                max_file_size="1mb", enable_monitoring=False, show_error=False, footer_links=["api"])
+    demo.launch(server_name=args.host, server_port=args.port, **launch_options())
+
+
+def launch_options(pages: int = PAGES_KEPT) -> dict:
+    """`Blocks.launch` settings. Gradio keeps, for every browser session it has seen, a copy of the page's
+    configuration and of each component an event updated (megabytes once the views were drawn), until
+    10,000 sessions by default, so memory only grew: it keeps the `pages` most recently used (a page
+    dropped from it starts afresh, as a text dropped from the session store is rebuilt from its state)."""
+    return dict(css=CSS, theme=gr.themes.Soft(), max_threads=256, app_kwargs={"middleware": [Middleware(RefuseUploads)]},
+                max_file_size="1mb", enable_monitoring=False, show_error=False, footer_links=["api"],
+                state_session_capacity=pages)
 
 
 if __name__ == "__main__":

@@ -267,3 +267,24 @@ def test_a_local_model_path_is_never_published(deep_app_url, tmp_path_factory):
     assert f"local: deep-{shape}" in config  # the folder's name is shown...
     base = str(tmp_path_factory.getbasetemp())
     assert base not in config and base not in info  # ...never where it is
+
+
+def test_gradio_keeps_the_pages_of_a_bounded_number_of_browser_sessions():
+    """Gradio keeps a copy of the page for every browser session it has seen (10,000 by default): the app's
+    launch settings bound it, so a day of visitors does not grow the server's memory without end."""
+    import app
+    from conftest import free_port
+    from gpt2viz import controller as c
+
+    models = c.Models()
+    demo = app.build(models, c.Sessions(models))
+    demo.queue()
+    _, url, _ = demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True, **app.launch_options(pages=4))
+    try:
+        client = Client(url, verbose=False)
+        for i in range(9):
+            client.reset_session()  # a new browser session each time
+            client.predict(**args(seed=i), api_name="/step")
+        assert 0 < len(demo.state_holder.session_data) <= 4
+    finally:
+        demo.close()
