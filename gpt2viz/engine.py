@@ -44,7 +44,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .generation import GenerationSession, read_together, Step
+from .generation import GenerationSession, fresh_key, read_together, Step
 
 log = logging.getLogger("gpt2viz.engine")
 
@@ -312,7 +312,7 @@ class Engine:
                     # Chunks end at multiples of `prefill_tokens`, whatever else runs: a session's passes,
                     # and so its numbers, never depend on the load.
                     unread = unread[: self.prefill_tokens - len(job.session.records) % self.prefill_tokens]
-                    fresh = (tuple(unread),) if not job.session.records and not job.session.plan else None
+                    fresh = fresh_key(job.session, unread)
                     if fresh is None or fresh not in seen:  # the same text read afresh again costs nothing (`same_starts`)
                         if budget <= 0:
                             job.lock.release()
@@ -347,8 +347,9 @@ class Engine:
         for job, _ in reading:
             s = job.session
             if s._prompt_read is not None and len(s.records) == len(s.prompt_ids):  # its prompt, just read
-                self._prompts[(id(s.model), tuple(s.prompt_ids))] = weakref.ref(s)
-                self._prompts.move_to_end((id(s.model), tuple(s.prompt_ids)))
+                key = (id(s.model), tuple(s.prompt_ids))
+                self._prompts[key] = weakref.ref(s)
+                self._prompts.move_to_end(key)
                 while len(self._prompts) > 256:
                     self._prompts.popitem(last=False)
 

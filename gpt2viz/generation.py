@@ -215,9 +215,7 @@ class GenerationSession:
     def absorb_same(self, other: "GenerationSession") -> None:
         """Take in what `other` just absorbed from a pass over the very same text, read afresh (`same_starts`):
         its records (the arrays are shared, never written again) and its pending choice."""
-        mine, theirs = self.capture.records, other.capture.records
-        mine.resid, mine.embed, mine.pos_embed = list(theirs.resid), list(theirs.embed), list(theirs.pos_embed)
-        mine.logprobs, mine.lens = list(theirs.logprobs), dict(theirs.lens)
+        self.capture.records = other.capture.records.shared()
         if other._pending is not None:
             self._pending = dataclasses.replace(other._pending, logits=other._pending.logits.clone())
         self._prompt_read = other._prompt_read
@@ -236,11 +234,9 @@ class GenerationSession:
                 or len(self.capture.records) or other._kv.length < n or len(other.capture.records) < n):
             return False
         self._kv.copy_from(other._kv, n)
-        mine, theirs = self.capture.records, other.capture.records
-        mine.resid, mine.embed, mine.pos_embed = theirs.resid[:n], theirs.embed[:n], theirs.pos_embed[:n]
-        mine.logprobs, mine.lens = theirs.logprobs[:n], {p: v for p, v in theirs.lens.items() if p < n}
+        self.capture.records = records = other.capture.records.shared(n)
         logits = self.model.unembed_rows(other._prompt_read[None]).float().cpu()[0]
-        self._pending = Pending(n - 1, logits, None, mine.resid[n - 1].astype(np.float16), None, None)
+        self._pending = Pending(n - 1, logits, None, records.resid[n - 1].astype(np.float16), None, None)
         self._prompt_read = other._prompt_read
         return True
 
@@ -461,9 +457,18 @@ def same_starts(sessions: list[GenerationSession], segments: list[list[int]]) ->
     first: dict[tuple, int] = {}
     group = list(range(len(sessions)))
     for i, (s, ids) in enumerate(zip(sessions, segments)):
-        if len(s.records) == 0 and s._kv.length == 0 and not s.plan:
-            group[i] = first.setdefault((id(s.model), tuple(ids)), i)
+        key = fresh_key(s, ids)
+        if key is not None:
+            group[i] = first.setdefault(key, i)
     return group
+
+
+def fresh_key(session: GenerationSession, ids: list[int]) -> tuple | None:
+    """What sessions that read `ids` from position 0 share if their numbers are the same (`same_starts`):
+    the model and the ids; None for a session that has read something, or has interventions."""
+    if len(session.records) or session._kv.length or session.plan:
+        return None
+    return id(session.model), tuple(ids)
 
 
 def generate(

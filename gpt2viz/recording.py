@@ -74,6 +74,15 @@ class Records:
             self.logprobs = [float("nan")]
         self.logprobs += known_logprobs
 
+    def shared(self, n: int | None = None) -> "Records":
+        """The records of the first `n` positions (default: all) as a new `Records` that shares these arrays
+        (never written again once stored; a session that reads the same text takes another's this way)."""
+        out = Records()
+        out.resid, out.embed, out.pos_embed = self.resid[:n], self.embed[:n], self.pos_embed[:n]
+        out.logprobs = self.logprobs[:n]  # all of them by default: a chunk's pass knows one more token than its rows
+        out.lens = {p: v for p, v in self.lens.items() if n is None or p < n}
+        return out
+
     def truncate(self, n_positions: int, n_tokens: int) -> None:
         for rows in (self.resid, self.embed, self.pos_embed):
             del rows[n_positions:]
