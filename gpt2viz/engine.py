@@ -44,7 +44,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .generation import GenerationSession, fresh_key, read_together, Step
+from .generation import GenerationSession, fresh_key, read_together, step_together, Step
 
 log = logging.getLogger("gpt2viz.engine")
 
@@ -145,7 +145,7 @@ class Engine:
         self.max_batch, self.prefill_tokens, self.call_slice = max_batch, prefill_tokens, call_slice
         self.max_ahead = max_ahead  # tokens a generation may run ahead of its waiter (who takes them in `batches`)
         self.max_jobs_per_owner, self.max_jobs_per_client, self.max_jobs = max_jobs_per_owner, max_jobs_per_client, max_jobs
-        self.idle_seconds, self.on_idle = idle_seconds, on_idle  # on_idle: run when the queue empties (at most every 5 s)
+        self.idle_seconds, self.on_idle = idle_seconds, on_idle  # on_idle: when the queue empties (at most every 5 s), every 60 s under load
         self._jobs: list[_Job] = []
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -241,7 +241,8 @@ class Engine:
                 self._iterate(sorted(ready, key=lambda j: j.served), next(self._iteration))
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("engine iteration failed")
-            if self.on_idle is not None and not self._jobs and time.monotonic() - last_idle > 5.0:
+            since = time.monotonic() - last_idle
+            if self.on_idle is not None and ((not self._jobs and since > 5.0) or since > 60.0):
                 last_idle = time.monotonic()
                 try:
                     self.on_idle()
@@ -329,8 +330,7 @@ class Engine:
                 began = time.monotonic()
                 self._forward(model, reading)
                 self.stats["forward_s"] += time.monotonic() - began
-            for job, _ in batch:
-                self._choose(job, batched=job.session.record)
+            self._choose([job for job, _ in batch])
         finally:
             for job, _ in batch:
                 job.lock.release()
@@ -365,25 +365,41 @@ class Engine:
         self.stats["prompts_adopted"] += 1
         return True
 
-    def _choose(self, job: _Job, batched: bool) -> None:
-        """After the pass: a generation takes its next token; a read job is done once nothing is unread.
-        A session that does not record (it captures attention and the lens per step) reads solo.
-        Hooks belong to the thread that attached them (`hooks.py`), so none attached by a waiter runs
-        here: whatever must change a session's forward pass has to travel with the session."""
-        s = job.session
+    def _choose(self, jobs: list[_Job]) -> None:
+        """After the pass: each generation takes its next token (all of them in one `step_together`); a read
+        job is done once nothing is unread. A session that does not record (it captures attention and the
+        lens per step) reads solo. Hooks belong to the thread that attached them (`hooks.py`), so none
+        attached by a waiter runs here: whatever must change a session's forward pass has to travel with
+        the session."""
+        stepping: list[tuple[_Job, int | None]] = []
+        for job in jobs:
+            s = job.session
+            try:
+                if job.cancelled:
+                    self._finish(job)
+                    continue
+                if not s.record:
+                    s.read()
+                if s.unread():
+                    continue  # a prompt still being read, a chunk per iteration
+                if job.n_tokens == 0 or s.room_left <= 0:
+                    self._finish(job)
+                    continue
+                force = job.force[job.done] if job.done < len(job.force) else None
+                s._check_force(force)
+                stepping.append((job, force))
+            except Exception as e:  # noqa: BLE001 - handed to the waiter
+                self._finish(job, e)
+        if not stepping:
+            return
         try:
-            if job.cancelled:
-                return self._finish(job)
-            if not batched:
-                s.read()
-            if s.unread():
-                return  # a prompt still being read, a chunk per iteration
-            if job.n_tokens == 0:
-                return self._finish(job)
-            if s.room_left <= 0:
-                return self._finish(job)
-            force = job.force[job.done] if job.done < len(job.force) else None
-            step = s.step(force=force)  # its pass is already read: no forward here
+            steps = step_together([job.session for job, _ in stepping], [force for _, force in stepping])  # no forward here
+        except Exception as e:  # noqa: BLE001
+            for job, _ in stepping:
+                self._finish(job, e)
+            return
+        for (job, _), step in zip(stepping, steps):
+            s = job.session
             if job.done == 0:
                 self.first_token_s.append(time.monotonic() - job.submitted)
             job.done += 1
@@ -391,9 +407,7 @@ class Engine:
             if job.rate:
                 job.next_at = time.monotonic() + 1.0 / job.rate
             if step.finish_reason is not None or job.done >= job.n_tokens or s.room_left <= 0:
-                if batched:
+                if s.record:
                     job.n_tokens = 0  # read the last token in the next batched pass: the page drawn next needs it read
                 else:
                     self._finish(job)
-        except Exception as e:  # noqa: BLE001 - handed to the waiter
-            self._finish(job, e)

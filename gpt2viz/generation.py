@@ -23,7 +23,7 @@ import torch
 from .interventions import Intervention, InterventionError, Plan, resolve
 from .model import GPT2, ContextLengthError
 from .recording import Pending, PerStep, Recorder, Records
-from .sampling import SamplingConfig, distributions, draw, entropy, rank_of, step_generator
+from .sampling import DistributionRows, SamplingConfig, distribution_rows, draw_rows, entropies, ranks, uniform
 from .tokenizer import ENDOFTEXT_ID, encode, token_strings
 
 
@@ -71,6 +71,13 @@ class Step:
     finish_reason: str | None = None  # "eos", "max_new_tokens" or "context" when generation ends here
     message: str = ""
     config: SamplingConfig | None = None  # the settings it was chosen with
+
+
+def step_nbytes(step: Step) -> int:
+    """About the memory one `Step` holds: its arrays and text, plus ~0.5 KB for itself and for each candidate
+    (objects, floats, strings; measured with tracemalloc). For gpt2 about 26 KB, mostly the float16 residual row."""
+    arrays = sum(a.nbytes for a in (step.attention, step.resid, step.lens_ids, step.lens_probs) if a is not None)
+    return arrays + len(step.text) + 512 * (1 + len(step.candidates))
 
 
 @dataclass
@@ -126,6 +133,7 @@ class GenerationSession:
             )
         self.prompt_ids = ids
         self._state = _State(list(ids))
+        self._steps_nbytes = 0  # what the steps hold (`step_nbytes`), kept as they come: the store asks often
         self._kv = model.new_kv_cache()
         self.capture: Recorder | PerStep = (Recorder if record else PerStep)(model, self._kv, top_n)
         self._pending: Pending | None = None
@@ -164,8 +172,8 @@ class GenerationSession:
 
     @property
     def nbytes(self) -> int:
-        """Memory held by this session's KV cache and records."""
-        return self._kv.nbytes + self.capture.nbytes
+        """Memory held by this session's KV cache, records and steps."""
+        return self._kv.nbytes + self.capture.nbytes + self._steps_nbytes
 
     @property
     def room_left(self) -> int:
@@ -179,6 +187,7 @@ class GenerationSession:
             raise ValueError(f"can rewind to 0..{total} generated tokens, not {n_generated!r}")
         self._pending = None
         del self._state.steps[n_generated:]
+        self._steps_nbytes = sum(map(step_nbytes, self._state.steps))
         del self._state.ids[len(self.prompt_ids) + n_generated:]
         # Re-read the prompt whole when rewinding to the start, so the first step replays exactly.
         self._kv.truncate(0 if n_generated == 0 else min(self._kv.length, len(self._state.ids) - 1))
@@ -273,38 +282,25 @@ class GenerationSession:
         without choosing (reads pending tokens if needed; the next `step` reuses that pass)."""
         self._check_room()
         pending = self._read()
-        dist = distributions(pending.logits, self._state.ids, self.config)
-        raw = entropy(dist.probs)
-        return Prediction(pending.position, self._candidates(dist, None), raw,
-                          raw if dist.probs_final is dist.probs else entropy(dist.probs_final))
+        rows = distribution_rows(pending.logits[None], [self._state.ids], [self.config])
+        raw = entropies(rows.probs)[0]
+        return Prediction(pending.position, candidate_rows([self], rows, [None])[0], raw,
+                          raw if rows.probs_final is rows.probs else entropies(rows.probs_final)[0])
 
     def step(self, force: int | None = None) -> Step:
         """Generate one token (or take `force` as it): exactly one forward pass."""
-        cfg, model = self.config, self.model
-        self._check_room()
-        if force is not None and (isinstance(force, bool) or not isinstance(force, int) or not 0 <= force < model.cfg.vocab_size):
-            raise ValueError(f"forced token id must be an integer in [0, {model.cfg.vocab_size}), got {force!r}")
-        pending = self._read()
-        dist = distributions(pending.logits, self._state.ids, cfg)
-        if force is not None:
-            token, method = force, "forced"
-        else:
-            token, method = self._choose(dist, pending.position)
-        self._pending = None
-        return self._commit(pending, dist, token, method)
+        return step_together([self], [force])[0]
 
-    def _choose(self, dist, position: int) -> tuple[int, str]:
-        """The sampler's choice after reading `position`: the likeliest token (temperature 0) or the draw of (seed, position + 1)."""
-        if self.config.greedy:
-            return int(torch.argmax(dist.probs_final)), "greedy"
-        return draw(dist.probs_final, step_generator(self.config.seed, position + 1)), "sampled"
+    def _check_force(self, force: int | None) -> None:
+        if force is not None and (isinstance(force, bool) or not isinstance(force, int) or not 0 <= force < self.model.cfg.vocab_size):
+            raise ValueError(f"forced token id must be an integer in [0, {self.model.cfg.vocab_size}), got {force!r}")
 
-    def _commit(self, pending: Pending, dist, token: int, method: str, record_logprob: bool = True) -> Step:
-        """Append `token`, chosen from `dist` after reading `pending.position`, as the next step."""
+    def _commit(self, pending: Pending, stats: "RowStats", i: int, token: int, method: str, record_logprob: bool = True) -> Step:
+        """Append `token`, chosen from row i of `stats` after reading `pending.position`, as the next step."""
         cfg, model, ids = self.config, self.model, self._state.ids
         ids.append(token)
         if record_logprob:
-            self.capture.chose(dist.probs, token)
+            self.capture.chose(stats.logprob[i])
         step = Step(
             index=len(self._state.steps),
             position=pending.position,
@@ -312,13 +308,13 @@ class GenerationSession:
             token_text=token_strings(self.tokenizer, [token])[0],
             text=decode_complete(self.tokenizer, ids),
             method=method,
-            prob=float(dist.probs[token]),
-            rank=rank_of(dist.probs, token),
-            prob_final=float(dist.probs_final[token]),
-            rank_final=rank_of(dist.probs_final, token),
-            entropy=(raw_entropy := entropy(dist.probs)),
-            entropy_final=raw_entropy if dist.probs_final is dist.probs else entropy(dist.probs_final),
-            candidates=self._candidates(dist, token),
+            prob=stats.prob[i],
+            rank=stats.rank[i],
+            prob_final=stats.prob_final[i],
+            rank_final=stats.rank_final[i],
+            entropy=stats.entropy[i],
+            entropy_final=stats.entropy_final[i],
+            candidates=stats.candidates[i],
             attention=pending.attention,
             resid=pending.resid,
             lens_ids=pending.lens_ids,
@@ -331,6 +327,7 @@ class GenerationSession:
             step.finish_reason = "context"
             step.message = f"the text filled the model's context of {model.cfg.n_positions} tokens"
         self._state.steps.append(step)
+        self._steps_nbytes += step_nbytes(step)
         return step
 
     @torch.no_grad()
@@ -356,13 +353,13 @@ class GenerationSession:
 
         def take(i: int, pending: Pending, logprob_known: bool) -> None:
             nonlocal differ
-            dist = distributions(pending.logits, ids, self.config)
-            chosen, method = self._choose(dist, pending.position)
+            rows = distribution_rows(pending.logits[None], [ids], [self.config])
+            chosen, method = choose_rows([self], [pending], rows, [None])[0]
             if forced[i]:
                 method = "forced"
             elif chosen != tokens[i]:
                 differ, method = differ + 1, "forced"
-            self._commit(pending, dist, tokens[i], method, record_logprob=not logprob_known)
+            self._commit(pending, RowStats.of([self], rows, [tokens[i]]), 0, tokens[i], method, record_logprob=not logprob_known)
 
         first = self._read()
         self._pending = None
@@ -382,21 +379,6 @@ class GenerationSession:
         take(len(tokens) - 1, last, False)
         return differ
 
-    def _candidates(self, dist, chosen: int | None) -> list[Candidate]:
-        n = self.top_n
-        ids = torch.topk(dist.probs, n).indices.tolist()
-        final_top = torch.topk(dist.probs_final, n)
-        ids += [i for i, p in zip(final_top.indices.tolist(), final_top.values.tolist()) if p > 0 and i not in ids]
-        if chosen is not None and chosen not in ids:
-            ids.append(chosen)
-        # Each stage's values read in one gather (not 4 x len(ids) scalar reads, each a torch call that gives up
-        # the interpreter lock: on a busy server every one of them waits to get it back).
-        at = torch.tensor(ids)
-        logit, prob, prob_t, final = (t[at].tolist() for t in (dist.logits, dist.probs, dist.probs_temperature, dist.probs_final))
-        order = sorted(range(len(ids)), key=lambda k: (-final[k], -prob[k]))
-        texts = token_strings(self.tokenizer, [ids[k] for k in order])
-        return [Candidate(ids[k], t, logit[k], prob[k], prob_t[k], final[k]) for k, t in zip(order, texts)]
-
     def run(self, max_new_tokens: int | None = None, force: dict[int, int] | None = None) -> Iterator[Step]:
         """Stream up to `max_new_tokens` (default: the config's) more steps.
 
@@ -414,6 +396,91 @@ class GenerationSession:
             yield step
             if step.finish_reason is not None:
                 return
+
+
+@torch.no_grad()
+def step_together(sessions: Sequence[GenerationSession], forces: Sequence[int | None]) -> list[Step]:
+    """`GenerationSession.step` for several sessions of one model at once (the engine's batch, once its pass
+    has read them all): each takes the token it would take alone and its `Step` holds the same numbers, bit
+    for bit (a row's softmax, cumulative sums, ranks and top candidates do not depend on the other rows), but
+    the sampler's work over the vocabulary is a few calls for all rows instead of ~25 per session."""
+    for s, force in zip(sessions, forces):
+        s._check_room()
+        s._check_force(force)
+    pendings = [s._read() for s in sessions]
+    rows = distribution_rows(torch.stack([p.logits for p in pendings]), [s._state.ids for s in sessions], [s.config for s in sessions])
+    chosen = choose_rows(sessions, pendings, rows, forces)
+    stats = RowStats.of(sessions, rows, [token for token, _ in chosen])
+    steps = []
+    for i, (s, pending, (token, method)) in enumerate(zip(sessions, pendings, chosen)):
+        s._pending = None
+        steps.append(s._commit(pending, stats, i, token, method))
+    return steps
+
+
+def choose_rows(sessions: Sequence[GenerationSession], pendings: Sequence[Pending], rows: DistributionRows,
+                forces: Sequence[int | None]) -> list[tuple[int, str]]:
+    """Each session's token and how it came: forced, the likeliest (temperature 0), or the draw of
+    (seed, position + 1) from its final distribution (row i of `rows`)."""
+    sampled = [i for i, (s, f) in enumerate(zip(sessions, forces)) if f is None and not s.config.greedy]
+    drawn = dict(zip(sampled, draw_rows(rows.probs_final[sampled], [uniform(sessions[i].config.seed, pendings[i].position + 1)
+                                                                     for i in sampled]))) if sampled else {}
+    likeliest = rows.probs_final.argmax(-1).tolist() if len(sampled) < len(sessions) else []
+    return [(f, "forced") if f is not None else (drawn[i], "sampled") if i in drawn else (likeliest[i], "greedy")
+            for i, f in enumerate(forces)]
+
+
+@dataclass
+class RowStats:
+    """What a `Step` says of its token and distribution, for each row of a `DistributionRows` (lists, one item a row)."""
+
+    prob: list[float]
+    logprob: list[float]
+    prob_final: list[float]
+    rank: list[int]
+    rank_final: list[int]
+    entropy: list[float]
+    entropy_final: list[float]
+    candidates: list[list[Candidate]]
+
+    @classmethod
+    def of(cls, sessions: Sequence[GenerationSession], rows: DistributionRows, tokens: Sequence[int]) -> "RowStats":
+        at = torch.tensor(list(tokens), dtype=torch.long)[:, None]
+        prob = rows.probs.gather(1, at)[:, 0]
+        same = rows.probs_final is rows.probs
+        raw_entropy = entropies(rows.probs)
+        raw_rank = ranks(rows.probs, tokens)
+        return cls(prob.tolist(), torch.log(prob).tolist(), prob.tolist() if same else rows.probs_final.gather(1, at)[:, 0].tolist(),
+                   raw_rank, raw_rank if same else ranks(rows.probs_final, tokens),
+                   raw_entropy, raw_entropy if same else entropies(rows.probs_final), candidate_rows(sessions, rows, tokens))
+
+
+def candidate_rows(sessions: Sequence[GenerationSession], rows: DistributionRows, chosen: Sequence[int | None]) -> list[list[Candidate]]:
+    """Each row's candidates: its session's `top_n` likeliest under the model, those of the final distribution
+    not among them, and the chosen token; most likely (final, then model) first, with every stage's value."""
+    top: dict[int, tuple] = {}
+    for n in {s.top_n for s in sessions}:
+        final = torch.topk(rows.probs_final, n, -1)
+        top[n] = (torch.topk(rows.probs, n, -1).indices.tolist(), final.indices.tolist(), final.values.tolist())
+    picked = []
+    for i, (s, token) in enumerate(zip(sessions, chosen)):
+        model_top, final_ids, final_probs = (t[i] for t in top[s.top_n])
+        ids = model_top + [j for j, p in zip(final_ids, final_probs) if p > 0 and j not in model_top]
+        if token is not None and token not in ids:
+            ids.append(token)
+        picked.append(ids)
+    width = max(len(ids) for ids in picked)
+    at = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in picked], dtype=torch.long)
+    # Each stage's values read in one gather (not 4 x len(ids) scalar reads, each a torch call that gives up
+    # the interpreter lock: on a busy server every one of them waits to get it back).
+    stages = [t.gather(1, at).tolist() for t in (rows.logits, rows.probs, rows.probs_temperature, rows.probs_final)]
+    out = []
+    for i, (s, ids) in enumerate(zip(sessions, picked)):
+        logit, prob, prob_t, final = (stage[i] for stage in stages)
+        order = sorted(range(len(ids)), key=lambda k: (-final[k], -prob[k]))
+        texts = token_strings(s.tokenizer, [ids[k] for k in order])
+        out.append([Candidate(ids[k], t, logit[k], prob[k], prob_t[k], final[k]) for k, t in zip(order, texts)])
+    return out
 
 
 @torch.no_grad()

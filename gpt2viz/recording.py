@@ -122,7 +122,7 @@ class PerStep:
         return Pending(len(ids) - 1, logits.float().cpu(), attention.cpu().numpy(), resid[:, -1].float().cpu().numpy().astype(np.float16),
                        lens_ids.cpu().numpy().astype(np.int32), lens_probs.cpu().numpy().astype(np.float16))
 
-    def chose(self, probs: torch.Tensor, token: int) -> None:
+    def chose(self, logprob: float) -> None:
         pass
 
     def truncate(self, n_positions: int, n_tokens: int) -> None:
@@ -186,9 +186,9 @@ class Recorder:
             logits = self.model.unembed(normed[-1]).float()
         return Pending(len(ids) - 1, logits.float().cpu(), None, resid[:, -1].float().cpu().numpy().astype(np.float16), None, None)
 
-    def chose(self, probs: torch.Tensor, token: int) -> None:
+    def chose(self, logprob: float) -> None:
         """The token chosen after the last position: its log-probability under the model."""
-        self.records.logprobs.append(float(torch.log(probs[token])))
+        self.records.logprobs.append(logprob)
 
     def truncate(self, n_positions: int, n_tokens: int) -> None:
         self.records.truncate(n_positions, n_tokens)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -110,10 +111,12 @@ def top_p_mask(probs: torch.Tensor, p: float) -> torch.Tensor:
     return mask
 
 
-def distributions(logits: torch.Tensor, previous: list[int] | torch.Tensor, cfg: SamplingConfig) -> Distributions:
-    """Run the pipeline on one position's raw logits `[vocab]`; `previous` are the ids so far."""
+def distributions(logits: torch.Tensor, previous: list[int] | torch.Tensor, cfg: SamplingConfig,
+                  probs: torch.Tensor | None = None) -> Distributions:
+    """Run the pipeline on one position's raw logits `[vocab]`; `previous` are the ids so far. `probs`: their
+    softmax if already computed (`distribution_rows` computes every row's in one call)."""
     logits = logits.float()
-    probs = torch.softmax(logits, 0)
+    probs = torch.softmax(logits, 0) if probs is None else probs
     penalized = apply_repetition_penalty(logits, previous, cfg.repetition_penalty)
     if cfg.greedy:
         probs_temperature = _one_hot(logits)
@@ -157,8 +160,15 @@ def uniform(seed: int, position: int) -> float:
 def draw_with(probs: torch.Tensor, u: float) -> int:
     """The token whose slice of the cumulative distribution of `[vocab]` probabilities holds u: the first
     index whose cumulative mass exceeds u x total (never a zero-probability token)."""
-    cdf = torch.cumsum(probs.double(), 0)
-    return min(int(torch.searchsorted(cdf, torch.tensor(u, dtype=torch.float64) * cdf[-1], right=True)), probs.numel() - 1)
+    return draw_rows(probs[None], [u])[0]
+
+
+def draw_rows(probs: torch.Tensor, us: Sequence[float]) -> list[int]:
+    """`draw_with` for each row of `[rows, vocab]` probabilities with its own uniform number: one cumulative
+    sum and one search for all rows (a row's cumulative sum is a serial scan: the same whatever the other rows)."""
+    cdf = torch.cumsum(probs.double(), -1)
+    target = torch.tensor(list(us), dtype=torch.float64) * cdf[:, -1]
+    return torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1).tolist()
 
 
 def cdf_slice(probs: torch.Tensor, token: int) -> tuple[float, float]:
@@ -204,9 +214,57 @@ def sampler_stages(logits: torch.Tensor, previous: list[int] | torch.Tensor, cfg
 
 def entropy(probs: torch.Tensor) -> float:
     """Shannon entropy in nats of `[vocab]` probabilities."""
-    return float(torch.special.entr(probs).sum(dtype=torch.float64))  # entr(0) = 0
+    return entropies(probs[None])[0]
+
+
+def entropies(probs: torch.Tensor) -> list[float]:
+    """`entropy` of each row of `[rows, vocab]` probabilities. Summed in float64 as a serial scan (the last
+    element of a cumulative sum): torch's parallel sum would split a row differently with other rows beside
+    it, and a session's figures must not depend on whom it is batched with."""
+    return torch.cumsum(torch.special.entr(probs).double(), -1)[:, -1].tolist()  # entr(0) = 0
 
 
 def rank_of(probs: torch.Tensor, token: int) -> int:
     """1-based rank of `token` (1 = most likely); tokens of equal probability share the better rank."""
-    return int((probs > probs[token]).sum()) + 1
+    return ranks(probs[None], [token])[0]
+
+
+def ranks(probs: torch.Tensor, tokens: Sequence[int]) -> list[int]:
+    """`rank_of` each row's token in `[rows, vocab]` probabilities."""
+    at = probs.gather(1, torch.tensor(list(tokens), dtype=torch.long)[:, None])
+    return ((probs > at).sum(-1) + 1).tolist()
+
+
+@dataclass
+class DistributionRows:
+    """`Distributions` of several positions (each with its own settings and text), every stage `[rows, vocab]`
+    float32: what the engine's batch of sessions choose their tokens from, a few calls for all of them."""
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    probs_temperature: torch.Tensor
+    probs_final: torch.Tensor
+
+    def row(self, i: int) -> Distributions:
+        """Row i as `Distributions` (a stage that is the identity for every row is the same tensor, as there)."""
+        probs = self.probs[i]
+        return Distributions(self.logits[i], probs, probs if self.probs_temperature is self.probs else self.probs_temperature[i],
+                             probs if self.probs_final is self.probs else self.probs_final[i])
+
+
+def distribution_rows(logits: torch.Tensor, previous: Sequence[list[int] | torch.Tensor],
+                      configs: Sequence[SamplingConfig]) -> DistributionRows:
+    """`distributions` of each row of `[rows, vocab]` logits with its own previous ids and settings: one softmax
+    for every row's model distribution (a row's softmax is the same whatever the other rows), the other stages
+    by `distributions` for the rows whose settings change them."""
+    logits = logits.float()
+    probs = torch.softmax(logits, -1)
+    rows = [distributions(logits[i], previous[i], cfg, probs=probs[i]) for i, cfg in enumerate(configs)]
+    stages = [probs, probs]
+    for k, name in enumerate(("probs_temperature", "probs_final")):
+        changed = [i for i, d in enumerate(rows) if getattr(d, name) is not d.probs]
+        if changed:
+            stages[k] = probs.clone()
+            for i in changed:
+                stages[k][i] = getattr(rows[i], name)
+    return DistributionRows(logits, probs, *stages)

@@ -374,3 +374,86 @@ def test_a_sessions_record_bytes_are_the_sum_over_every_array_it_holds(small_mod
     r = session.records
     assert r.nbytes == sum(a.nbytes for rows in (r.resid, r.embed, r.pos_embed) for a in rows) + sum(
         ids.nbytes + probs.nbytes for ids, probs in r.lens.values())
+
+
+STEP_CONFIGS = [SamplingConfig(seed=1), SamplingConfig(temperature=0), SamplingConfig(temperature=0.7, top_k=20, seed=5),
+                SamplingConfig(top_p=0.8, seed=2), SamplingConfig(repetition_penalty=1.5, seed=9), SamplingConfig(temperature=1.3, seed=11),
+                SamplingConfig(top_k=3, temperature=0.5, repetition_penalty=1.2, seed=4), SamplingConfig(seed=123)]
+STEP_FIELDS = ("index", "position", "token_id", "token_text", "text", "method", "prob", "rank", "prob_final", "rank_final",
+               "entropy", "entropy_final", "candidates", "finish_reason")
+
+
+def test_sessions_stepped_together_take_each_the_token_and_numbers_of_its_own_sampler(small_model, tokenizer):
+    """`step_together` (the engine's batched sampler) against the sampler's first body, row by row: the stages by
+    `distributions` on the row alone, the draw as an inverse CDF in numpy, ranks, entropy and the candidates in
+    numpy; and every field of every Step equal to what the same session stepped alone gets."""
+    from gpt2viz.generation import read_together, step_together
+    from gpt2viz.sampling import distributions, uniform
+
+    prompts = ["The quick brown fox", "Hello", "In the beginning God created", "A B C D E", "x", "Shall I compare thee", "1 2 3", "Paris is"]
+    together = [GenerationSession(small_model, tokenizer, p, c, top_n=10 if i % 3 else 25, record=True)
+                for i, (p, c) in enumerate(zip(prompts, STEP_CONFIGS))]
+    alone = [GenerationSession(small_model, tokenizer, p, c, top_n=s.top_n, record=True) for p, c, s in zip(prompts, STEP_CONFIGS, together)]
+    for k in range(6):
+        forces = [None] * 8
+        forces[k] = 318  # one forced token in each batch
+        read_together(together)
+        pendings = [s._pending for s in together]
+        expected = []
+        for s, pending, force in zip(together, pendings, forces):
+            d = distributions(pending.logits, s.ids, s.config)
+            p, final = d.probs.double().numpy(), d.probs_final.double().numpy()
+            if force is not None:
+                token = force
+            elif s.config.greedy:
+                token = int(np.argmax(final))
+            else:
+                cdf = np.cumsum(final)
+                token = int(np.searchsorted(cdf, uniform(s.config.seed, pending.position + 1) * cdf[-1], side="right"))
+            top = set(np.argsort(-p, kind="stable")[:s.top_n].tolist()) | set(np.flatnonzero(final >= np.sort(final)[-s.top_n]).tolist()) | {token}
+            nz = p[p > 0]
+            expected.append((token, p[token], int((p > p[token]).sum()) + 1, int((final > final[token]).sum()) + 1,
+                             float(-(nz * np.log(nz)).sum()), top))
+        steps = step_together(together, forces)
+        for st, (token, prob, rank, rank_final, ent, top) in zip(steps, expected):
+            assert st.token_id == token and st.prob == float(np.float32(prob)) and (st.rank, st.rank_final) == (rank, rank_final)
+            assert st.entropy == pytest.approx(ent, rel=1e-6)  # entr in float32, summed in float64
+            assert {c.token_id for c in st.candidates} <= top and st.token_id in {c.token_id for c in st.candidates}
+        assert [st.method for st in steps] == [("forced" if f is not None else "greedy" if s.config.greedy else "sampled")
+                                               for s, f in zip(together, forces)]
+        for s, st, force in zip(alone, steps, forces):
+            read_together([s])  # the engine's pass for a session alone
+            solo = s.step(force=force)
+            for name in STEP_FIELDS:
+                assert getattr(solo, name) == getattr(st, name), name
+    for s, t in zip(alone, together):
+        assert s.records.logprobs[1:] == t.records.logprobs[1:]  # [0] is NaN: no token before the first
+
+
+def test_a_sessions_size_counts_its_steps_about_as_much_as_they_hold(small_model, tokenizer):
+    """The session store's budget counts every step's row and candidates (26 KB a token for gpt2), not only
+    the KV cache and records; measured here by what a copy of the steps allocates."""
+    import copy
+    import gc
+    import tracemalloc
+
+    from gpt2viz.generation import step_nbytes
+
+    s = GenerationSession(small_model, tokenizer, PROMPT, SamplingConfig(seed=3, stop_at_eos=False), record=True)
+    before = s.nbytes
+    for _ in range(40):
+        s.step()
+    counted = sum(step_nbytes(st) for st in s.steps)
+    assert s.nbytes - before >= counted > 0
+    gc.collect()
+    tracemalloc.start()
+    try:
+        held = copy.deepcopy(s.steps)
+        measured = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert 0.6 * measured < counted < 1.6 * measured, (counted, measured)
+    del held
+    kept = s.steps[:10]
+    s.rewind(10)
+    assert s.nbytes == s._kv.nbytes + s.capture.nbytes + sum(step_nbytes(st) for st in kept)

@@ -186,3 +186,26 @@ def test_the_draw_is_one_uniform_number_and_its_slice_of_the_cumulative_distribu
     assert draw_with(greedy, u) == int(torch.argmax(logits))
     low, high = cdf_slice(hot, draw_with(hot, u))
     assert low <= u < high
+
+
+@pytest.mark.parametrize("batch", [2, 7, 30])
+def test_the_batched_sampler_gives_each_row_what_the_row_gets_alone(batch):
+    """The engine's sampler works on every session's row at once: each row's figures must not depend on the
+    rows beside it (torch's parallel sum does: it splits a row differently when other rows are there)."""
+    from gpt2viz.sampling import distribution_rows, draw_rows, entropies, ranks
+
+    gen = torch.Generator().manual_seed(batch)
+    logits = torch.randn(batch, 50257, generator=gen) * 3
+    us = torch.rand(batch, generator=gen, dtype=torch.float64).tolist()
+    configs = [SamplingConfig(seed=i, temperature=[1.0, 0.7, 0][i % 3], top_k=[0, 40][i % 2]) for i in range(batch)]
+    rows = distribution_rows(logits, [[1, 2, 3]] * batch, configs)
+    tokens = draw_rows(rows.probs_final, us)
+    for i in range(batch):
+        alone = distribution_rows(logits[i:i + 1], [[1, 2, 3]], configs[i:i + 1])
+        for stage in ("probs", "probs_temperature", "probs_final"):
+            assert torch.equal(getattr(rows, stage)[i], getattr(alone, stage)[0])
+        assert tokens[i] == draw_rows(alone.probs_final, us[i:i + 1])[0]
+        assert entropies(rows.probs)[i] == entropies(alone.probs)[0]
+        assert ranks(rows.probs, tokens)[i] == ranks(alone.probs, tokens[i:i + 1])[0]
+        cdf = np.cumsum(alone.probs_final[0].double().numpy())  # the draw, independently
+        assert tokens[i] == min(int(np.searchsorted(cdf, us[i] * cdf[-1], side="right")), 50256)
