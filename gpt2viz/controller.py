@@ -53,6 +53,7 @@ log = logging.getLogger("gpt2viz")
 OFFLINE_MODEL = "tiny-shakespeare"
 MAX_PROMPT_CHARS = 20_000
 TOP_N = 10
+STREAM_ALONE, STREAM_GAP = 4, 0.02  # `Controller._stream_gap`: streams of up to 4 texts send every token; then 20 ms each
 
 
 class UserError(ValueError):
@@ -586,6 +587,14 @@ class Controller:
         key, entry = self.sessions.create(model_name, ids, config)
         return sync_state(state, entry, key), entry
 
+    def _stream_gap(self) -> float:
+        """Seconds between two messages of a streamed text: none while a few texts stream; with a class
+        generating, about one message per 0.6 s (30 texts) carrying the tokens made meanwhile. Each message
+        costs the web server ~5 ms of Python under the interpreter lock the engine then waits for: at 30
+        students halving them gave the engine the time for ~TODO% more tokens (bench/README.md)."""
+        n = self.engine.generating()
+        return 0.0 if n <= STREAM_ALONE else min(1.0, STREAM_GAP * n)
+
     def _call(self, entry: Entry, who: Who, fn):
         """Run `fn()` on the engine's loop (the one budget for everything that runs the model)."""
         return self.engine.call(entry.session, entry.lock, fn, who)
@@ -698,7 +707,7 @@ class Controller:
             text, marks = entry.marks
             decided = marks if list(text) == s.ids[: len(text)] else {}
         try:
-            for batch in run.batches():  # several tokens in one message when this waiter fell behind
+            for batch in run.batches(self._stream_gap):  # several tokens in one message when this waiter fell behind
                 n, got = n + len(batch), batch[-1]
                 methods += "".join(METHOD_LETTERS[d.step.method] for d in batch)
                 step = got.step

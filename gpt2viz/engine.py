@@ -105,24 +105,29 @@ class Generation:
         finally:
             self.cancel()
 
-    def batches(self) -> Iterator[list[Delivered]]:
+    def batches(self, every: Callable[[], float] | None = None) -> Iterator[list[Delivered]]:
         """The tokens in the batches they are waited for: each wait returns every token generated meanwhile
         (one at least), so a waiter that is slow to pass them on (a busy web server) sends one message
-        for several tokens instead of falling further behind."""
+        for several tokens instead of falling further behind. `every()`: seconds to let pass between two
+        batches (the tokens made meanwhile wait for the next one); asked before each."""
         try:
-            error = None
+            error, last = None, 0.0
             while error is None:
                 got, item = [], self._job.out.get()
+                gap = every() if every is not None else 0.0
+                deadline = last + gap
                 while item is not _DONE:
                     if isinstance(item, BaseException):
                         error = item  # raised after the tokens before it
                         break
                     got.append(item)
                     try:
-                        item = self._job.out.get_nowait()
+                        wait = deadline - time.monotonic()
+                        item = self._job.out.get(timeout=wait) if wait > 0 else self._job.out.get_nowait()
                     except queue.Empty:
                         break
                 if got:
+                    last = time.monotonic()
                     yield got
                 if item is _DONE:
                     return
@@ -200,6 +205,10 @@ class Engine:
                 self._thread.start()
             self._cv.notify()
         return job
+
+    def generating(self) -> int:
+        """How many generations are running (not cancelled)."""
+        return sum(1 for j in list(self._jobs) if j.fn is None and j.n_tokens and not j.cancelled)
 
     def _wake(self) -> None:
         with self._cv:

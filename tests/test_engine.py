@@ -315,3 +315,18 @@ def test_a_prompt_read_in_an_earlier_pass_is_taken_not_read_again_and_the_number
     first.rewind(0)  # its prompt's reading is gone: nobody can take it any more
     again = GenerationSession(model, tokenizer, prompt, CONFIGS[1], record=True)
     assert not again.adopt_prompt(first)
+
+
+def test_a_stream_spaced_by_its_gap_sends_the_tokens_made_meanwhile_together(trained, tokenizer):
+    """With a class generating, a waiter lets `every()` seconds pass between two messages (`Controller._stream_gap`):
+    fewer messages, the same tokens in order; the engine counts the generations running."""
+    engine = Engine(max_ahead=64)
+    s = GenerationSession(trained, tokenizer, "ROMEO:", SamplingConfig(seed=7), record=True)
+    run = engine.generate(s, threading.Lock(), 20, rate=20)  # a second in all
+    running, times, batches = [], [], []
+    for got in run.batches(lambda: running.append(engine.generating()) or 0.3):
+        times.append(time.monotonic())
+        batches.append(got)
+    assert [d.step.token_id for b in batches for d in b] == s.ids[-20:]
+    assert 3 <= len(batches) <= 6 and all(b - a >= 0.29 for a, b in zip(times, times[1:-1]))  # the last comes when done
+    assert running[0] == 1 and engine.generating() == 0
