@@ -589,9 +589,9 @@ class Controller:
 
     def _stream_gap(self) -> float:
         """Seconds between two messages of a streamed text: none while a few texts stream; with a class
-        generating, about one message per 0.6 s (30 texts) carrying the tokens made meanwhile. Each message
-        costs the web server ~5 ms of Python under the interpreter lock the engine then waits for: at 30
-        students halving them gave the engine the time for ~TODO% more tokens (bench/README.md)."""
+        generating, about one message per 0.6 s (30 texts) carrying the tokens made meanwhile: each message
+        costs the web server Python time under the interpreter lock that the engine waits for (30 students:
+        ~5% more tokens in all, bench/README.md)."""
         n = self.engine.generating()
         return 0.0 if n <= STREAM_ALONE else min(1.0, STREAM_GAP * n)
 

@@ -24,7 +24,7 @@ reading (`GenerationSession.adopt_prompt`); both are bit for bit what the sessio
 A class told to pick one example costs one prompt's reading, not thirty.
 
 Fairness: jobs are served least recently served first; prompts are read at most `prefill_tokens`
-per iteration in all; calls get as long as the pass took (at least `call_slice`, at least one);
+per iteration in all (up to 4x that while many texts wait for their first token: `prefill_budget`); calls get as long as the pass took (at least `call_slice`, at least one);
 each browser session and each client address has a cap on queued jobs (`Overloaded`). A whole class
 often comes from one school's address, so that cap is a class's worth (128: one generation and one
 view each for 60 students), well under the server's (512).
@@ -305,7 +305,7 @@ class Engine:
         """One batched forward pass over the generations of one model, then each chooses its token."""
         model = gens[0].session.model
         batch: list[tuple[_Job, list[int]]] = []
-        budget = self.prefill_tokens
+        budget = self.prefill_budget(gens)
         seen: set = set()
         try:
             for job in gens:
@@ -343,6 +343,14 @@ class Engine:
         finally:
             for job, _ in batch:
                 job.lock.release()
+
+    def prefill_budget(self, gens: list[_Job]) -> int:
+        """Prompt tokens to read in this pass: a chunk (`prefill_tokens`) for each text waiting for its first token,
+        at most 4 chunks. A class that starts 30 texts at once gets its first tokens in fewer, longer passes; one
+        long prompt alone still takes a chunk a pass, between the others' decode steps. Chunk boundaries do not
+        move (they are multiples of `prefill_tokens`), so no session's numbers change."""
+        waiting = sum(1 for j in gens if j.fn is None and not j.done and len(j.session.unread()) > 1)
+        return self.prefill_tokens * min(4, max(1, waiting))
 
     def _forward(self, model, reading: list[tuple[_Job, list[int]]]) -> None:
         try:
