@@ -7,9 +7,9 @@
 
 At batch 1 a decode step streams every weight matrix to compute one row. Here each iteration
 stacks the next token of every active generation (and a chunk of any prompt being read) into
-one `GPT2.forward_ragged` pass, unembeds the last rows in one product, then lets each session
-choose its token with its own settings, seed stream and forced tokens (`GenerationSession.step`,
-which finds its pass already read). Sessions join and leave between iterations. Every other
+one `GPT2.forward_ragged` pass, unembeds the last rows in one product, then lets every session
+choose its token with its own settings, seed stream and forced tokens, all rows at once
+(`generation.step_together`: each gets what `GenerationSession.step` would give it alone). Sessions join and leave between iterations. Every other
 piece of model work (drawing views, reading a rewound text) is a `call` run on the same thread
 between iterations, so one budget covers all of it and Gradio's thread count decides nothing.
 
