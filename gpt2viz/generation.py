@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -450,7 +451,10 @@ class RowStats:
         same = rows.probs_final is rows.probs
         raw_entropy = entropies(rows.probs)
         raw_rank = ranks(rows.probs, tokens)
-        return cls(prob.tolist(), torch.log(prob).tolist(), prob.tolist() if same else rows.probs_final.gather(1, at)[:, 0].tolist(),
+        probs = prob.tolist()
+        # The log in Python, of each float32 probability: torch's log of a vector takes its SIMD path for some rows
+        # and its scalar one for others, depending on how many rows there are.
+        return cls(probs, [math.log(x) if x > 0 else -math.inf for x in probs], probs if same else rows.probs_final.gather(1, at)[:, 0].tolist(),
                    raw_rank, raw_rank if same else ranks(rows.probs_final, tokens),
                    raw_entropy, raw_entropy if same else entropies(rows.probs_final), candidate_rows(sessions, rows, tokens))
 
