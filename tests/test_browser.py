@@ -422,7 +422,9 @@ def test_a_share_link_opens_the_same_page_in_another_browser_and_a_broken_one_sa
     step(page)
     step(page)
     page.get_by_text("Rewind", exact=True).first.click()  # back to 3 generated tokens, then another branch
+    wait_idle(page)  # every view of the last Step has answered (each sets the slider to the tokens there are)
     set_number(page, "rewind_to", 3)
+    expect(page.locator("#rewind_to input[type=number]")).to_have_value("3")
     page.click("#rewind_btn")
     expect(page.locator("#strip .tok")).to_have_count(n_prompt + 3)
     wait_idle(page)
