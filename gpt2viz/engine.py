@@ -9,9 +9,10 @@ At batch 1 a decode step streams every weight matrix to compute one row. Here ea
 stacks the next token of every active generation (and a chunk of any prompt being read) into
 one `GPT2.forward_ragged` pass, unembeds the last rows in one product, then lets every session
 choose its token with its own settings, seed stream and forced tokens, all rows at once
-(`generation.step_together`: each gets what `GenerationSession.step` would give it alone). Sessions join and leave between iterations. Every other
-piece of model work (drawing views, reading a rewound text) is a `call` run on the same thread
-between iterations, so one budget covers all of it and Gradio's thread count decides nothing.
+(`generation.step_together`: each gets what `GenerationSession.step` would give it alone).
+Sessions join and leave between iterations. Every other piece of model work (drawing views,
+reading a rewound text) is a `call` run on the same thread between iterations, so one budget
+covers all of it and Gradio's thread count decides nothing.
 
 Every session gets the same numbers, bit for bit, whoever it is batched with: `forward_ragged`'s
 products give a row the same result whatever the other rows, and prompts are read in chunks whose
@@ -24,7 +25,8 @@ reading (`GenerationSession.adopt_prompt`); both are bit for bit what the sessio
 A class told to pick one example costs one prompt's reading, not thirty.
 
 Fairness: jobs are served least recently served first; prompts are read at most `prefill_tokens`
-per iteration in all (up to 4x that while many texts wait for their first token: `prefill_budget`); calls get as long as the pass took (at least `call_slice`, at least one);
+per iteration in all (up to 4x that while many texts wait for their first token: `prefill_budget`);
+calls get as long as the pass took (at least `call_slice`, at least one);
 each browser session and each client address has a cap on queued jobs (`Overloaded`). A whole class
 often comes from one school's address, so that cap is a class's worth (128: one generation and one
 view each for 60 students), well under the server's (512).

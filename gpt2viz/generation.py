@@ -424,8 +424,9 @@ def choose_rows(sessions: Sequence[GenerationSession], pendings: Sequence[Pendin
     """Each session's token and how it came: forced, the likeliest (temperature 0), or the draw of
     (seed, position + 1) from its final distribution (row i of `rows`)."""
     sampled = [i for i, (s, f) in enumerate(zip(sessions, forces)) if f is None and not s.config.greedy]
-    drawn = dict(zip(sampled, draw_rows(rows.probs_final[sampled], [uniform(sessions[i].config.seed, pendings[i].position + 1)
-                                                                     for i in sampled]))) if sampled else {}
+    finals = rows.probs_final if len(sampled) == len(sessions) else rows.probs_final[sampled]  # no copy when all draw
+    us = [uniform(sessions[i].config.seed, pendings[i].position + 1) for i in sampled]
+    drawn = dict(zip(sampled, draw_rows(finals, us))) if sampled else {}
     likeliest = rows.probs_final.argmax(-1).tolist() if len(sampled) < len(sessions) else []
     return [(f, "forced") if f is not None else (drawn[i], "sampled") if i in drawn else (likeliest[i], "greedy")
             for i, f in enumerate(forces)]

@@ -245,12 +245,6 @@ class DistributionRows:
     probs_temperature: torch.Tensor
     probs_final: torch.Tensor
 
-    def row(self, i: int) -> Distributions:
-        """Row i as `Distributions` (a stage that is the identity for every row is the same tensor, as there)."""
-        probs = self.probs[i]
-        return Distributions(self.logits[i], probs, probs if self.probs_temperature is self.probs else self.probs_temperature[i],
-                             probs if self.probs_final is self.probs else self.probs_final[i])
-
 
 def distribution_rows(logits: torch.Tensor, previous: Sequence[list[int] | torch.Tensor],
                       configs: Sequence[SamplingConfig]) -> DistributionRows:
