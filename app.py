@@ -191,6 +191,62 @@ for _input in (gr.Slider, gr.Number, gr.Dropdown, gr.Radio):
     quiet_refusals(_input)
 
 
+class _NoPageCopies(dict):
+    """A browser session's copy of the page's configuration, kept empty (`keep_no_page_copies`)."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def __contains__(self, key) -> bool:
+        return True  # so that Gradio never builds a component's configuration only to keep it here
+
+    def __getitem__(self, key) -> dict:
+        return {}
+
+
+PAGE_COPIES_GRADIO = "6.31.0"  # the Gradio whose `SessionState` `keep_no_page_copies` patches (requirements.txt)
+
+
+def keep_no_page_copies() -> bool:
+    """Gradio builds, for every new browser session, a copy of every component's configuration (~25 ms of the
+    server's time at its first event: with thirty students pressing Generate at once, the last one's request
+    started ~1 s late), rebuilds a component's at each event that updates it, and keeps in it the last value
+    of every component an event updated (figures too: ~0.4 MB a session); only its deep links read it back,
+    which this page does not offer. Patched on Gradio's `SessionState`, for the Gradio pinned
+    (`PAGE_COPIES_GRADIO`); True if done."""
+    import datetime  # noqa: PLC0415
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from gradio import state_holder  # noqa: PLC0415
+
+    cls = state_holder.SessionState
+    init = cls.__init__
+    if getattr(init, "no_page_copies", False):
+        return True
+    if gr.__version__ != PAGE_COPIES_GRADIO:
+        log.warning("gradio %s, not %s: every browser session keeps its own copy of the page", gr.__version__, PAGE_COPIES_GRADIO)
+        return False
+
+    def without_page_copies(self, blocks) -> None:
+        init(self, SimpleNamespace(default_config=blocks.default_config, blocks={}))  # no block to copy
+        self.config_values = _NoPageCopies()
+
+    def set_without_copy(self, key, value) -> None:  # SessionState.__setitem__ without the configuration kept
+        block = self.blocks_config.blocks.get(key)
+        if isinstance(block, gr.State):
+            self._state_ttl[key] = (block.time_to_live, datetime.datetime.now())
+            self.state_data[key] = value
+        else:
+            self.blocks_config.blocks[key] = value
+
+    without_page_copies.no_page_copies = True
+    cls.__init__, cls.__setitem__, cls._update_config = without_page_copies, set_without_copy, lambda self, key: None
+    return True
+
+
+keep_no_page_copies()
+
+
 class RefuseUploads:
     """ASGI middleware: the page has no file input, so Gradio's upload route refuses instead of caching files."""
 

@@ -149,13 +149,14 @@ def unembedded_blocks(model: GPT2, normed: torch.Tensor, chunk: int = 128, block
 
 @torch.no_grad()
 def next_token_logprobs(model: GPT2, normed: torch.Tensor, next_ids: list[int]) -> list[float]:
-    """log p(next_ids[i] | position i) from final-layer-normed rows `[n, d_model]` (32 rows at a time
-    through the packed unembedding, `GPT2.unembed_rows`: a prompt read in chunks gets the same
-    numbers as one read whole)."""
+    """log p(next_ids[i] | position i) from final-layer-normed rows `[n, d_model]` (128 rows at a time
+    through the packed unembedding, `GPT2.unembed_rows`, whose numbers for a row do not depend on the
+    rows beside it: a prompt read in chunks, or beside other prompts, gets the same numbers as one read
+    whole and alone)."""
     targets = torch.tensor(next_ids, device=normed.device)
     out: list[float] = []
-    for start in range(0, normed.shape[0], 32):
-        logits = model.unembed_rows(normed[start:start + 32]).float()
+    for start in range(0, normed.shape[0], 128):
+        logits = model.unembed_rows(normed[start:start + 128]).float()
         out += log_probabilities_(logits, 0, targets[start:start + logits.shape[0]])[2].tolist()
     return out
 

@@ -1204,7 +1204,8 @@ def strip_of(tokenizer, ids: list[int], logprobs: list[float], selected: int | N
     """The text as tokens for the strip: `{"tokens": [{t, c, p, br, sel}], "selected": int}`.
 
     `t` the token as shown everywhere (`plots.show`), `c` its category by the probability the model gave
-    it from the tokens before it (`logprobs[i]`; prompt tokens too; the first has none), `p` that
+    it from the tokens before it (`logprobs[i]`; prompt tokens too; the first has none; NaN: not scored yet,
+    in a stream's first message, `generation.read_together`), `p` that
     probability as text, `br` a line break after a newline token, `sel` "sel" on the selected token.
     With `decided` (position -> (class, text), `decision_marks`), the strip is coloured by where the model
     decided instead; positions it lacks are left uncoloured ("undecided").
@@ -1214,7 +1215,8 @@ def strip_of(tokenizer, ids: list[int], logprobs: list[float], selected: int | N
     for i, text in enumerate(strings):
         known = 0 < i < len(logprobs) and not np.isnan(logprobs[i])
         c = prob_category(logprobs[i]) if known else "first"
-        p = f"token {i}: " + (f"the model gave it {plots.pct(float(np.exp(logprobs[i])))}" if known else "the first token")
+        p = f"token {i}: " + (f"the model gave it {plots.pct(float(np.exp(logprobs[i])))}" if known
+                              else "the first token" if i == 0 else "not scored yet (a moment)")
         if decided is not None:
             c, p = decided.get(i, ("first", f"token {i}: " + ("the first token" if i == 0 else "not coloured (new, or far from the selected token)")))
         out.append({"t": plots.show(text), "c": c, "p": p, "br": "\n" in text, "sel": "sel" if i == selected else ""})

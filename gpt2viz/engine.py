@@ -337,11 +337,17 @@ class Engine:
             self.stats["generations_ready"] += len(gens)
             self.stats["generations_batched"] += len(batch)
             reading = [(job, ids) for job, ids in batch if ids and job.session.record]
+            later: list = []
             if reading:
                 began = time.monotonic()
-                self._forward(model, reading)
+                self._forward(model, reading, later)
                 self.stats["forward_s"] += time.monotonic() - began
             self._choose([job for job, _ in batch])
+            for score in later:  # the prompts' log-probabilities, once the tokens are on their way (`read_together`)
+                try:
+                    score()
+                except Exception:  # noqa: BLE001 - the tokens are delivered; the strip shows those unscored
+                    log.exception("scoring the prompts failed")
         finally:
             for job, _ in batch:
                 job.lock.release()
@@ -354,9 +360,9 @@ class Engine:
         waiting = sum(1 for j in gens if j.fn is None and not j.done and len(j.session.unread()) > 1)
         return self.prefill_tokens * min(4, max(1, waiting))
 
-    def _forward(self, model, reading: list[tuple[_Job, list[int]]]) -> None:
+    def _forward(self, model, reading: list[tuple[_Job, list[int]]], later: list) -> None:
         try:
-            rows = read_together([job.session for job, _ in reading], [ids for _, ids in reading])
+            rows = read_together([job.session for job, _ in reading], [ids for _, ids in reading], later)
         except Exception as e:  # noqa: BLE001
             for job, _ in reading:
                 self._finish(job, e)

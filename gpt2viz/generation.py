@@ -15,7 +15,7 @@ import codecs
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tiktoken
@@ -23,7 +23,8 @@ import torch
 
 from .interventions import Intervention, InterventionError, Plan, resolve
 from .model import GPT2, ContextLengthError
-from .recording import Pending, PerStep, Recorder, Records
+from .capture import next_token_logprobs
+from .recording import Pending, PerStep, Recorder, Records, known_rows
 from .sampling import DistributionRows, SamplingConfig, distribution_rows, draw_rows, entropies, ranks, uniform
 from .tokenizer import ENDOFTEXT_ID, encode, token_strings
 
@@ -215,10 +216,10 @@ class GenerationSession:
         return self._pending
 
     def absorb(self, start: int, normed: torch.Tensor, resid: torch.Tensor, embed: torch.Tensor, pos_embed: torch.Tensor,
-               logits: torch.Tensor | None = None) -> None:
+               logits: torch.Tensor | None = None, logprobs: list[float] | None = None) -> None:
         """Take in a forward pass run elsewhere (the engine's batched pass, `read_together`) over positions
         start.. of what this recording session had unread (`Recorder.absorb`)."""
-        pending = self.capture.absorb(self._state.ids, start, normed, resid, embed, pos_embed, logits)
+        pending = self.capture.absorb(self._state.ids, start, normed, resid, embed, pos_embed, logits, logprobs)
         if pending is not None:
             self._pending = pending
 
@@ -489,11 +490,17 @@ def candidate_rows(sessions: Sequence[GenerationSession], rows: DistributionRows
 
 
 @torch.no_grad()
-def read_together(sessions: list[GenerationSession], segments: list[list[int]] | None = None) -> int:
+def read_together(sessions: list[GenerationSession], segments: list[list[int]] | None = None,
+                  later: list[Callable[[], None]] | None = None) -> int:
     """One batched pass (`GPT2.forward_ragged`) over recording sessions of one model: session i reads
     `segments[i]` (default: all its `unread()` ids; a leading chunk of them is allowed), each with its own
     interventions, then takes its rows in (`absorb`). The last rows of the sessions whose text is then read
-    are unembedded in one product. Returns the number of rows."""
+    are unembedded in one product, and the log-probabilities of the tokens already in the texts in another
+    (`known_logprobs`). Returns the number of rows.
+
+    With `later` (a list), that second product is left to a function appended to it: the sessions' records
+    hold NaN for those tokens until it runs. The engine chooses the next tokens first, so that a class's
+    first tokens do not wait for the scoring of thirty prompts (a third of the pass that reads them)."""
     model = sessions[0].model
     segments = [s.unread() for s in sessions] if segments is None else segments
     starts = [len(s.records) for s in sessions]
@@ -507,18 +514,55 @@ def read_together(sessions: list[GenerationSession], segments: list[list[int]] |
     complete = [i for i, (s, ids) in enumerate(zip(sessions, segments)) if starts[i] + len(ids) == len(s._state.ids)]
     last_rows = sorted({row_group[group[i]] for i in complete})
     logits = dict(zip(last_rows, model.unembed_rows(out.normed[[out.bounds[k + 1] - 1 for k in last_rows]]).float().cpu())) if last_rows else {}
+    absorbing = [i for i, s in enumerate(sessions) if not (group[i] != i and sessions[group[i]]._state.ids == s._state.ids)]
+    wanted = {}
+    for i in absorbing:
+        k = row_group[group[i]]
+        wanted[i] = (ids := sessions[i]._state.ids, starts[i], k, known_rows(ids, starts[i], out.bounds[k + 1] - out.bounds[k]))
+    if later is None:
+        logprobs = known_logprobs(model, out, wanted)
+    else:  # (the counts are taken now: by the time `score` runs, the texts have their next tokens)
+        logprobs = {i: [math.nan] * n for i, (_, _, _, n) in wanted.items()}
+
+        def score() -> None:
+            for i, got in known_logprobs(model, out, wanted).items():
+                sessions[i].records.logprobs[starts[i] + 1:starts[i] + 1 + len(got)] = got
+            for i, s in enumerate(sessions):
+                if i not in wanted:  # took its donor's records: a copy of the list, NaN where the donor's now are not
+                    a, b = starts[i] + 1, starts[i] + 1 + len(logprobs[group[i]])
+                    s.records.logprobs[a:b] = sessions[group[i]].records.logprobs[a:b]
+
+        later.append(score)
     for i, s in enumerate(sessions):
         donor, k = sessions[group[i]], row_group[group[i]]
-        if donor is not s and donor._state.ids == s._state.ids:
+        if i not in logprobs:
             s.absorb_same(donor)  # the same text: the same records (the donor absorbed first: it comes first)
             continue
         rows = out.rows(k)
         mine = logits[k] if i in complete else None
         mine = mine.clone() if mine is not None and donor is not s else mine
-        s.absorb(starts[i], out.normed[rows], out.resid[:, rows], out.embed[rows], out.pos_embed[rows], mine)
+        s.absorb(starts[i], out.normed[rows], out.resid[:, rows], out.embed[rows], out.pos_embed[rows], mine, logprobs[i])
         if not s.plan and len(s.records) == len(s.prompt_ids) and starts[i] + len(segments[i]) == len(s.prompt_ids):
             s._prompt_read = out.normed[out.bounds[k + 1] - 1].clone()  # the prompt read whole by this pass's body
     return sum(len(segments[i]) for i in run)
+
+
+def known_logprobs(model: GPT2, out, wanted: dict[int, tuple[list[int], int, int, int]]) -> dict[int, list[float]]:
+    """For each session i, `wanted[i]` = (its ids, where its rows start, its sequence in the pass `out`, how
+    many of those rows have their next token in the text, `recording.known_rows`): the log-probabilities of
+    those tokens, for every session of the pass in one product (a class's 30 prompts are 30 small products
+    otherwise, a third of the pass that reads them). The packed unembedding gives a row the same numbers in
+    any product."""
+    rows: list[int] = []
+    targets: list[int] = []
+    spans = {}
+    for i, (ids, start, k, n) in wanted.items():
+        first = out.bounds[k]
+        spans[i] = (len(rows), n)
+        rows += range(first, first + n)
+        targets += ids[start + 1:start + 1 + n]
+    got = next_token_logprobs(model, out.normed[rows], targets) if rows else []
+    return {i: got[a:a + n] for i, (a, n) in spans.items()}
 
 
 def same_starts(sessions: list[GenerationSession], segments: list[list[int]]) -> list[int]:

@@ -30,13 +30,20 @@ class Pending:
     lens_probs: np.ndarray | None
 
 
+def known_rows(ids: list[int], start: int, T: int) -> int:
+    """How many of a pass's T rows from `start` have their next token already in the text `ids` (all of them
+    but the last when the pass reaches the end of the text): their tokens' log-probabilities are recorded."""
+    return T - 1 if start + T == len(ids) else T
+
+
 class Records:
     """Per-position captures kept by a recording session (index = position).
 
     resid[p] `[layer + 1, d_model]` float32 (with the KV cache, enough to recompute every attention
     pattern: `Recorder.attention_pattern`),
     embed[p] / pos_embed[p] `[d_model]` float32, logprobs[t] = log p(token t | tokens < t)
-    (NaN for t = 0), one per token of the text; lens[p]: the logit lens of position p once read,
+    (NaN for t = 0; and while the engine holds the session, for the tokens of a pass it has not scored yet:
+    `generation.read_together`), one per token of the text; lens[p]: the logit lens of position p once read,
     (ids, probs) `[layer + 1, LENS_TOP]` (`Recorder.logit_lens`).
     """
 
@@ -128,7 +135,7 @@ class PerStep:
     def truncate(self, n_positions: int, n_tokens: int) -> None:
         pass
 
-    def absorb(self, ids, start, normed, resid, embed, pos_embed, logits=None) -> Pending | None:
+    def absorb(self, ids, start, normed, resid, embed, pos_embed, logits=None, logprobs=None) -> Pending | None:
         raise ValueError("absorb needs a recording session (record=True)")
 
     def _refuse(self, what: str):
@@ -167,18 +174,20 @@ class Recorder:
 
     @torch.no_grad()
     def absorb(self, ids: list[int], start: int, normed: torch.Tensor, resid: torch.Tensor, embed: torch.Tensor,
-               pos_embed: torch.Tensor, logits: torch.Tensor | None = None) -> Pending | None:
+               pos_embed: torch.Tensor, logits: torch.Tensor | None = None, logprobs: list[float] | None = None) -> Pending | None:
         """Take in a forward pass over positions start..start+T-1 of `ids` (what the session had unread, or a
         leading chunk of it): final-layer-normed rows `[T, d_model]`, residual stream `[layer + 1, T, d_model]`,
         embeddings `[T, d_model]`, and, when the pass reached the last token, that row's `logits` `[vocab]` if
-        already computed (the engine unembeds the last rows of a whole batch in one product). Returns the
-        pending choice when the pass reached the last token."""
+        already computed (the engine unembeds the last rows of a whole batch in one product). `logprobs`: those
+        of the tokens at start+1.. already in the text (`known_rows`), if already computed (the engine computes
+        every session's of a pass in one product). Returns the pending choice when the pass reached the last token."""
         if start != len(self.records):
             raise ValueError(f"absorb needs the pass that starts at {len(self.records)}, got {start}")
         T = normed.shape[0]
         complete = start + T == len(ids)
-        known = normed[:-1] if complete else normed  # rows whose next token is already in the text
-        logprobs = next_token_logprobs(self.model, known, ids[start + 1:start + 1 + known.shape[0]]) if known.shape[0] else []
+        if logprobs is None:
+            known = normed[:known_rows(ids, start, T)]
+            logprobs = next_token_logprobs(self.model, known, ids[start + 1:start + 1 + known.shape[0]]) if known.shape[0] else []
         self.records.add(start, resid, embed, pos_embed, logprobs)
         if not complete:
             return None

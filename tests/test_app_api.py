@@ -288,3 +288,35 @@ def test_gradio_keeps_the_pages_of_a_bounded_number_of_browser_sessions():
         assert 0 < len(demo.state_holder.session_data) <= 4
     finally:
         demo.close()
+
+
+def test_a_new_browser_session_costs_gradio_no_copy_of_the_page():
+    """Gradio would build every component's configuration for each new browser session and keep in it the last
+    value of every component an event updated (`app.keep_no_page_copies`): thirty students pressing Generate at
+    once waited ~1 s for it. A session's events build none, and the session keeps none."""
+    import app
+    from conftest import free_port
+    from gradio import blocks
+    from gpt2viz import controller as c
+
+    assert app.keep_no_page_copies()
+    models = c.Models()
+    demo = app.build(models, c.Sessions(models))
+    demo.queue()
+    _, url, _ = demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True, **app.launch_options())
+    built = []
+    config_for_block = blocks.BlocksConfig.config_for_block
+    blocks.BlocksConfig.config_for_block = staticmethod(lambda *a, **k: built.append(a[0]) or config_for_block(*a, **k))
+    try:
+        client = Client(url, verbose=False)
+        for i in range(3):
+            client.reset_session()  # a new browser session each time
+            out = client.predict(**args(seed=i), api_name="/step")
+            assert len(out[OUT["strip"]]["tokens"]) > 3  # the page works
+        kept = [list(s.config_values.items()) for s in demo.state_holder.session_data.values()]
+    finally:
+        blocks.BlocksConfig.config_for_block = staticmethod(config_for_block)
+        demo.close()
+    n_components = len(demo.blocks)
+    assert len(built) < n_components / 4, f"built {len(built)} component configurations for 3 sessions of a page of {n_components}"
+    assert len(kept) == 3 and kept == [[], [], []]

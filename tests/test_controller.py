@@ -124,6 +124,10 @@ def test_views_show_the_recorded_numbers(small_model, tokenizer):
     assert strip[0]["c"] == "first" and [t["sel"] for t in strip].count("sel") == 1 and strip[n - 2]["sel"] == "sel"
     for i in range(1, n):  # prompt and generated tokens alike, by the probability the model gave them
         assert strip[i]["c"] == c.prob_category(float(tr.logprobs[i]))
+    # a stream's first message, sent before the prompt is scored (`read_together(later=...)`), says so
+    unscored = c.strip_of(tokenizer, session.ids, [np.nan] * (n - 1) + [float(tr.logprobs[n - 1])], None)["tokens"]
+    assert [t["c"] for t in unscored[:n - 1]] == ["first"] * (n - 1) and unscored[n - 1]["c"] == strip[n - 1]["c"]
+    assert unscored[0]["p"] == "token 0: the first token" and all("not scored yet" in t["p"] for t in unscored[1:n - 1])
 
     pos, layer, head = n - 2, 1, 3
     one, grid, row = c.attention_views(session, pos, layer, head)

@@ -352,3 +352,34 @@ def test_a_class_starting_together_has_its_prompts_read_in_fewer_passes_with_the
         assert solo.ids == s.ids
         for a, b in zip(s.records.resid, solo.records.resid):
             np.testing.assert_array_equal(a, b)
+
+
+def test_first_tokens_go_out_before_the_prompts_are_scored_and_the_scores_are_those_of_a_session_alone(model, tokenizer):
+    """The engine chooses a pass's tokens before it scores the prompts' tokens (`read_together(later=...)`): the
+    first token's snapshot has NaN for them; the session's records then hold, bit for bit, what the scoring in
+    the pass itself gives a session read alone; one that shares another's reading of the same text gets them too."""
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[6], PROMPTS[2]]  # the last starts the same text as the second
+    sessions = [GenerationSession(model, tokenizer, p, SamplingConfig(seed=i), record=True) for i, p in enumerate(prompts)]
+    engine = Engine(prefill_tokens=8)  # chunks: a prompt's earlier chunks are scored in their own passes
+    firsts = {}
+
+    def wait(i, s):
+        for d in engine.generate(s, threading.Lock(), 3):
+            firsts.setdefault(i, d.logprobs)
+
+    threads = [threading.Thread(target=wait, args=(i, s)) for i, s in enumerate(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i, s in enumerate(sessions):
+        n = len(s.prompt_ids)
+        chunk_end = (n - 1) // 8 * 8  # the last chunk's rows are scored after its first token was chosen
+        assert all(np.isnan(x) for x in firsts[i][chunk_end + 1:n]) and len(firsts[i]) == n + 1
+        assert not any(np.isnan(x) for x in s.records.logprobs[1:])
+        solo = GenerationSession(model, tokenizer, prompts[i], SamplingConfig(seed=i), record=True)
+        for start in range(0, n, 8):
+            read_together([solo], [solo.unread()[:8]])  # the same chunks, each scored in its own pass
+        assert solo.records.logprobs[1:] == s.records.logprobs[1:n]
+    n = len(sessions[1].prompt_ids)
+    assert sessions[3].records.logprobs[1:n] == sessions[1].records.logprobs[1:n]
