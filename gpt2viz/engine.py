@@ -24,6 +24,8 @@ its rows (`generation.same_starts`), and one whose prompt another session read e
 reading (`GenerationSession.adopt_prompt`); both are bit for bit what the session's own pass would give.
 A class told to pick one example costs one prompt's reading, not thirty.
 
+A pass takes at most `max_batch` generations (64: a class of 60 in one pass, whose products cost less a row
+than two passes of 30 do; and a pass's length, which every view waits for, stays bounded).
 Fairness: jobs are served least recently served first; prompts are read at most `prefill_tokens`
 per iteration in all (up to 4x that while many texts wait for their first token: `prefill_budget`);
 calls get as long as the pass took (at least `call_slice`, at least one);
@@ -146,7 +148,7 @@ class Generation:
 class Engine:
     """The model loop. Thread-safe; its thread starts with the first job and ends when idle."""
 
-    def __init__(self, max_batch: int = 32, prefill_tokens: int = 128, call_slice: float = 0.05,
+    def __init__(self, max_batch: int = 64, prefill_tokens: int = 128, call_slice: float = 0.05,
                  max_jobs_per_owner: int = 3, max_jobs_per_client: int = 128, max_jobs: int = 512,
                  idle_seconds: float = 30.0, on_idle: Callable[[], None] | None = None, max_ahead: int = 8) -> None:
         self.max_batch, self.prefill_tokens, self.call_slice = max_batch, prefill_tokens, call_slice

@@ -383,3 +383,14 @@ def test_first_tokens_go_out_before_the_prompts_are_scored_and_the_scores_are_th
         assert solo.records.logprobs[1:] == s.records.logprobs[1:n]
     n = len(sessions[1].prompt_ids)
     assert sessions[3].records.logprobs[1:n] == sessions[1].records.logprobs[1:n]
+
+
+def test_a_pass_takes_at_most_max_batch_generations_and_everyone_still_finishes(trained, tokenizer, monkeypatch):
+    from gpt2viz import engine as engine_module
+
+    sizes, read = [], engine_module.read_together
+    monkeypatch.setattr(engine_module, "read_together", lambda s, seg, later=None: sizes.append(len(s)) or read(s, seg, later))
+    sessions = [GenerationSession(trained, tokenizer, PROMPTS[i], CONFIGS[i], record=True) for i in range(7)]
+    run_all(Engine(max_batch=3), sessions, [4] * 7)
+    assert max(sizes) == 3 and sizes.count(3) >= 7 * 4 // 3  # full passes of 3, never more
+    assert [len(s.steps) for s in sessions] == [4] * 7
