@@ -293,7 +293,9 @@ def test_gradio_keeps_the_pages_of_a_bounded_number_of_browser_sessions():
 def test_a_new_browser_session_costs_gradio_no_copy_of_the_page():
     """Gradio would build every component's configuration for each new browser session and keep in it the last
     value of every component an event updated (`app.keep_no_page_copies`): thirty students pressing Generate at
-    once waited ~1 s for it. A session's events build none, and the session keeps none."""
+    once waited ~1 s for it. A session's events build none, and the session keeps none. Nor does Gradio build a
+    new component for each output an event leaves out (`app.only_what_was_returned`): only for the few whose
+    properties the event changes (the sliders' ranges, the candidates' choices)."""
     import app
     from conftest import free_port
     from gradio import blocks
@@ -304,19 +306,26 @@ def test_a_new_browser_session_costs_gradio_no_copy_of_the_page():
     demo = app.build(models, c.Sessions(models))
     demo.queue()
     _, url, _ = demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True, **app.launch_options())
-    built = []
+    built, components = [], []
     config_for_block = blocks.BlocksConfig.config_for_block
+    block_init = blocks.Block.__init__
     blocks.BlocksConfig.config_for_block = staticmethod(lambda *a, **k: built.append(a[0]) or config_for_block(*a, **k))
+    blocks.Block.__init__ = lambda self, *a, **k: components.append(type(self).__name__) or block_init(self, *a, **k)
     try:
         client = Client(url, verbose=False)
         for i in range(3):
             client.reset_session()  # a new browser session each time
             out = client.predict(**args(seed=i), api_name="/step")
             assert len(out[OUT["strip"]]["tokens"]) > 3  # the page works
+            out = client.predict(**settings(), position=2, layer=1, head=0, tab="attention", api_name="/inspect")
+            assert "attention" in out[OUT["attention"]]["plot"]  # the view is drawn
         kept = [list(s.config_values.items()) for s in demo.state_holder.session_data.values()]
     finally:
         blocks.BlocksConfig.config_for_block = staticmethod(config_for_block)
+        blocks.Block.__init__ = block_init
         demo.close()
     n_components = len(demo.blocks)
     assert len(built) < n_components / 4, f"built {len(built)} component configurations for 3 sessions of a page of {n_components}"
     assert len(kept) == 3 and kept == [[], [], []]
+    # Each session's Step changes the ranges of four sliders and the candidates' choices; its view changes none.
+    assert len(components) <= 3 * 6, f"Gradio built {len(components)} components for 6 events of 3 sessions: {components}"
