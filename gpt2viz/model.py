@@ -136,30 +136,55 @@ class KVCache:
         self.length = 0
         self._k: list[torch.Tensor | None] = [None] * n_layer
         self._v: list[torch.Tensor | None] = [None] * n_layer
+        self._k1: list[torch.Tensor | None] = [None] * n_layer
+        self._v1: list[torch.Tensor | None] = [None] * n_layer
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new positions `[B, H, T, D]` after `self.length`; return all keys and values `[B, H, S, D]`."""
         start, end = self.length, self.length + k.shape[2]
-        buf_k, buf_v = self._k[layer], self._v[layer]
-        if buf_k is None or buf_k.shape[2] < end:
-            capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 16))
-            new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
-            new_v = v.new_empty(new_k.shape)
-            if buf_k is not None:
-                new_k[:, :, :start] = buf_k[:, :, :start]
-                new_v[:, :, :start] = buf_v[:, :, :start]
-            self._k[layer], self._v[layer] = buf_k, buf_v = new_k, new_v
+        buf_k, buf_v = self._room(layer, end, k)
         buf_k[:, :, start:end] = k
         buf_v[:, :, start:end] = v
         return buf_k[:, :, :end], buf_v[:, :, :end]
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`append` for a cache of one sequence, without its batch axis: new positions `[H, T, D]` in, all
+        keys and values `[H, S, D]` out (`GPT2.forward_ragged` calls it for every sequence and layer: half
+        the tensor calls of `append`, each of which gives up the interpreter lock on a busy server)."""
+        start, end = self.length, self.length + k.shape[1]
+        if self._k[layer] is None or self._k[layer].shape[2] < end:
+            self._room(layer, end, k[None])
+        buf_k, buf_v = self._k1[layer], self._v1[layer]
+        buf_k[:, start:end] = k
+        buf_v[:, start:end] = v
+        return buf_k[:, :end], buf_v[:, :end]
+
+    def _room(self, layer: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's buffers `[B, H, capacity, D]`, grown (by doubling) to hold `end` positions."""
+        buf_k, buf_v = self._k[layer], self._v[layer]
+        if buf_k is None or buf_k.shape[2] < end:
+            capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 16))
+            new_k = like.new_empty(like.shape[0], like.shape[1], capacity, like.shape[3])
+            new_v = like.new_empty(new_k.shape)
+            if buf_k is not None:
+                new_k[:, :, :self.length] = buf_k[:, :, :self.length]
+                new_v[:, :, :self.length] = buf_v[:, :, :self.length]
+            self._set(layer, new_k, new_v)
+            buf_k, buf_v = new_k, new_v
+        return buf_k, buf_v
+
+    def _set(self, layer: int, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
+        self._k[layer], self._v[layer] = k, v
+        single = k is not None and k.shape[0] == 1
+        self._k1[layer], self._v1[layer] = (k[0], v[0]) if single else (None, None)  # `extend`'s views
 
     def copy_from(self, other: "KVCache", length: int | None = None) -> None:
         """Become a copy of `other`'s first `length` positions (default: all), sharing no storage with it."""
         n = other.length if length is None else length
         if not 0 <= n <= other.length:
             raise ValueError(f"cannot copy {n} positions of a cache of {other.length}")
-        self._k = [t[:, :, :n].clone() if t is not None else None for t in other._k]
-        self._v = [t[:, :, :n].clone() if t is not None else None for t in other._v]
+        for layer, (k, v) in enumerate(zip(other._k, other._v)):
+            self._set(layer, k[:, :, :n].clone() if k is not None else None, v[:, :, :n].clone() if v is not None else None)
         self.length = n
 
     def keys(self, layer: int) -> torch.Tensor:
@@ -265,6 +290,15 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The attention of one new position over its sequence's keys and values: q `[H, 1, D]`, k and v
+    `[H, S, D]` -> z `[H, 1, D]`, softmax(q kᵀ / √D) v as two products (the scores and their scaling
+    as `Attention.scores_of` computes them). For a single query the fused kernel's setup costs more than
+    these products (`forward_ragged` runs one per sequence and layer)."""
+    scores = torch.bmm(q, k.transpose(1, 2)).mul_(q.shape[-1] ** -0.5)
+    return torch.bmm(torch.softmax(scores, dim=-1), v)
 
 
 @functools.lru_cache(maxsize=4)
@@ -429,6 +463,7 @@ class GPT2(nn.Module):
             if T == 0 or past + T > cfg.n_positions:
                 raise ContextLengthError(f"a segment of {T} tokens after {past} does not fit the context of {cfg.n_positions}")
         tokens = torch.cat([self._check_tokens(t)[0] for t in segments])  # [N]
+        N = int(tokens.shape[0])
         positions = torch.cat([torch.arange(p, p + T, device=tokens.device) for p, T in zip(pasts, lengths)])
         embed, pos_embed = F.embedding(tokens, self.wte.weight), F.embedding(positions, self.wpe.weight)
         bounds = [0]
@@ -454,23 +489,24 @@ class GPT2(nn.Module):
             w_attn, w_proj, w_fc, w_mlp = packed[layer]
             name = f"blocks.{layer}."
             qkv = packed_linear(F.layer_norm(x, (C,), p.ln_1["weight"], p.ln_1["bias"], eps), w_attn, p.c_attn["bias"])
+            # Per sequence: its q, k, v `[H, T, D]` (views, one split for all), its cache extended, its attention.
             zs = []
-            for i, (kv, past, T) in enumerate(zip(caches, pasts, lengths)):
-                q, k, v = qkv[bounds[i]:bounds[i + 1]].view(1, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # (1, H, T, D)
+            for i, (qkv_i, kv, past, T) in enumerate(zip(qkv.view(N, 3, H, D).permute(1, 2, 0, 3).split(lengths, 2), caches, pasts, lengths)):
+                q, k, v = qkv_i.unbind(0)
                 plan = plans[i]
                 if plan:
-                    k, v = plan.apply(name + "attn.k", k, past), plan.apply(name + "attn.v", v, past)
-                k, v = kv.append(layer, k, v)  # (1, H, S, D)
+                    k, v = plan.apply(name + "attn.k", k[None], past)[0], plan.apply(name + "attn.v", v[None], past)[0]
+                k, v = kv.extend(layer, k, v)  # (H, S, D)
                 if T == 1:
-                    z = F.scaled_dot_product_attention(q, k, v)
+                    z = attend_one(q, k, v)
                 elif past == 0:
                     z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
                 else:
                     z = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_bias(T, past + T, x.device, q.dtype))
                 if plan:
-                    z = plan.apply(name + "attn.z", z, past)
-                zs.append(z[0].transpose(0, 1).reshape(T, C))
-            a = packed_linear(torch.cat(zs), w_proj, p.attn_proj["bias"])
+                    z = plan.apply(name + "attn.z", z[None], past)[0]
+                zs.append(z)
+            a = packed_linear(torch.cat(zs, 1).transpose(0, 1).reshape(N, C), w_proj, p.attn_proj["bias"])
             if not edited:
                 x = x + a
                 h = F.gelu(packed_linear(F.layer_norm(x, (C,), p.ln_2["weight"], p.ln_2["bias"], eps), w_fc, p.c_fc["bias"]),
