@@ -213,7 +213,8 @@ def keep_no_page_copies() -> bool:
     started ~1 s late), rebuilds a component's at each event that updates it, and keeps in it the last value
     of every component an event updated (figures too: ~0.4 MB a session); only its deep links read it back,
     which this page does not offer. Patched on Gradio's `SessionState`, for the Gradio pinned
-    (`PAGE_COPIES_GRADIO`); True if done."""
+    (`PAGE_COPIES_GRADIO`), with `only_what_was_returned` (no component built for an output an event leaves out);
+    True if done."""
     import datetime  # noqa: PLC0415
     from types import SimpleNamespace  # noqa: PLC0415
 
