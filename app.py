@@ -267,7 +267,7 @@ def only_what_was_returned(postprocess_data):
         part = copy.copy(block_fn)
         part.outputs = [outputs[i] for i in picked]
         got = await postprocess_data(self, part, {b: given[b._id] for b in part.outputs}, state)
-        out: list = [{"__type__": "update"} for _ in outputs]
+        out: list = [None if b.stateful else {"__type__": "update"} for b in outputs]  # what Gradio sends for them
         for i, value in zip(picked, got):
             out[i] = value
         return out
