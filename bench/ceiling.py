@@ -2,6 +2,7 @@
 
     python bench/ceiling.py                 # gpt2-small shape, 30 sessions, medians of 7 passes
     python bench/ceiling.py --sessions 30 60 --json bench/results/ceiling.json
+    python bench/ceiling.py --quick         # a tiny shape (the smoke test)
 
 In one process, no web server, random weights of gpt2's shape (12 x 12, 768 wide), float32:
 - one recording session alone, decoding (`read_together` + `step_together`, what the engine runs for it);
@@ -62,7 +63,7 @@ def products_only(model: GPT2, n: int):
     """The matrix products of an n-row decode pass, nothing else (the same packed weights, the same shapes)."""
     packed = model._packed_weights()
     C = model.cfg.n_embd
-    x, h = torch.randn(n, C), torch.randn(n, 4 * C)
+    x, h = torch.randn(n, C), torch.randn(n, model.cfg.d_mlp)
 
     def run() -> None:
         for w_attn, w_proj, w_fc, w_mlp in packed[:-1]:
@@ -89,9 +90,11 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=[30])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--quick", action="store_true", help="a tiny shape, for the smoke test (tests/test_bench_smoke.py)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = init_weights(GPT2(GPT2Config(n_layer=12, n_head=12, n_embd=768, n_positions=1024))).eval()
+    shape = dict(n_layer=2, n_head=4, n_embd=64) if args.quick else dict(n_layer=12, n_head=12, n_embd=768)
+    model = init_weights(GPT2(GPT2Config(**shape, n_positions=1024))).eval()
     tokenizer = load_tokenizer()
     alone = sessions(model, tokenizer, 1)
     one = 1 / sum(decode_passes(alone, args.repeats * 3))

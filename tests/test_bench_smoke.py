@@ -31,3 +31,15 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     report = subprocess.run([sys.executable, "bench/report.py", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| gpt2viz, no capture | " in report.stdout and "| tiny, 128 | " in report.stdout
+
+
+def test_the_ceiling_benchmark_runs_and_reports_each_level(tmp_path):
+    out = tmp_path / "ceiling.json"
+    result = subprocess.run([sys.executable, "bench/ceiling.py", "--quick", "--sessions", "3", "--repeats", "1", "--json", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["alone_tps"] > 0 and [level["sessions"] for level in data["levels"]] == [3]
+    level = data["levels"][0]
+    assert all(level[k] > 0 for k in ("together_tps", "products_tps", "products_choosing_tps", "pass_ms", "products_ms", "choosing_ms"))
+    assert "| 3 | " in result.stdout
