@@ -234,6 +234,11 @@ def keep_no_page_copies() -> bool:
 
     def set_without_copy(self, key, value) -> None:  # SessionState.__setitem__ without the configuration kept
         block = self.blocks_config.blocks.get(key)
+        if block is None:
+            # Not one of the page's components: a component Gradio rebuilt for a property update, which its processing
+            # stores again under the rebuilt one's own new id at each later event (one more kept a session per Step,
+            # whose position slider changes range). Nothing looks it up there.
+            return
         if isinstance(block, gr.State):
             self._state_ttl[key] = (block.time_to_live, datetime.datetime.now())
             self.state_data[key] = value

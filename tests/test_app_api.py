@@ -320,6 +320,11 @@ def test_a_new_browser_session_costs_gradio_no_copy_of_the_page():
             out = client.predict(**settings(), position=2, layer=1, head=0, tab="attention", api_name="/inspect")
             assert "attention" in out[OUT["attention"]]["plot"]  # the view is drawn
         kept = [list(s.config_values.items()) for s in demo.state_holder.session_data.values()]
+        session = next(reversed(demo.state_holder.session_data.values()))
+        page = len(session.blocks_config.blocks)
+        for _ in range(4):  # each Step changes the position slider's range: Gradio rebuilds it, and kept each rebuilt one
+            client.predict(**args(seed=3), api_name="/step")
+        extra = set(session.blocks_config.blocks) - set(demo.default_config.blocks)
     finally:
         blocks.BlocksConfig.config_for_block = staticmethod(config_for_block)
         blocks.Block.__init__ = block_init
@@ -328,4 +333,5 @@ def test_a_new_browser_session_costs_gradio_no_copy_of_the_page():
     assert len(built) < n_components / 4, f"built {len(built)} component configurations for 3 sessions of a page of {n_components}"
     assert len(kept) == 3 and kept == [[], [], []]
     # Each session's Step changes the ranges of four sliders and the candidates' choices; its view changes none.
-    assert len(components) <= 3 * 6, f"Gradio built {len(components)} components for 6 events of 3 sessions: {components}"
+    assert len(components) <= 3 * 6 + 4 * 3, f"Gradio built {len(components)} components for 10 events of 3 sessions: {components}"
+    assert not extra and len(session.blocks_config.blocks) == page, f"a session keeps {len(extra)} components that are not the page's"
