@@ -29,9 +29,12 @@ positions, `key` = all positions so far.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import math
+import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -125,11 +128,77 @@ class GPT2Config:
 TANH_GELU_NAMES = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
 
 
+ATTN_BUCKET = 64  # a decode row's attention runs over its length rounded up to this (`attend_rows`)
+SLAB_ROWS = 16  # one-sequence caches per `KVSlab`
+
+
+def bucket_end(length: int) -> int:
+    """The positions a decode row of a text of `length` positions attends over in `attend_rows` (the rest masked)."""
+    return -(-length // ATTN_BUCKET) * ATTN_BUCKET
+
+
+def slab_capacity(end: int) -> int:
+    """The capacity of the slab row that holds `end` positions: a power of two, at least `ATTN_BUCKET` (so it
+    holds `bucket_end(end)`), i.e. growth by doubling."""
+    return max(ATTN_BUCKET, 1 << max(0, end - 1).bit_length())
+
+
+class KVSlab:
+    """The keys and values of `SLAB_ROWS` one-sequence caches of one capacity (CPU), every layer:
+    `k[layer]`, `v[layer]` `[rows, H, capacity, D]`. Sequences whose caches share a slab append and attend
+    together (`GPT2.forward_ragged`: per layer one append and two products for all of them instead of a few
+    calls each). Allocated empty: a row's memory becomes resident as its positions are written.
+    Invariant of a row in use: its positions `[length, bucket_end(length))` hold zeros (finite values for the
+    masked tail `attend_rows` multiplies by zero)."""
+
+    def __init__(self, key: tuple) -> None:
+        n_layer, H, capacity, D, dtype = key
+        self.key, self.capacity = key, capacity
+        self.k = [torch.empty(SLAB_ROWS, H, capacity, D, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.empty(SLAB_ROWS, H, capacity, D, dtype=dtype) for _ in range(n_layer)]
+        self.free = list(range(SLAB_ROWS))
+
+
+class _Slabs:
+    """Every live slab, by (n_layer, H, capacity, D, dtype); rows handed out lowest first, so caches made one
+    after another (a class starting together) sit side by side; a slab whose rows are all free is dropped."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slabs: dict[tuple, list[KVSlab]] = {}
+
+    def take(self, key: tuple) -> tuple[KVSlab, int]:
+        with self._lock:
+            slabs = self._slabs.setdefault(key, [])
+            slab = next((s for s in slabs if s.free), None)
+            if slab is None:
+                slab = KVSlab(key)
+                slabs.append(slab)
+            return slab, slab.free.pop(0)
+
+    def give_back(self, slab: KVSlab, row: int) -> None:
+        with self._lock:
+            slab.free.append(row)
+            slab.free.sort()
+            slabs = self._slabs.get(slab.key, [])
+            if len(slab.free) == SLAB_ROWS and slab in slabs:
+                slabs.remove(slab)
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._slabs.values())
+
+
+SLABS = _Slabs()
+
+
 class KVCache:
     """Keys and values of every layer for all positions seen so far, `[batch, head, pos, d_head]`.
 
     Storage grows by doubling so that appending one position is O(1) amortised.
     `truncate(n)` rewinds to the first n positions (used for branching).
+    A cache of one sequence on the CPU keeps its storage in a row of a shared `KVSlab` (views of it), so that
+    `forward_ragged` can attend for many sequences in one product; a batched cache has tensors of its own.
     """
 
     def __init__(self, n_layer: int) -> None:
@@ -138,29 +207,51 @@ class KVCache:
         self._v: list[torch.Tensor | None] = [None] * n_layer
         self._k1: list[torch.Tensor | None] = [None] * n_layer
         self._v1: list[torch.Tensor | None] = [None] * n_layer
+        self.slab: KVSlab | None = None  # with `row`, where the storage is (one sequence, CPU)
+        self.row = -1
+        self._release: weakref.finalize | None = None
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new positions `[B, H, T, D]` after `self.length`; return all keys and values `[B, H, S, D]`."""
         start, end = self.length, self.length + k.shape[2]
         buf_k, buf_v = self._room(layer, end, k)
-        buf_k[:, :, start:end] = k
-        buf_v[:, :, start:end] = v
-        return buf_k[:, :, :end], buf_v[:, :, :end]
+        with self._no_grad():
+            buf_k[:, :, start:end] = k
+            buf_v[:, :, start:end] = v
+            return buf_k[:, :, :end], buf_v[:, :, :end]
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`append` for a cache of one sequence, without its batch axis: new positions `[H, T, D]` in, all
-        keys and values `[H, S, D]` out (`GPT2.forward_ragged` calls it for every sequence and layer: half
-        the tensor calls of `append`, each of which gives up the interpreter lock on a busy server)."""
+        keys and values `[H, S, D]` out."""
         start, end = self.length, self.length + k.shape[1]
-        if self._k[layer] is None or self._k[layer].shape[2] < end:
+        if self._k[layer] is None or self._k[layer].shape[2] < end or (self.slab is not None and bucket_end(end) > bucket_end(start)):
             self._room(layer, end, k[None])
         buf_k, buf_v = self._k1[layer], self._v1[layer]
-        buf_k[:, start:end] = k
-        buf_v[:, start:end] = v
-        return buf_k[:, :end], buf_v[:, :end]
+        with self._no_grad():
+            buf_k[:, start:end] = k
+            buf_v[:, start:end] = v
+            return buf_k[:, :end], buf_v[:, :end]
+
+    def ready(self, end: int, n_head: int, d_head: int, dtype: torch.dtype) -> bool:
+        """Before a pass writes positions up to `end` into a one-sequence CPU cache: a slab row that holds them, its
+        tail zeroed in every layer (`KVSlab`'s invariant). Returns whether the cache is in a slab."""
+        if self.slab is None and any(k is not None for k in self._k):
+            return False  # a batched cache (or another device's): tensors of its own
+        if self.slab is None or self.slab.capacity < end:
+            self._to_slab(slab_capacity(end), n_head, d_head, dtype)
+        if bucket_end(end) > bucket_end(self.length):
+            self._zero(end, bucket_end(end))
+        return True
 
     def _room(self, layer: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's buffers `[B, H, capacity, D]`, grown (by doubling) to hold `end` positions."""
+        if self.slab is not None or (like.shape[0] == 1 and like.device.type == "cpu" and all(k is None for k in self._k)
+                                     and not (torch.is_grad_enabled() and like.requires_grad)):
+            if self.slab is None or self.slab.capacity < end:
+                self._to_slab(slab_capacity(end), like.shape[1], like.shape[3], like.dtype)
+            if bucket_end(end) > bucket_end(self.length):
+                self._zero(end, bucket_end(end), layer)
+            return self._k[layer], self._v[layer]
         buf_k, buf_v = self._k[layer], self._v[layer]
         if buf_k is None or buf_k.shape[2] < end:
             capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 16))
@@ -173,6 +264,45 @@ class KVCache:
             buf_k, buf_v = new_k, new_v
         return buf_k, buf_v
 
+    def _to_slab(self, capacity: int, n_head: int, d_head: int, dtype: torch.dtype, n: int | None = None,
+                 source: "KVCache | None" = None) -> None:
+        """Move (or, from `source`, copy) the first `n` positions (default: `length`) of every layer into a row of a
+        slab of `capacity`, give the old row back, and zero the new row's tail up to `bucket_end(n)`."""
+        source = source or self
+        n = source.length if n is None else n
+        with torch.no_grad():
+            self._fill_row(capacity, n_head, d_head, dtype, n, source)
+
+    def _fill_row(self, capacity: int, n_head: int, d_head: int, dtype: torch.dtype, n: int, source: "KVCache") -> None:
+        slab, row = SLABS.take((len(self._k), n_head, capacity, d_head, dtype))
+        for layer in range(len(self._k)):
+            k, v = slab.k[layer][row], slab.v[layer][row]
+            if source._k1[layer] is not None and n:
+                k[:, :n] = source._k1[layer][:, :n]
+                v[:, :n] = source._v1[layer][:, :n]
+            elif source._k[layer] is not None and n:
+                k[:, :n] = source._k[layer][0, :, :n]
+                v[:, :n] = source._v[layer][0, :, :n]
+            k[:, n:bucket_end(n)] = 0
+            v[:, n:bucket_end(n)] = 0
+            self._k[layer], self._v[layer] = slab.k[layer][row:row + 1], slab.v[layer][row:row + 1]
+            self._k1[layer], self._v1[layer] = k, v
+        if self._release is not None:
+            self._release()  # after the copy: the old row may be handed out again
+        self.slab, self.row = slab, row
+        self._release = weakref.finalize(self, SLABS.give_back, slab, row)
+
+    def _zero(self, start: int, stop: int, layer: int | None = None) -> None:
+        with torch.no_grad():
+            for i in range(len(self._k)) if layer is None else (layer,):
+                self._k1[i][:, start:stop] = 0
+                self._v1[i][:, start:stop] = 0
+
+    def _no_grad(self):
+        """Slabs are shared by many caches: they never hold autograd history (a cache that needs it, one whose
+        first keys require grad, gets tensors of its own)."""
+        return torch.no_grad() if self.slab is not None and torch.is_grad_enabled() else contextlib.nullcontext()
+
     def _set(self, layer: int, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
         self._k[layer], self._v[layer] = k, v
         single = k is not None and k.shape[0] == 1
@@ -183,21 +313,28 @@ class KVCache:
         n = other.length if length is None else length
         if not 0 <= n <= other.length:
             raise ValueError(f"cannot copy {n} positions of a cache of {other.length}")
-        for layer, (k, v) in enumerate(zip(other._k, other._v)):
-            self._set(layer, k[:, :, :n].clone() if k is not None else None, v[:, :, :n].clone() if v is not None else None)
+        k0 = next((k for k in other._k if k is not None), None)
+        if k0 is not None and k0.shape[0] == 1 and k0.device.type == "cpu" and (self.slab is not None or all(k is None for k in self._k)):
+            self._to_slab(slab_capacity(n), k0.shape[1], k0.shape[3], k0.dtype, n, other)
+        else:
+            self._leave_slab()
+            for layer, (k, v) in enumerate(zip(other._k, other._v)):
+                self._set(layer, k[:, :, :n].clone() if k is not None else None, v[:, :, :n].clone() if v is not None else None)
         self.length = n
 
     def keys(self, layer: int) -> torch.Tensor:
         """The cached keys of one layer, `[batch, head, length, d_head]`."""
         if self._k[layer] is None:
             raise ValueError("the cache is empty")
-        return self._k[layer][:, :, : self.length]
+        with self._no_grad():
+            return self._k[layer][:, :, : self.length]
 
     def values(self, layer: int) -> torch.Tensor:
         """The cached values of one layer, `[batch, head, length, d_head]`."""
         if self._v[layer] is None:
             raise ValueError("the cache is empty")
-        return self._v[layer][:, :, : self.length]
+        with self._no_grad():
+            return self._v[layer][:, :, : self.length]
 
     @property
     def nbytes(self) -> int:
@@ -206,7 +343,14 @@ class KVCache:
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if self.slab is not None:
+            self._zero(length, min(self.length, bucket_end(length)))
         self.length = length
+
+    def _leave_slab(self) -> None:
+        if self._release is not None:
+            self._release()
+        self.slab, self.row, self._release = None, -1, None
 
 
 class Attention(nn.Module):
@@ -285,11 +429,26 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     On this project's CPUs oneDNN with a packed weight multiplies a few rows 2-3x faster than the
     default BLAS call (which serves F.linear), and, unlike it, gives each row the same result
-    whatever the number of rows: what makes batched sessions equal to solo ones bit for bit.
+    whatever the number of rows, from two rows up: what makes batched sessions equal to solo ones bit for bit.
+    Where oneDNN's kernel for a single row rounds differently from its kernel for more (on a CPU with AVX-512,
+    AMD Zen 4: a 3072-wide input; `_one_row_rounds_apart`), one row is multiplied as two (itself twice).
     """
     if weight.is_mkldnn:
+        if x.dim() == 2 and x.shape[0] == 1 and _one_row_rounds_apart(tuple(weight.shape), x.dtype):
+            return torch.ops.mkldnn._linear_pointwise(x.expand(2, -1).contiguous(), weight, bias, "none", [], "")[:1]
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+@functools.lru_cache(maxsize=64)
+def _one_row_rounds_apart(shape: tuple[int, int], dtype: torch.dtype) -> bool:
+    """Whether oneDNN multiplies one row by a packed `[out, in]` weight with other rounding than the same row among
+    several (tried once per shape on random numbers: two kernels that round apart differ on nearly every row)."""
+    gen = torch.Generator().manual_seed(0)
+    w = pack_linear_weight(torch.randn(shape, generator=gen, dtype=dtype))
+    x = torch.randn(3, shape[1], generator=gen, dtype=dtype)
+    one = torch.ops.mkldnn._linear_pointwise(x[:1], w, None, "none", [], "")
+    return not torch.equal(one, torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")[:1])
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -299,6 +458,67 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     these products (`forward_ragged` runs one per sequence and layer)."""
     scores = torch.bmm(q, k.transpose(1, 2)).mul_(q.shape[-1] ** -0.5)
     return torch.bmm(torch.softmax(scores, dim=-1), v)
+
+
+class SlabGroup(NamedTuple):
+    """Decode rows of one pass whose caches share a slab and a `bucket_end`: they append and attend together."""
+
+    slab: KVSlab
+    lo: int  # the products run over the slab's rows [lo, hi) (rows of others among them: computed, not used)
+    hi: int
+    width: int  # bucket_end of the rows' lengths after this pass: the positions they attend over
+    members: list[int]  # the sequences (indices into the pass's segments), in slab-row order
+    at: torch.Tensor  # [G] their rows among the pass's N rows
+    rows: torch.Tensor  # [G] their slab rows
+    pos: torch.Tensor  # [G] the position each one writes
+    rel: torch.Tensor | None  # [G] rows - lo; None when they fill [lo, hi) in order
+    mask: torch.Tensor  # [hi - lo, 1, width] True where a row may not attend (beyond its length)
+
+
+def slab_groups(caches: Sequence[KVCache], pasts: list[int], starts: list[int], n_head: int, d_head: int,
+                dtype: torch.dtype, candidates: Iterable[int]) -> list[SlabGroup]:
+    """The candidate sequences (one new position each) grouped by slab and width, each cache made ready (a slab
+    row that holds its new position, `KVCache.ready`); a cache that cannot be in a slab is left out."""
+    by: dict[tuple, list[int]] = {}
+    for i in candidates:
+        if caches[i].ready(pasts[i] + 1, n_head, d_head, dtype):
+            by.setdefault((id(caches[i].slab), bucket_end(pasts[i] + 1)), []).append(i)
+    groups = []
+    for (_, width), members in by.items():
+        members.sort(key=lambda i: caches[i].row)
+        rows = [caches[i].row for i in members]
+        lo, hi = rows[0], rows[-1] + 1
+        lengths = [width] * (hi - lo)  # rows of others: attend to everything (finite, unused)
+        for i, r in zip(members, rows):
+            lengths[r - lo] = pasts[i] + 1
+        mask = torch.arange(width)[None, None, :] >= torch.tensor(lengths)[:, None, None]
+        dense = rows == list(range(lo, hi))
+        groups.append(SlabGroup(caches[members[0]].slab, lo, hi, width, members, torch.tensor([starts[i] for i in members]),
+                                torch.tensor(rows), torch.tensor([pasts[i] for i in members]),
+                                None if dense else torch.tensor(rows) - lo, mask))
+    return groups
+
+
+def attend_rows(qkv: torch.Tensor, layer: int, g: SlabGroup, z: torch.Tensor) -> None:
+    """The decode rows of `g` in one layer: append their k and v `qkv[at, 1:]` to their slab rows, attend
+    (softmax(q kᵀ / √D) v over `g.width` positions, those beyond a row's length masked), write their z into
+    `z[at]`. qkv `[N, 3, H, D]`, z `[N, H, D]`. A row's numbers depend only on its own q, keys, values and
+    width: the products are batched over rows and heads, and a batched product gives each matrix the result it
+    gives it alone (tests/test_engine.py), so a sequence gets the same numbers whoever shares its slab."""
+    K, V = g.slab.k[layer], g.slab.v[layer]
+    K[g.rows, :, g.pos] = qkv[g.at, 1]
+    V[g.rows, :, g.pos] = qkv[g.at, 2]
+    R, H, D = g.hi - g.lo, qkv.shape[2], qkv.shape[3]
+    if g.rel is None:
+        q = qkv[g.at, 0]
+    else:
+        q = qkv.new_zeros(R, H, D)
+        q[g.rel] = qkv[g.at, 0]
+    keys = K[g.lo:g.hi, :, :g.width].reshape(R * H, g.width, D)  # views of the slab, no copy
+    scores = torch.bmm(q.view(R * H, 1, D), keys.transpose(1, 2)).mul_(D**-0.5)
+    scores.view(R, H, g.width).masked_fill_(g.mask, float("-inf"))
+    out = torch.bmm(torch.softmax(scores, dim=-1), V[g.lo:g.hi, :, :g.width].reshape(R * H, g.width, D)).view(R, H, D)
+    z[g.at] = out if g.rel is None else out[g.rel]
 
 
 @functools.lru_cache(maxsize=4)
@@ -485,15 +705,23 @@ class GPT2(nn.Module):
         x = edit("blocks.0.resid_pre", x) if edited else x
         resid = [x]
         packed = self._packed_weights()
+        # Decode rows whose caches share a slab append and attend together (`attend_rows`); the others (prompt
+        # chunks, sequences with interventions, caches off the CPU) one by one.
+        on_cpu = x.device.type == "cpu"
+        groups = slab_groups(caches, pasts, bounds, H, D, x.dtype, [i for i, T in enumerate(lengths) if T == 1 and not plans[i]]) if on_cpu else []
+        grouped = {i for g in groups for i in g.members}
+        alone = [i for i in range(len(segments)) if i not in grouped]
         for layer, (p, _) in enumerate(self._decode_plan):
             w_attn, w_proj, w_fc, w_mlp = packed[layer]
             name = f"blocks.{layer}."
-            qkv = packed_linear(F.layer_norm(x, (C,), p.ln_1["weight"], p.ln_1["bias"], eps), w_attn, p.c_attn["bias"])
-            # Per sequence: its q, k, v `[H, T, D]` (views, one split for all), its cache extended, its attention.
-            zs = []
-            for i, (qkv_i, kv, past, T) in enumerate(zip(qkv.view(N, 3, H, D).permute(1, 2, 0, 3).split(lengths, 2), caches, pasts, lengths)):
-                q, k, v = qkv_i.unbind(0)
-                plan = plans[i]
+            qkv = packed_linear(F.layer_norm(x, (C,), p.ln_1["weight"], p.ln_1["bias"], eps), w_attn, p.c_attn["bias"]).view(N, 3, H, D)
+            z_all = qkv.new_empty(N, H, D)
+            for g in groups:
+                attend_rows(qkv, layer, g, z_all)
+            heads = qkv.permute(1, 2, 0, 3)  # [3, H, N, D]
+            for i in alone:
+                kv, past, T, plan = caches[i], pasts[i], lengths[i], plans[i]
+                q, k, v = heads[:, :, bounds[i]:bounds[i + 1]].unbind(0)  # (H, T, D)
                 if plan:
                     k, v = plan.apply(name + "attn.k", k[None], past)[0], plan.apply(name + "attn.v", v[None], past)[0]
                 k, v = kv.extend(layer, k, v)  # (H, S, D)
@@ -505,8 +733,8 @@ class GPT2(nn.Module):
                     z = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_bias(T, past + T, x.device, q.dtype))
                 if plan:
                     z = plan.apply(name + "attn.z", z[None], past)[0]
-                zs.append(z)
-            a = packed_linear(torch.cat(zs, 1).transpose(0, 1).reshape(N, C), w_proj, p.attn_proj["bias"])
+                z_all[bounds[i]:bounds[i + 1]] = z.transpose(0, 1)
+            a = packed_linear(z_all.view(N, C), w_proj, p.attn_proj["bias"])
             if not edited:
                 x = x + a
                 h = F.gelu(packed_linear(F.layer_norm(x, (C,), p.ln_2["weight"], p.ln_2["bias"], eps), w_fc, p.c_fc["bias"]),

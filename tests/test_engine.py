@@ -9,6 +9,7 @@ random-weight gpt2-shaped model, whose distributions are nearly flat, is compare
 capture with the solo run forced to the same tokens.
 """
 
+import gc
 import threading
 import time
 
@@ -19,6 +20,7 @@ import torch
 from gpt2viz import GenerationSession, SamplingConfig, load_model
 from gpt2viz.engine import Engine, Overloaded, Who
 from gpt2viz.generation import read_together
+from gpt2viz.model import SLABS, KVCache, attend_rows, packed_linear, slab_groups
 from gpt2viz.interventions import AblateHeads, AblateMLP, AblateNeurons, ScaleHead, Steer
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21",
@@ -394,3 +396,92 @@ def test_a_pass_takes_at_most_max_batch_generations_and_everyone_still_finishes(
     run_all(Engine(max_batch=3), sessions, [4] * 7)
     assert max(sizes) == 3 and sizes.count(3) >= 7 * 4 // 3  # full passes of 3, never more
     assert [len(s.steps) for s in sessions] == [4] * 7
+
+
+def test_one_row_gets_from_every_packed_product_what_it_gets_among_many(model):
+    """The engine's bit-for-bit promise rests on this: a row's product does not depend on the other rows, one row
+    alone included (on AVX-512 CPUs oneDNN multiplies a single 3072-wide row with other rounding; `packed_linear`
+    then multiplies it as two)."""
+    torch.manual_seed(1)
+    for w in [w for layer in model._packed_weights()[:-1] for w in layer][:4] + [model._packed_weights()[-1]]:
+        x = torch.randn(5, w.shape[1])
+        many = packed_linear(x, w, None)
+        for i in range(5):
+            assert torch.equal(packed_linear(x[i:i + 1], w, None)[0], many[i])
+        assert torch.equal(packed_linear(x[:2], w, None), many[:2])
+
+
+def _attention_f64(q, keys, values):
+    """softmax(q kᵀ / √D) v in float64, per head: q [H, D], keys/values [H, S, D] -> [H, D]."""
+    q, keys, values = q.double(), keys.double(), values.double()
+    p = torch.softmax(torch.einsum("hd,hsd->hs", q, keys) / q.shape[-1] ** 0.5, dim=-1)
+    return torch.einsum("hs,hsd->hd", p, values)
+
+
+def test_decode_rows_sharing_a_slab_attend_together_as_each_alone_and_as_attention_is_defined():
+    """`attend_rows` for rows of one slab (not side by side, different lengths in one bucket, rows of others
+    holding NaN between them): each row's z is bit for bit what it gets in a group of its own, and within 1e-5
+    of softmax(q kᵀ/√D) v computed in float64; the new keys and values land at each row's position."""
+    torch.manual_seed(2)
+    H, D, n_layer = 4, 16, 1
+    caches = [KVCache(n_layer) for _ in range(5)]
+    lengths = [70, 100, 127, 65, 90]  # one bucket (65..128): one group
+    texts = []
+    for kv, n in zip(caches, lengths):
+        k, v = torch.randn(H, n, D), torch.randn(H, n, D)
+        kv.extend(0, k, v)
+        kv.length = n
+        texts.append((k, v))
+    slab = caches[0].slab
+    assert all(kv.slab is slab for kv in caches) and len({kv.row for kv in caches}) == 5
+    del caches[1]  # its row is given back; fill it (and every other free row) with NaN
+    gc.collect()
+    for r in slab.free:
+        slab.k[0][r], slab.v[0][r] = float("nan"), float("nan")
+    texts.pop(1)
+    lengths.pop(1)
+    qkv = torch.randn(len(caches), 3, H, D)
+    starts = list(range(len(caches)))
+    pasts = [kv.length for kv in caches]
+    (g,) = slab_groups(caches, pasts, starts, H, D, torch.float32, range(len(caches)))
+    assert g.rel is not None and g.width == 128
+    z = torch.full((len(caches), H, D), float("nan"))
+    attend_rows(qkv, 0, g, z)
+    for i, kv in enumerate(caches):
+        alone_z = torch.full((1, H, D), float("nan"))
+        (g1,) = slab_groups([kv], [pasts[i]], [0], H, D, torch.float32, [0])
+        attend_rows(qkv[i:i + 1], 0, g1, alone_z)
+        assert torch.equal(alone_z[0], z[i])
+        k, v = texts[i]
+        keys, values = torch.cat([k, qkv[i, 1][:, None]], 1), torch.cat([v, qkv[i, 2][:, None]], 1)
+        torch.testing.assert_close(z[i].double(), _attention_f64(qkv[i, 0], keys, values), atol=1e-5, rtol=0)
+        kv.length += 1
+        assert torch.equal(kv.keys(0)[0], keys) and torch.equal(kv.values(0)[0], values)
+
+
+def test_a_cache_in_a_slab_grows_copies_rewinds_and_gives_its_row_back():
+    torch.manual_seed(3)
+    before = SLABS.count()
+    kv = KVCache(2)
+    k = torch.randn(1, 3, 50, 8)
+    for layer in range(2):
+        kv.append(layer, k, -k)
+    kv.length = 50
+    assert kv.slab.capacity == 64 and kv.nbytes == 2 * 2 * 3 * 64 * 8 * 4
+    # the tail of the bucket holds zeros (finite values for the masked positions `attend_rows` multiplies by 0)
+    assert torch.equal(kv._k[1][0, :, 50:64], torch.zeros(3, 14, 8))
+    more = torch.randn(1, 3, 30, 8)
+    for layer in range(2):
+        kv.append(layer, more, -more)
+    kv.length = 80
+    assert kv.slab.capacity == 128 and torch.equal(kv.keys(1), torch.cat([k, more], 2))
+    copy = KVCache(2)
+    copy.copy_from(kv, 60)
+    assert copy.slab is not None and (copy.slab, copy.row) != (kv.slab, kv.row)
+    assert torch.equal(copy.values(0), -torch.cat([k, more], 2)[:, :, :60])
+    kv.truncate(55)
+    assert torch.equal(kv._v[0][0, :, 55:64], torch.zeros(3, 9, 8))  # rewound positions of the bucket zeroed
+    assert torch.equal(copy.keys(0), torch.cat([k, more], 2)[:, :, :60])  # no storage shared
+    del kv, copy
+    gc.collect()
+    assert SLABS.count() == before
