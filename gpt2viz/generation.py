@@ -215,8 +215,8 @@ class GenerationSession:
             self._pending = self.capture.read(self._state.ids, start, self.plan.hooks(start))
         return self._pending
 
-    def absorb(self, start: int, normed: torch.Tensor, resid: torch.Tensor, embed: torch.Tensor, pos_embed: torch.Tensor,
-               logits: torch.Tensor | None = None, logprobs: list[float] | None = None) -> None:
+    def absorb(self, start: int, normed: torch.Tensor, resid: torch.Tensor | np.ndarray, embed: torch.Tensor | np.ndarray,
+               pos_embed: torch.Tensor | np.ndarray, logits: torch.Tensor | None = None, logprobs: list[float] | None = None) -> None:
         """Take in a forward pass run elsewhere (the engine's batched pass, `read_together`) over positions
         start.. of what this recording session had unread (`Recorder.absorb`)."""
         pending = self.capture.absorb(self._state.ids, start, normed, resid, embed, pos_embed, logits, logprobs)
@@ -513,7 +513,7 @@ def read_together(sessions: list[GenerationSession], segments: list[list[int]] |
             s._kv.copy_from(sessions[group[i]]._kv)
     complete = [i for i, (s, ids) in enumerate(zip(sessions, segments)) if starts[i] + len(ids) == len(s._state.ids)]
     last_rows = sorted({row_group[group[i]] for i in complete})
-    logits = dict(zip(last_rows, model.unembed_rows(out.normed[[out.bounds[k + 1] - 1 for k in last_rows]]).float().cpu())) if last_rows else {}
+    logits = dict(zip(last_rows, model.unembed_rows(out.normed[[out.bounds[k + 1] - 1 for k in last_rows]]).float().cpu().unbind(0))) if last_rows else {}
     absorbing = [i for i, s in enumerate(sessions) if not (group[i] != i and sessions[group[i]]._state.ids == s._state.ids)]
     wanted = {}
     for i in absorbing:
@@ -533,6 +533,9 @@ def read_together(sessions: list[GenerationSession], segments: list[list[int]] |
                     s.records.logprobs[a:b] = sessions[group[i]].records.logprobs[a:b]
 
         later.append(score)
+    # The captures as numpy once for the whole pass: each session then copies its rows with numpy alone (a few
+    # torch calls per session otherwise, each of which waits for the interpreter lock again on a busy server).
+    resid, embed, pos_embed = (t.float().cpu().numpy() for t in (out.resid, out.embed, out.pos_embed))
     for i, s in enumerate(sessions):
         donor, k = sessions[group[i]], row_group[group[i]]
         if i not in logprobs:
@@ -541,7 +544,7 @@ def read_together(sessions: list[GenerationSession], segments: list[list[int]] |
         rows = out.rows(k)
         mine = logits[k] if i in complete else None
         mine = mine.clone() if mine is not None and donor is not s else mine
-        s.absorb(starts[i], out.normed[rows], out.resid[:, rows], out.embed[rows], out.pos_embed[rows], mine, logprobs[i])
+        s.absorb(starts[i], out.normed[rows], resid[:, rows], embed[rows], pos_embed[rows], mine, logprobs[i])
         if not s.plan and len(s.records) == len(s.prompt_ids) and starts[i] + len(segments[i]) == len(s.prompt_ids):
             s._prompt_read = out.normed[out.bounds[k + 1] - 1].clone()  # the prompt read whole by this pass's body
     return sum(len(segments[i]) for i in run)

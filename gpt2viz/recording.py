@@ -72,7 +72,8 @@ class Records:
         of the tokens at start+1..start+T-1 (already in the text when the pass ran)."""
         T = resid.shape[1]
         # copies: rows sliced from a batched pass must not keep the whole batch's tensors alive
-        res, emb, pos = (np.array(t.float().cpu().numpy(), copy=True) for t in (resid, embed, pos_embed))
+        res, emb, pos = (np.array(t if isinstance(t, np.ndarray) else t.float().cpu().numpy(), dtype=np.float32, copy=True)
+                         for t in (resid, embed, pos_embed))
         for r in range(T):
             self.resid.append(res[:, r])
             self.embed.append(emb[r])
@@ -173,8 +174,8 @@ class Recorder:
         return self.absorb(ids, start, normed, resid, store["embed"], store["pos_embed"])
 
     @torch.no_grad()
-    def absorb(self, ids: list[int], start: int, normed: torch.Tensor, resid: torch.Tensor, embed: torch.Tensor,
-               pos_embed: torch.Tensor, logits: torch.Tensor | None = None, logprobs: list[float] | None = None) -> Pending | None:
+    def absorb(self, ids: list[int], start: int, normed: torch.Tensor, resid: torch.Tensor | np.ndarray,
+               embed: torch.Tensor | np.ndarray, pos_embed: torch.Tensor | np.ndarray, logits: torch.Tensor | None = None, logprobs: list[float] | None = None) -> Pending | None:
         """Take in a forward pass over positions start..start+T-1 of `ids` (what the session had unread, or a
         leading chunk of it): final-layer-normed rows `[T, d_model]`, residual stream `[layer + 1, T, d_model]`,
         embeddings `[T, d_model]`, and, when the pass reached the last token, that row's `logits` `[vocab]` if
@@ -193,7 +194,8 @@ class Recorder:
             return None
         if logits is None:
             logits = self.model.unembed(normed[-1]).float()
-        return Pending(len(ids) - 1, logits.float().cpu(), None, resid[:, -1].float().cpu().numpy().astype(np.float16), None, None)
+        last = resid[:, -1] if isinstance(resid, np.ndarray) else resid[:, -1].float().cpu().numpy()
+        return Pending(len(ids) - 1, logits.float().cpu(), None, last.astype(np.float16), None, None)
 
     def chose(self, logprob: float) -> None:
         """The token chosen after the last position: its log-probability under the model."""
