@@ -473,6 +473,7 @@ class SlabGroup(NamedTuple):
     pos: torch.Tensor  # [G] the position each one writes
     rel: torch.Tensor | None  # [G] rows - lo; None when they fill [lo, hi) in order
     mask: torch.Tensor  # [hi - lo, 1, width] True where a row may not attend (beyond its length)
+    one: tuple[int, int] | None  # a group of one row: (its row among the N, its position), for plain indexing
 
 
 def slab_groups(caches: Sequence[KVCache], pasts: list[int], starts: list[int], n_head: int, d_head: int,
@@ -485,6 +486,11 @@ def slab_groups(caches: Sequence[KVCache], pasts: list[int], starts: list[int], 
             by.setdefault((id(caches[i].slab), bucket_end(pasts[i] + 1)), []).append(i)
     groups = []
     for (_, width), members in by.items():
+        if len(members) == 1:
+            (i,) = members
+            groups.append(SlabGroup(caches[i].slab, caches[i].row, caches[i].row + 1, width, members, None, None, None, None,
+                                    _tail_mask(width, pasts[i] + 1), (starts[i], pasts[i])))
+            continue
         members.sort(key=lambda i: caches[i].row)
         rows = [caches[i].row for i in members]
         lo, hi = rows[0], rows[-1] + 1
@@ -495,8 +501,14 @@ def slab_groups(caches: Sequence[KVCache], pasts: list[int], starts: list[int], 
         dense = rows == list(range(lo, hi))
         groups.append(SlabGroup(caches[members[0]].slab, lo, hi, width, members, torch.tensor([starts[i] for i in members]),
                                 torch.tensor(rows), torch.tensor([pasts[i] for i in members]),
-                                None if dense else torch.tensor(rows) - lo, mask))
+                                None if dense else torch.tensor(rows) - lo, mask, None))
     return groups
+
+
+@functools.lru_cache(maxsize=1024)
+def _tail_mask(width: int, length: int) -> torch.Tensor:
+    """`[1, 1, width]`: True at the positions from `length` on (a lone row's mask in `attend_rows`)."""
+    return (torch.arange(width) >= length)[None, None]
 
 
 def attend_rows(qkv: torch.Tensor, layer: int, g: SlabGroup, z: torch.Tensor) -> None:
@@ -506,9 +518,18 @@ def attend_rows(qkv: torch.Tensor, layer: int, g: SlabGroup, z: torch.Tensor) ->
     width: the products are batched over rows and heads, and a batched product gives each matrix the result it
     gives it alone (tests/test_engine.py), so a sequence gets the same numbers whoever shares its slab."""
     K, V = g.slab.k[layer], g.slab.v[layer]
+    R, H, D = g.hi - g.lo, qkv.shape[2], qkv.shape[3]
+    if g.one is not None:  # the same products on the same views, with plain indexing (fewer, cheaper calls)
+        n, past = g.one
+        keys, values = K[g.lo], V[g.lo]  # [H, capacity, D]
+        keys[:, past] = qkv[n, 1]
+        values[:, past] = qkv[n, 2]
+        scores = torch.bmm(qkv[n, 0].view(H, 1, D), keys[:, :g.width].transpose(1, 2)).mul_(D**-0.5)
+        scores.masked_fill_(g.mask[0], float("-inf"))
+        z[n] = torch.bmm(torch.softmax(scores, dim=-1), values[:, :g.width]).view(H, D)
+        return
     K[g.rows, :, g.pos] = qkv[g.at, 1]
     V[g.rows, :, g.pos] = qkv[g.at, 2]
-    R, H, D = g.hi - g.lo, qkv.shape[2], qkv.shape[3]
     if g.rel is None:
         q = qkv[g.at, 0]
     else:
@@ -718,7 +739,7 @@ class GPT2(nn.Module):
             z_all = qkv.new_empty(N, H, D)
             for g in groups:
                 attend_rows(qkv, layer, g, z_all)
-            heads = qkv.permute(1, 2, 0, 3)  # [3, H, N, D]
+            heads = qkv.permute(1, 2, 0, 3) if alone else None  # [3, H, N, D]
             for i in alone:
                 kv, past, T, plan = caches[i], pasts[i], lengths[i], plans[i]
                 q, k, v = heads[:, :, bounds[i]:bounds[i + 1]].unbind(0)  # (H, T, D)
