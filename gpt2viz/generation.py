@@ -506,7 +506,7 @@ def read_together(sessions: list[GenerationSession], segments: list[list[int]] |
     starts = [len(s.records) for s in sessions]
     group = same_starts(sessions, segments)
     run = sorted(set(group))  # the sessions the pass computes; group[i]: the one whose rows session i takes
-    out = model.forward_ragged([torch.tensor(segments[i]) for i in run], [sessions[i]._kv for i in run], [sessions[i].plan for i in run])
+    out = model.forward_ragged([list(segments[i]) for i in run], [sessions[i]._kv for i in run], [sessions[i].plan for i in run])
     row_group = {i: k for k, i in enumerate(run)}
     for i, s in enumerate(sessions):
         if group[i] != i:

@@ -679,8 +679,8 @@ class GPT2(nn.Module):
         return x
 
     @torch.no_grad()
-    def forward_ragged(self, segments: Sequence[torch.Tensor], caches: Sequence[KVCache], plans: Sequence | None = None) -> "Ragged":
-        """Several sequences in one pass: `segments[i]` `[T_i]` are the ids that follow what `caches[i]`
+    def forward_ragged(self, segments: Sequence[torch.Tensor | list[int]], caches: Sequence[KVCache], plans: Sequence | None = None) -> "Ragged":
+        """Several sequences in one pass: `segments[i]` `[T_i]` (a tensor or a list) are the ids that follow what `caches[i]`
         already holds (a decode step is T_i = 1, a chunk of a prompt T_i > 1). Every cache is extended.
 
         The rows of all sequences are stacked, `[N = sum T_i, ...]`, so each weight matrix is read once
@@ -698,14 +698,19 @@ class GPT2(nn.Module):
         C, H, D, eps = cfg.n_embd, cfg.n_head, cfg.d_head, cfg.layer_norm_epsilon
         if self._module_hooks():
             raise RuntimeError("forward_ragged runs no nn.Module hooks: remove them, or use hook points (forward) or interventions")
-        lengths = [int(t.shape[0]) for t in segments]
+        lengths = [len(t) for t in segments]
         pasts = [kv.length for kv in caches]
         for past, T in zip(pasts, lengths):
             if T == 0 or past + T > cfg.n_positions:
                 raise ContextLengthError(f"a segment of {T} tokens after {past} does not fit the context of {cfg.n_positions}")
-        tokens = torch.cat([self._check_tokens(t)[0] for t in segments])  # [N]
+        # All segments' ids and positions as one tensor each, checked once (a few calls a pass, not a few a sequence)
+        if all(isinstance(t, torch.Tensor) for t in segments):
+            flat = torch.cat([t.reshape(-1) for t in segments])
+        else:
+            flat = torch.as_tensor([int(i) for t in segments for i in (t.tolist() if isinstance(t, torch.Tensor) else t)], dtype=torch.long)
+        tokens = self._check_tokens(flat)[0]  # [N]
         N = int(tokens.shape[0])
-        positions = torch.cat([torch.arange(p, p + T, device=tokens.device) for p, T in zip(pasts, lengths)])
+        positions = torch.tensor([p for past, T in zip(pasts, lengths) for p in range(past, past + T)], device=tokens.device)
         embed, pos_embed = F.embedding(tokens, self.wte.weight), F.embedding(positions, self.wpe.weight)
         bounds = [0]
         for T in lengths:
