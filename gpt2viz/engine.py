@@ -15,9 +15,10 @@ reading a rewound text) is a `call` run on the same thread between iterations, s
 covers all of it and Gradio's thread count decides nothing.
 
 Every session gets the same numbers, bit for bit, whoever it is batched with: `forward_ragged`'s
-products give a row the same result whatever the other rows, and prompts are read in chunks whose
-boundaries depend only on the position (tests/test_engine.py). So a seed replays the same text on
-a busy server as on an idle one.
+products give a row the same result whatever the other rows, decode rows whose caches share a slab
+attend in one product whose result for a row depends only on that row (`model.attend_rows`), and
+prompts are read in chunks whose boundaries depend only on the position (tests/test_engine.py). So a
+seed replays the same text on a busy server as on an idle one.
 
 A prompt is read once for everyone who starts it: sessions that start the same text in one pass share
 its rows (`generation.same_starts`), and one whose prompt another session read earlier takes that

@@ -1,7 +1,7 @@
 """The models, the sessions and the engine in a process of their own (`python app.py --engine-process`).
 
 Why: in one process, the web server's threads (Gradio's event loop, its per-message work) and the engine's
-loop share Python's interpreter lock, and a pass of ~3,000 small torch ops waits for the lock at each of
+loop share Python's interpreter lock, and a pass of many small torch ops waits for the lock at each of
 them (bench/README.md, "Where the time goes"). Here the web process only forwards each use case of the
 `Controller` with its (plain, picklable) arguments and receives its `Page`, whose figures come as recipes
 (`controller.recipe`) and are drawn in the web process (`Page.build`). A stream comes back page by page;
