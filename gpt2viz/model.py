@@ -237,20 +237,21 @@ class KVCache:
         tail zeroed in every layer (`KVSlab`'s invariant). Returns whether the cache is in a slab."""
         if self.slab is None and any(k is not None for k in self._k):
             return False  # a batched cache (or another device's): tensors of its own
+        self._slab_room(end, n_head, d_head, dtype)
+        return True
+
+    def _slab_room(self, end: int, n_head: int, d_head: int, dtype: torch.dtype, layer: int | None = None) -> None:
+        """A slab row that holds `end` positions, its tail `[end, bucket_end(end))` zeroed (in one layer, or all)."""
         if self.slab is None or self.slab.capacity < end:
             self._to_slab(slab_capacity(end), n_head, d_head, dtype)
         if bucket_end(end) > bucket_end(self.length):
-            self._zero(end, bucket_end(end))
-        return True
+            self._zero(end, bucket_end(end), layer)
 
     def _room(self, layer: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's buffers `[B, H, capacity, D]`, grown (by doubling) to hold `end` positions."""
         if self.slab is not None or (like.shape[0] == 1 and like.device.type == "cpu" and all(k is None for k in self._k)
                                      and not (torch.is_grad_enabled() and like.requires_grad)):
-            if self.slab is None or self.slab.capacity < end:
-                self._to_slab(slab_capacity(end), like.shape[1], like.shape[3], like.dtype)
-            if bucket_end(end) > bucket_end(self.length):
-                self._zero(end, bucket_end(end), layer)
+            self._slab_room(end, like.shape[1], like.shape[3], like.dtype, layer)
             return self._k[layer], self._v[layer]
         buf_k, buf_v = self._k[layer], self._v[layer]
         if buf_k is None or buf_k.shape[2] < end:
@@ -270,23 +271,17 @@ class KVCache:
         slab of `capacity`, give the old row back, and zero the new row's tail up to `bucket_end(n)`."""
         source = source or self
         n = source.length if n is None else n
-        with torch.no_grad():
-            self._fill_row(capacity, n_head, d_head, dtype, n, source)
-
-    def _fill_row(self, capacity: int, n_head: int, d_head: int, dtype: torch.dtype, n: int, source: "KVCache") -> None:
         slab, row = SLABS.take((len(self._k), n_head, capacity, d_head, dtype))
-        for layer in range(len(self._k)):
-            k, v = slab.k[layer][row], slab.v[layer][row]
-            if source._k1[layer] is not None and n:
-                k[:, :n] = source._k1[layer][:, :n]
-                v[:, :n] = source._v1[layer][:, :n]
-            elif source._k[layer] is not None and n:
-                k[:, :n] = source._k[layer][0, :, :n]
-                v[:, :n] = source._v[layer][0, :, :n]
-            k[:, n:bucket_end(n)] = 0
-            v[:, n:bucket_end(n)] = 0
-            self._k[layer], self._v[layer] = slab.k[layer][row:row + 1], slab.v[layer][row:row + 1]
-            self._k1[layer], self._v1[layer] = k, v
+        with torch.no_grad():
+            for layer in range(len(self._k)):
+                k, v = slab.k[layer][row], slab.v[layer][row]
+                if source._k1[layer] is not None and n:  # a one-sequence source always has these views
+                    k[:, :n] = source._k1[layer][:, :n]
+                    v[:, :n] = source._v1[layer][:, :n]
+                k[:, n:bucket_end(n)] = 0
+                v[:, n:bucket_end(n)] = 0
+                self._k[layer], self._v[layer] = slab.k[layer][row:row + 1], slab.v[layer][row:row + 1]
+                self._k1[layer], self._v1[layer] = k, v
         if self._release is not None:
             self._release()  # after the copy: the old row may be handed out again
         self.slab, self.row = slab, row
@@ -494,14 +489,14 @@ def slab_groups(caches: Sequence[KVCache], pasts: list[int], starts: list[int], 
         members.sort(key=lambda i: caches[i].row)
         rows = [caches[i].row for i in members]
         lo, hi = rows[0], rows[-1] + 1
+        rows_t = torch.tensor(rows)
         lengths = [width] * (hi - lo)  # rows of others: attend to everything (finite, unused)
         for i, r in zip(members, rows):
             lengths[r - lo] = pasts[i] + 1
         mask = torch.arange(width)[None, None, :] >= torch.tensor(lengths)[:, None, None]
         dense = rows == list(range(lo, hi))
         groups.append(SlabGroup(caches[members[0]].slab, lo, hi, width, members, torch.tensor([starts[i] for i in members]),
-                                torch.tensor(rows), torch.tensor([pasts[i] for i in members]),
-                                None if dense else torch.tensor(rows) - lo, mask, None))
+                                rows_t, torch.tensor([pasts[i] for i in members]), None if dense else rows_t - lo, mask, None))
     return groups
 
 
