@@ -295,10 +295,11 @@ def test_a_new_browser_session_costs_gradio_no_copy_of_the_page():
     value of every component an event updated (`app.keep_no_page_copies`): thirty students pressing Generate at
     once waited ~1 s for it. A session's events build none, and the session keeps none. Nor does Gradio build a
     new component for each output an event leaves out (`app.only_what_was_returned`): only for the few whose
-    properties the event changes (the sliders' ranges, the candidates' choices)."""
+    properties the event changes (the sliders' ranges, the candidates' choices). Nor, with monitoring off, does
+    Gradio tabulate its event records after every event (`app.summary_only_when_monitored`)."""
     import app
     from conftest import free_port
-    from gradio import blocks
+    from gradio import blocks, queueing
     from gpt2viz import controller as c
 
     assert app.keep_no_page_copies()
@@ -306,9 +307,11 @@ def test_a_new_browser_session_costs_gradio_no_copy_of_the_page():
     demo = app.build(models, c.Sessions(models))
     demo.queue()
     _, url, _ = demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True, **app.launch_options())
-    built, components = [], []
+    built, components, tables = [], [], []
     config_for_block = blocks.BlocksConfig.config_for_block
     block_init = blocks.Block.__init__
+    get_df = queueing.Queue._get_df
+    queueing.Queue._get_df = staticmethod(lambda records: tables.append(len(records)) or get_df(records))
     blocks.BlocksConfig.config_for_block = staticmethod(lambda *a, **k: built.append(a[0]) or config_for_block(*a, **k))
     blocks.Block.__init__ = lambda self, *a, **k: components.append(type(self).__name__) or block_init(self, *a, **k)
     try:
@@ -328,6 +331,7 @@ def test_a_new_browser_session_costs_gradio_no_copy_of_the_page():
     finally:
         blocks.BlocksConfig.config_for_block = staticmethod(config_for_block)
         blocks.Block.__init__ = block_init
+        queueing.Queue._get_df = staticmethod(get_df)
         demo.close()
     n_components = len(demo.blocks)
     assert len(built) < n_components / 4, f"built {len(built)} component configurations for 3 sessions of a page of {n_components}"
@@ -335,3 +339,4 @@ def test_a_new_browser_session_costs_gradio_no_copy_of_the_page():
     # Each session's Step changes the ranges of four sliders and the candidates' choices; its view changes none.
     assert len(components) <= 3 * 6 + 4 * 3, f"Gradio built {len(components)} components for 10 events of 3 sessions: {components}"
     assert not extra and len(session.blocks_config.blocks) == page, f"a session keeps {len(extra)} components that are not the page's"
+    assert tables == [] and len(demo._queue.event_analytics) <= 1, f"Gradio tabulated its event records {len(tables)} times"

@@ -319,6 +319,29 @@ def test_a_prompt_read_in_an_earlier_pass_is_taken_not_read_again_and_the_number
     assert not again.adopt_prompt(first)
 
 
+def test_sessions_adopting_one_reading_share_one_unembedding_and_get_the_logits_of_their_own_pass(model, tokenizer, monkeypatch):
+    """A class on one example: the first adopter unembeds the prompt's last row, the others take a copy of it
+    (each unembedding streams the whole vocabulary's matrix; thirty of them cost a class's first pass a quarter
+    of a second). Each copy is the session's own: what `read_together` computes for the prompt read alone."""
+    prompt = PROMPTS[2]
+    first = GenerationSession(model, tokenizer, prompt, CONFIGS[0], record=True)
+    run_all(Engine(), [first], [1])
+    solo = GenerationSession(model, tokenizer, prompt, CONFIGS[1], record=True)
+    read_together([solo])
+    calls = []
+    unembed = model.unembed_rows
+    monkeypatch.setattr(model, "unembed_rows", lambda rows: calls.append(len(rows)) or unembed(rows))
+    adopters = [GenerationSession(model, tokenizer, prompt, CONFIGS[i], record=True) for i in range(4)]
+    assert all(s.adopt_prompt(first) for s in adopters)
+    assert calls == [1]
+    for s in adopters:
+        assert torch.equal(s._pending.logits, solo._pending.logits)
+    adopters[0]._pending.logits.zero_()  # each holds its own copy
+    assert torch.equal(adopters[1]._pending.logits, solo._pending.logits)
+    again = GenerationSession(model, tokenizer, prompt, CONFIGS[2], record=True)
+    assert again.adopt_prompt(adopters[3]) and calls == [1]  # an adopter passes the same reading on
+
+
 def test_a_stream_spaced_by_its_gap_sends_the_tokens_made_meanwhile_together(trained, tokenizer):
     """With a class generating, a waiter lets `every()` seconds pass between two messages (`Controller._stream_gap`):
     fewer messages, the same tokens in order; the engine counts the generations running."""
