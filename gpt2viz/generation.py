@@ -482,7 +482,8 @@ def candidate_rows(sessions: Sequence[GenerationSession], rows: DistributionRows
     top: dict[int, tuple] = {}
     for n in {s.top_n for s in sessions}:
         final = torch.topk(rows.probs_final, n, -1)
-        top[n] = (torch.topk(rows.probs, n, -1).indices.tolist(), final.indices.tolist(), final.values.tolist())
+        model_top = final.indices if rows.probs_final is rows.probs else torch.topk(rows.probs, n, -1).indices
+        top[n] = (model_top.tolist(), final.indices.tolist(), final.values.tolist())
     picked = []
     for i, (s, token) in enumerate(zip(sessions, chosen)):
         model_top, final_ids, final_probs = (t[i] for t in top[s.top_n])
