@@ -25,7 +25,7 @@ from .interventions import Intervention, InterventionError, Plan, resolve
 from .model import GPT2, ContextLengthError
 from .capture import next_token_logprobs
 from .recording import Pending, PerStep, Recorder, Records, known_rows
-from .sampling import DistributionRows, SamplingConfig, distribution_rows, draw_rows, entropies, ranks, uniform
+from .sampling import DistributionRows, SamplingConfig, distribution_rows, draw_rows, ranks, row_entropies, uniform
 from .tokenizer import ENDOFTEXT_ID, encode, token_strings
 
 
@@ -300,9 +300,8 @@ class GenerationSession:
         self._check_room()
         pending = self._read()
         rows = distribution_rows(pending.logits[None], [self._state.ids], [self.config])
-        raw = entropies(rows.probs)[0]
-        return Prediction(pending.position, candidate_rows([self], rows, [None])[0], raw,
-                          raw if rows.probs_final is rows.probs else entropies(rows.probs_final)[0])
+        (raw,), (final,) = row_entropies(rows)
+        return Prediction(pending.position, candidate_rows([self], rows, [None])[0], raw, final)
 
     def step(self, force: int | None = None) -> Step:
         """Generate one token (or take `force` as it): exactly one forward pass."""
@@ -466,14 +465,14 @@ class RowStats:
         at = torch.tensor(list(tokens), dtype=torch.long)[:, None]
         prob = rows.probs.gather(1, at)[:, 0]
         same = rows.probs_final is rows.probs
-        raw_entropy = entropies(rows.probs)
+        raw_entropy, final_entropy = row_entropies(rows)
         raw_rank = ranks(rows.probs, tokens)
         probs = prob.tolist()
         # The log in Python, of each float32 probability: torch's log of a vector takes its SIMD path for some rows
         # and its scalar one for others, depending on how many rows there are.
         return cls(probs, [math.log(x) if x > 0 else -math.inf for x in probs], probs if same else rows.probs_final.gather(1, at)[:, 0].tolist(),
                    raw_rank, raw_rank if same else ranks(rows.probs_final, tokens),
-                   raw_entropy, raw_entropy if same else entropies(rows.probs_final), candidate_rows(sessions, rows, tokens))
+                   raw_entropy, final_entropy, candidate_rows(sessions, rows, tokens))
 
 
 def candidate_rows(sessions: Sequence[GenerationSession], rows: DistributionRows, chosen: Sequence[int | None]) -> list[list[Candidate]]:

@@ -217,11 +217,34 @@ def entropy(probs: torch.Tensor) -> float:
     return entropies(probs[None])[0]
 
 
-def entropies(probs: torch.Tensor) -> list[float]:
-    """`entropy` of each row of `[rows, vocab]` probabilities. Summed in float64 as a serial scan (the last
-    element of a cumulative sum): torch's parallel sum would split a row differently with other rows beside
-    it, and a session's figures must not depend on whom it is batched with."""
-    return torch.cumsum(torch.special.entr(probs).double(), -1)[:, -1].tolist()  # entr(0) = 0
+def entropies(probs: torch.Tensor, logits: torch.Tensor | None = None) -> list[float]:
+    """`entropy` of each row of `[rows, vocab]` probabilities, -Σ p log p, the terms summed in float64. With `logits`
+    (`[rows, vocab]`, whose softmax `probs` is), log p is their log-softmax, one call for every row; without, each
+    row's log is taken in a call of its own. A session's figures must not depend on whom it is batched with, so
+    nothing here mixes rows: the log-softmax and the products work row by row, a row's own log call sees only that
+    row (torch's vectorised log takes its scalar path for some elements of a many-row tensor, depending on where
+    the rows fall), and torch's float64 sum reduces each row whole on one thread once there are two rows or more
+    (a lone row it would split between threads: it is summed beside a copy of itself)."""
+    if logits is not None:
+        logp = torch.log_softmax(logits.float(), -1)
+    else:
+        logp = torch.empty_like(probs)
+        for i in range(len(probs)):
+            torch.log(probs[i], out=logp[i])
+    terms = logp.mul_(probs).nan_to_num_(0.0)  # 0 log 0 = 0: the NaN of 0 x -inf
+    both = terms if len(terms) > 1 else terms.expand(2, -1)
+    return [0.0 - h for h in both.sum(-1, dtype=torch.float64)[:len(terms)].tolist()]
+
+
+def row_entropies(rows: "DistributionRows") -> tuple[list[float], list[float]]:
+    """The entropy of each row's model distribution and of its final one (the same number where the settings
+    leave the model's distribution as it is)."""
+    raw = entropies(rows.probs, rows.logits)
+    final = list(raw)
+    if rows.final_changed:
+        for i, h in zip(rows.final_changed, entropies(rows.probs_final[list(rows.final_changed)])):
+            final[i] = h
+    return raw, final
 
 
 def rank_of(probs: torch.Tensor, token: int) -> int:
@@ -244,6 +267,7 @@ class DistributionRows:
     probs: torch.Tensor
     probs_temperature: torch.Tensor
     probs_final: torch.Tensor
+    final_changed: tuple[int, ...] = ()  # the rows whose final distribution is not the model's (their settings change it)
 
 
 def distribution_rows(logits: torch.Tensor, previous: Sequence[list[int] | torch.Tensor],
@@ -254,11 +278,11 @@ def distribution_rows(logits: torch.Tensor, previous: Sequence[list[int] | torch
     logits = logits.float()
     probs = torch.softmax(logits, -1)
     rows = [distributions(logits[i], previous[i], cfg, probs=probs[i]) for i, cfg in enumerate(configs)]
-    stages = [probs, probs]
+    stages, changed = [probs, probs], []
     for k, name in enumerate(("probs_temperature", "probs_final")):
         changed = [i for i, d in enumerate(rows) if getattr(d, name) is not d.probs]
         if changed:
             stages[k] = probs.clone()
             for i in changed:
                 stages[k][i] = getattr(rows[i], name)
-    return DistributionRows(logits, probs, *stages)
+    return DistributionRows(logits, probs, *stages, final_changed=tuple(changed))

@@ -83,6 +83,7 @@ def test_repetition_penalty_on_positive_and_negative_logits():
 def test_entropy_and_rank():
     assert entropy(torch.tensor([0.5, 0.5, 0.0])) == pytest.approx(math.log(2))
     assert entropy(torch.tensor([1.0, 0.0])) == 0
+    assert math.copysign(1, entropy(torch.tensor([1.0, 0.0]))) == 1  # not shown as -0.00
     p = torch.tensor([0.1, 0.6, 0.3, 0.0])
     assert [rank_of(p, i) for i in range(4)] == [3, 1, 2, 4]
 
@@ -188,11 +189,36 @@ def test_the_draw_is_one_uniform_number_and_its_slice_of_the_cumulative_distribu
     assert low <= u < high
 
 
+def test_entropies_from_probabilities_or_logits_are_those_of_an_independent_float64_computation():
+    """Both ways (each row's log, or the log-softmax of the logits) against -sum p log p in float64 with numpy,
+    on peaked, flat and truncated rows (probabilities of exactly 0: 0 log 0 = 0)."""
+    from gpt2viz.sampling import distribution_rows, entropies, row_entropies
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 50257, generator=gen) * torch.tensor([[0.1], [1.0], [3.0], [10.0], [200.0]])
+    configs = [SamplingConfig(), SamplingConfig(top_k=40), SamplingConfig(temperature=0), SamplingConfig(top_p=0.5),
+               SamplingConfig(temperature=0.7)]
+    rows = distribution_rows(logits, [[]] * 5, configs)
+
+    def reference(probs):
+        p = probs.double().numpy()
+        return [float(-np.sum(np.where(r > 0, r * np.log(np.where(r > 0, r, 1)), 0.0))) for r in p]
+
+    lp = torch.log_softmax(logits.double(), -1)
+    exact = (-(lp.exp() * lp).sum(-1)).tolist()  # from the logits in float64 throughout
+    np.testing.assert_allclose(entropies(rows.probs, rows.logits), exact, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(entropies(rows.probs), reference(rows.probs), rtol=1e-5, atol=1e-6)
+    raw, final = row_entropies(rows)
+    assert rows.final_changed == (1, 2, 3, 4) and final[0] == raw[0] and final[2] == 0.0
+    np.testing.assert_allclose(final, reference(rows.probs_final), rtol=1e-5, atol=1e-6)
+    assert final[1] < raw[1] and final[3] < raw[3] and final[4] < raw[4]  # truncated and sharpened distributions
+
+
 @pytest.mark.parametrize("batch", [2, 7, 30])
 def test_the_batched_sampler_gives_each_row_what_the_row_gets_alone(batch):
     """The engine's sampler works on every session's row at once: each row's figures must not depend on the
     rows beside it (torch's parallel sum does: it splits a row differently when other rows are there)."""
-    from gpt2viz.sampling import distribution_rows, draw_rows, entropies, ranks
+    from gpt2viz.sampling import distribution_rows, draw_rows, entropies, ranks, row_entropies
 
     gen = torch.Generator().manual_seed(batch)
     logits = torch.randn(batch, 50257, generator=gen) * 3
@@ -206,6 +232,8 @@ def test_the_batched_sampler_gives_each_row_what_the_row_gets_alone(batch):
             assert torch.equal(getattr(rows, stage)[i], getattr(alone, stage)[0])
         assert tokens[i] == draw_rows(alone.probs_final, us[i:i + 1])[0]
         assert entropies(rows.probs)[i] == entropies(alone.probs)[0]
+        assert entropies(rows.probs, rows.logits)[i] == entropies(alone.probs, alone.logits)[0]
+        assert [h[i] for h in row_entropies(rows)] == [h[0] for h in row_entropies(alone)]
         assert ranks(rows.probs, tokens)[i] == ranks(alone.probs, tokens[i:i + 1])[0]
         cdf = np.cumsum(alone.probs_final[0].double().numpy())  # the draw, independently
         assert tokens[i] == min(int(np.searchsorted(cdf, us[i] * cdf[-1], side="right")), 50256)
