@@ -458,11 +458,12 @@ def new_state(model_name: str) -> dict:
     return {"key": None, "model": model_name, "prompt_len": 0, "ids": []}
 
 
-def sync_state(state: dict, entry: Entry, key: str | None = None) -> dict:
-    """The state after a use case (other keys, such as what the page last drew, are kept)."""
+def sync_state(state: dict, entry: Entry, key: str | None = None, ids: list[int] | None = None, methods: str | None = None) -> dict:
+    """The state after a use case (other keys, such as what the page last drew, are kept); `ids` and `methods`: a
+    snapshot of the text to take instead of the session's own (which the engine may be changing)."""
     s = entry.session
-    return {**state, "key": key or state.get("key"), "model": entry.model_name, "prompt_len": len(s.prompt_ids), "ids": s.ids,
-            "methods": methods_of(s)}
+    return {**state, "key": key or state.get("key"), "model": entry.model_name, "prompt_len": len(s.prompt_ids),
+            "ids": s.ids if ids is None else ids, "methods": methods_of(s) if methods is None else methods}
 
 
 METHOD_LETTERS = {"sampled": "s", "greedy": "g", "forced": "f"}  # as share links write them
@@ -700,7 +701,7 @@ class Controller:
         except Exception as e:  # noqa: BLE001
             yield self._refuse(state, e)
             return
-        s, total, message, n = entry.session, config.max_new_tokens, "Stopped.", 0
+        s, total, message, n, got, ended = entry.session, config.max_new_tokens, "Stopped.", 0, None, False
         methods = methods_of(s)  # then one letter per token delivered: a state streamed is a state a rebuild can use
         decided = None
         if selection.strip_colour == "decided":  # the text before this run keeps its colours; new tokens wait for the end
@@ -723,6 +724,8 @@ class Controller:
                                strip=strip_of(self.models.tokenizer, got.ids, got.logprobs, None, decided))
             if entry.generating is not run:
                 message = "Stopped."
+            else:
+                ended = got is not None
         except Exception as e:  # noqa: BLE001
             log.error("generation failed: %s: %s", type(e).__name__, e)
             message = warn(f"Generation stopped ({type(e).__name__}).") if not isinstance(e, Overloaded) else warn(str(e))
@@ -731,8 +734,16 @@ class Controller:
             if entry.generating is run:
                 entry.generating = None
         # The last page carries the text and the message only: the page then asks for every view (`select`
-        # with the upcoming token), in a second event whose outputs are all the components.
-        yield Page(sync_state(state, entry), status=message, strip=token_strip(s, None, decided))
+        # with the upcoming token), in a second event whose outputs are all the components. At the run's end it
+        # is the engine's snapshot of the text: the engine is still reading the last token (the views wait for
+        # that), so the session itself is not to be read here.
+        if ended and not any(math.isnan(x) for x in got.logprobs[1:]):
+            yield Page(sync_state(state, entry, ids=got.ids, methods=methods), status=message,
+                       strip=strip_of(self.models.tokenizer, got.ids, got.logprobs, None, decided))
+        else:
+            with entry.lock:  # after a Stop or a failure the engine may be in the middle of a pass over this text
+                page = Page(sync_state(state, entry), status=message, strip=token_strip(s, None, decided))
+            yield page
 
     def _stream_on_gpu(self, state, entry: Entry, config: SamplingConfig, who: Who) -> Iterator[Page]:
         """`stream` for a model whose generations run on a GPU lent per call (ZeroGPU, `hardware.py`): one call

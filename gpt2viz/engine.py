@@ -94,6 +94,7 @@ class _Job:
     submitted: float = field(default_factory=time.monotonic)
     next_at: float = 0.0
     done: int = 0
+    detached: bool = False  # its waiter has every token; the job only reads the last one (leaving no longer cancels it)
 
 
 class Generation:
@@ -141,7 +142,7 @@ class Generation:
             self.cancel()
 
     def cancel(self) -> None:
-        if not self._job.cancelled:
+        if not (self._job.cancelled or self._job.detached):
             self._job.cancelled = True
             self._engine._wake()
 
@@ -170,7 +171,9 @@ class Engine:
     def generate(self, session: GenerationSession, lock: threading.Lock, n_tokens: int, who: Who = Who(),
                  force: list[int | None] | None = None, rate: float = 0.0) -> Generation:
         """Generate up to `n_tokens` (stopping early at end-of-text or a full context); `force[i]` is the
-        token to take at the i-th step (None: sample). `rate` paces it (tokens per second)."""
+        token to take at the i-th step (None: sample). `rate` paces it (tokens per second). A recording session's
+        last token is read in the engine's next pass, after the waiter has it: `read` (with the same lock) waits
+        for that, and a `call` on the session runs after it."""
         job = _Job(session, lock, who, n_tokens=n_tokens, force=list(force or []), rate=rate)
         self._submit(job)
         return Generation(self, job)
@@ -288,9 +291,12 @@ class Engine:
         # loop's time goes to the pages that wait for them, half to the tokens.
         slice_s = max(self.call_slice, time.monotonic() - started)
         started = time.monotonic()
+        reading = {id(j.session) for j in list(self._jobs) if j.detached and not j.cancelled}
         for job in calls:
             if time.monotonic() - started > slice_s and job is not calls[0]:
                 break
+            if job.session is not None and id(job.session) in reading:
+                continue  # the last token of its generation is read in a pass first: the call sees the text read
             if job.lock is not None and not job.lock.acquire(blocking=False):
                 continue  # its session is busy elsewhere: next iteration
             job.served = iteration
@@ -312,14 +318,18 @@ class Engine:
         batch: list[tuple[_Job, list[int]]] = []
         budget = self.prefill_budget(gens)
         seen: set = set()
+        sessions: set[int] = set()
         try:
             for job in gens:
                 if len(batch) >= self.max_batch:
                     break
-                if job.session.model is not model or job.out.qsize() >= self.max_ahead:
+                if job.session.model is not model or (job.n_tokens and job.out.qsize() >= self.max_ahead):
                     continue  # another model's turn comes next; or the waiter has not taken its last tokens yet
+                if id(job.session) in sessions:
+                    continue  # another job of this text (a generation's last read and the next request) is in the pass
                 if not job.lock.acquire(blocking=False):
                     continue
+                sessions.add(id(job.session))
                 unread = job.session.unread()
                 if len(unread) > 1 and self._adopt(job.session):
                     unread = []  # its prompt was read for another session: it chooses its token this iteration
@@ -436,6 +446,10 @@ class Engine:
                 job.next_at = time.monotonic() + 1.0 / job.rate
             if step.finish_reason is not None or job.done >= job.n_tokens or s.room_left <= 0:
                 if s.record:
-                    job.n_tokens = 0  # read the last token in the next batched pass: the page drawn next needs it read
+                    # Read the last token in the next batched pass (the page drawn next needs it read), but let the
+                    # waiter go now: its last token need not wait a pass, and the views it asks for next run
+                    # after that pass (calls come after each pass), one iteration sooner than if it waited.
+                    job.n_tokens, job.detached = 0, True
+                    job.out.put(_DONE)
                 else:
                     self._finish(job)

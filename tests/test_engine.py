@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gpt2viz import GenerationSession, SamplingConfig, load_model
-from gpt2viz.engine import Engine, Overloaded, Who
+from gpt2viz.engine import Engine, Generation, Overloaded, Who
 from gpt2viz.generation import read_together
 from gpt2viz.model import SLABS, KVCache, attend_rows, packed_linear, slab_groups
 from gpt2viz.interventions import AblateHeads, AblateMLP, AblateNeurons, ScaleHead, Steer
@@ -68,8 +68,10 @@ def run_all(engine, sessions, n_tokens, kw=None):
 
     def wait(i, s):
         try:
-            for _ in engine.generate(s, threading.Lock(), n_tokens[i], who=Who(f"user{i}", "10.0.0.1"), **(kw or {}).get(i, {})):
+            lock = threading.Lock()
+            for _ in engine.generate(s, lock, n_tokens[i], who=Who(f"user{i}", "10.0.0.1"), **(kw or {}).get(i, {})):
                 pass
+            engine.read(s, lock)  # the last token, which the engine reads after handing it over
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -340,6 +342,37 @@ def test_sessions_adopting_one_reading_share_one_unembedding_and_get_the_logits_
     assert torch.equal(adopters[1]._pending.logits, solo._pending.logits)
     again = GenerationSession(model, tokenizer, prompt, CONFIGS[2], record=True)
     assert again.adopt_prompt(adopters[3]) and calls == [1]  # an adopter passes the same reading on
+
+
+def test_a_generation_hands_over_its_last_token_before_the_pass_that_reads_it_and_calls_wait_for_that_pass(trained, tokenizer):
+    """The waiter has every token (and the end) as soon as the last one is chosen: its message need not wait a pass.
+    The last token is read in the next batched pass, and a call on the session (the views) runs only after it, so it
+    sees the text read. Driven iteration by iteration on this thread (no loop thread): the order is the engine's."""
+    from gpt2viz.engine import _DONE, Delivered, _Job
+
+    s = GenerationSession(trained, tokenizer, "ROMEO:", SamplingConfig(seed=3), record=True)
+    engine, lock = Engine(), threading.Lock()
+    job = _Job(s, lock, Who("a"), n_tokens=2)
+    engine._jobs.append(job)
+    engine._iterate([job], 0)  # reads the prompt, chooses the first token
+    engine._iterate([job], 1)  # reads it, chooses the second: the last
+    got = [job.out.get_nowait() for _ in range(job.out.qsize())]
+    assert [type(x) for x in got[:2]] == [Delivered, Delivered] and got[2:] == [_DONE]
+    assert s.unread() == [s.ids[-1]] and got[1].ids == s.ids  # handed over before it is read
+    Generation(engine, job).cancel()  # the waiter leaving does not cancel that read
+    assert not job.cancelled
+    seen = []
+    call = _Job(s, lock, Who("a"), fn=lambda: seen.append(list(s.unread())) or "drawn")
+    engine._jobs.append(call)
+    engine._iterate([call], 2)  # only the call is ready: it waits, the text is not read yet
+    assert seen == [] and call.out.empty()
+    engine._iterate([job, call], 3)  # the pass reads the last token, then the call runs
+    assert seen == [[]] and call.out.get_nowait() == "drawn" and not engine._jobs
+    alone = GenerationSession(trained, tokenizer, "ROMEO:", SamplingConfig(seed=3), record=True)
+    run_all(Engine(), [alone], [2])  # through the loop thread, waiting for the last read
+    assert alone.ids == s.ids and alone.records.logprobs[1:] == s.records.logprobs[1:]
+    for a, b in zip(alone.records.resid, s.records.resid):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_stream_spaced_by_its_gap_sends_the_tokens_made_meanwhile_together(trained, tokenizer):
