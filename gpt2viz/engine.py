@@ -287,6 +287,9 @@ class Engine:
         if gens:
             self._advance(gens, iteration)
             self.stats["advance_s"] += time.monotonic() - started
+            # and the calls that came during the pass (a Step's views, asked for as soon as its token was handed over)
+            known = set(map(id, calls))
+            calls += [j for j in list(self._jobs) if j.fn is not None and not j.cancelled and id(j) not in known]
         # Calls (views, rewinds) get as long as the pass took, at least `call_slice`: under load, half the
         # loop's time goes to the pages that wait for them, half to the tokens.
         slice_s = max(self.call_slice, time.monotonic() - started)
@@ -325,11 +328,12 @@ class Engine:
                     break
                 if job.session.model is not model or (job.n_tokens and job.out.qsize() >= self.max_ahead):
                     continue  # another model's turn comes next; or the waiter has not taken its last tokens yet
-                if id(job.session) in sessions:
-                    continue  # another job of this text (a generation's last read and the next request) is in the pass
+                if id(job.session) in sessions:  # another job of this text is in the pass: it reads what is unread
+                    if job.detached:
+                        self._finish(job)  # a generation's last read, which the next request of its text makes
+                    continue
                 if not job.lock.acquire(blocking=False):
                     continue
-                sessions.add(id(job.session))
                 unread = job.session.unread()
                 if len(unread) > 1 and self._adopt(job.session):
                     unread = []  # its prompt was read for another session: it chooses its token this iteration
@@ -346,6 +350,7 @@ class Engine:
                     if fresh is not None:
                         seen.add(fresh)
                 batch.append((job, unread))
+                sessions.add(id(job.session))
                 job.served = iteration
             self.stats["generations_ready"] += len(gens)
             self.stats["generations_batched"] += len(batch)
