@@ -278,11 +278,11 @@ def distribution_rows(logits: torch.Tensor, previous: Sequence[list[int] | torch
     logits = logits.float()
     probs = torch.softmax(logits, -1)
     rows = [distributions(logits[i], previous[i], cfg, probs=probs[i]) for i, cfg in enumerate(configs)]
-    stages, changed = [probs, probs], []
+    stages = [probs, probs]
     for k, name in enumerate(("probs_temperature", "probs_final")):
         changed = [i for i, d in enumerate(rows) if getattr(d, name) is not d.probs]
         if changed:
             stages[k] = probs.clone()
             for i in changed:
                 stages[k][i] = getattr(rows[i], name)
-    return DistributionRows(logits, probs, *stages, final_changed=tuple(changed))
+    return DistributionRows(logits, probs, *stages, final_changed=tuple(i for i, d in enumerate(rows) if d.probs_final is not d.probs))
