@@ -24,7 +24,7 @@ from starlette.middleware import Middleware
 
 from gpt2viz import controller as c
 from gpt2viz import hardware
-from gpt2viz.memory import configure_allocator
+from gpt2viz.memory import configure_allocator, freeze_startup_objects
 
 log = logging.getLogger("gpt2viz")
 
@@ -787,6 +787,7 @@ def main() -> None:
     # Handlers only wait on the engine's loop (gpt2viz/engine.py), which decides who computes, batches
     # everyone's tokens and caps each client's queued work: Gradio's limits only bound waiting threads.
     demo.queue(max_size=1024, default_concurrency_limit=128)
+    log.info("%d startup objects frozen (gpt2viz/memory.py)", freeze_startup_objects())
     demo.launch(server_name=args.host, server_port=args.port, **launch_options())
 
 

@@ -32,7 +32,7 @@ def _serve(conn, default: str | None, device: str, dtype_name: str) -> None:
     import torch  # noqa: PLC0415 - the worker's own imports
 
     from . import controller as c  # noqa: PLC0415
-    from .memory import configure_allocator  # noqa: PLC0415
+    from .memory import configure_allocator, freeze_startup_objects  # noqa: PLC0415
 
     configure_allocator()
     c.DEFER_BUILD = True  # figures stay recipes: the web process draws them
@@ -71,6 +71,7 @@ def _serve(conn, default: str | None, device: str, dtype_name: str) -> None:
         finally:
             cancelled.discard(call_id)
 
+    freeze_startup_objects()
     pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="call")
     send("ready", 0, {"names": models.names(), "default": models.default, "notice": models.notice})
     while True:

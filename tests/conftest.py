@@ -134,6 +134,7 @@ def start_app(tmp_path_factory, extra_args=()):
     ours = re.findall(r'File ".*(?:app\.py|gpt2viz/[a-z_]+\.py)".*', text) + re.findall(r"ERROR:gpt2viz.*", text)
     assert not ours, f"the app's own code failed:\n{text[-4000:]}"
     assert "Traceback" not in text, f"a refused request logged a traceback:\n{text[-4000:]}"  # one line each instead
+    assert "startup objects frozen" in text  # full collections under load visit only what came after (gpt2viz/memory.py)
 
 
 @pytest.fixture(scope="session")

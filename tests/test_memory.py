@@ -1,9 +1,16 @@
 """The session store's budget comes from the machine's memory and holds a class; freed memory goes back."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from gpt2viz import controller as c
 from gpt2viz import memory
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_limit_and_the_resident_size_are_read_from_the_system():
@@ -32,3 +39,58 @@ def test_trim_hands_freed_heap_back():
     assert memory.trim()  # glibc Linux, where the app runs
     assert memory.resident_bytes() < holed - (300 << 20)
     assert len(kept) == 5_000
+
+
+FAULTS = r"""
+import resource, threading, torch
+from gpt2viz import memory
+
+memory.configure_allocator()
+from gpt2viz import GPT2, GPT2Config, SamplingConfig, load_tokenizer
+from gpt2viz.generation import GenerationSession, read_together, step_together
+from gpt2viz.model import init_weights
+
+faults = []
+
+def passes():  # on a thread of its own, as the engine's loop
+    torch.manual_seed(0)
+    model = init_weights(GPT2(GPT2Config(n_layer=12, n_head=12, n_embd=768, n_positions=256))).eval()
+    group = [GenerationSession(model, load_tokenizer(), [464, 2068, 7586, 21831], SamplingConfig(seed=i), record=True)
+             for i in range(30)]
+    for _ in range(12):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        read_together(group)
+        step_together(group, [None] * 30)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+thread = threading.Thread(target=passes)
+thread.start()
+thread.join()
+print(sum(faults[3:]))
+"""
+
+
+def _faults(allocator: str) -> int:
+    env = {**os.environ, "GPT2VIZ_ALLOCATOR": allocator, "PYTHONPATH": str(ROOT)}
+    return int(subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True).stdout)
+
+
+def test_the_tuned_allocator_keeps_a_passs_temporaries_mapped_from_one_pass_to_the_next():
+    """Thirty sessions of gpt2's shape decoding together, nine passes after three: glibc as it is maps a pass's big
+    temporaries afresh or trims them off the heap after each pass, and the next pass faults ~5,000-10,000 pages in
+    again; tuned (`configure_allocator`), the heap keeps them for the next pass."""
+    default, tuned = _faults("default"), _faults("tuned")
+    assert default > 9 * 2_000
+    assert tuned < default / 4
+
+
+def test_the_objects_alive_at_startup_are_out_of_the_collectors_reach():
+    """A full collection visits every tracked object: after `freeze_startup_objects` it visits only those made since
+    (the server's startup leaves a million or so, which cost each full collection over 100 ms under load)."""
+    script = ("import gc, gradio, torch\nfrom gpt2viz import memory\nbefore = len(gc.get_objects())\n"
+              "frozen = memory.freeze_startup_objects()\nprint(before, frozen, len(gc.get_objects()))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+    before, frozen, after = map(int, subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                                    check=True).stdout.split())
+    assert before > 100_000 and frozen > 0.9 * before
+    assert after < 1_000
