@@ -37,7 +37,7 @@ def _libc():
 _LIBC = _libc()
 
 
-# GPT2VIZ_ALLOCATOR=default leaves glibc as it is (no arena cap, no trimming): the soak's comparison.
+# GPT2VIZ_ALLOCATOR=default leaves glibc as it is (no arena cap, its own moving thresholds, no trimming): the comparison.
 TUNED = os.environ.get("GPT2VIZ_ALLOCATOR", "tuned") != "default"
 
 
@@ -58,7 +58,7 @@ def trim() -> bool:
 def freeze_startup_objects() -> int:
     """Collect, then move every object alive now (the modules, the models, the page's blocks: a million or so) out of
     the garbage collector's reach; returns how many. Call once the server is built. Python's full collections then
-    visit only what was made since: under a class's load they took 135-190 ms each, on the engine's thread or on
+    visit only what was made since: under a class's load they took 135-193 ms each, on the engine's thread or on
     another holding the interpreter lock, a pass's length more than once a minute. What is frozen is never collected
     (a model is freed by the collector, not by reference counts): call it only when what is alive is to live as long
     as the server (the default model, which `Models` never drops, is the only one loaded by then)."""
