@@ -214,11 +214,12 @@ def keep_no_page_copies() -> bool:
     of every component an event updated (figures too: ~0.4 MB a session); only its deep links read it back,
     which this page does not offer. Patched on Gradio's `SessionState`, for the Gradio pinned
     (`PAGE_COPIES_GRADIO`), with `only_what_was_returned` (no component built for an output an event leaves out)
-    and `summary_only_when_monitored` (no monitoring summary computed after each event); True if done."""
+    `summary_only_when_monitored` (no monitoring summary computed after each event) and `no_file_walk_for_text` (no
+    search for files in a text output's value); True if done."""
     import datetime  # noqa: PLC0415
     from types import SimpleNamespace  # noqa: PLC0415
 
-    from gradio import queueing, state_holder  # noqa: PLC0415
+    from gradio import processing_utils, queueing, state_holder  # noqa: PLC0415
 
     cls = state_holder.SessionState
     init = cls.__init__
@@ -249,7 +250,26 @@ def keep_no_page_copies() -> bool:
     cls.__init__, cls.__setitem__, cls._update_config = without_page_copies, set_without_copy, lambda self, key: None
     gr.Blocks.postprocess_data = only_what_was_returned(gr.Blocks.postprocess_data)
     queueing.Queue.compute_analytics_summary = summary_only_when_monitored(queueing.Queue.compute_analytics_summary)
+    processing_utils.async_move_files_to_cache = no_file_walk_for_text(processing_utils.async_move_files_to_cache)
     return True
+
+
+TEXT_OUTPUTS = (gr.HTML, gr.Markdown)  # components whose value is text (or the strip's dict): never a file
+
+
+def no_file_walk_for_text(move_files_to_cache):
+    """`processing_utils.async_move_files_to_cache` that hands a text component's value back as it is. Gradio walks
+    every output's value twice a message looking for files to cache; for the streamed strip (an HTML component whose
+    value lists every token) that walk was a quarter of the event loop's time under a class's streams, time the
+    engine's pass waits for the interpreter lock (bench/README.md). An HTML or Markdown value holds no file to move."""
+
+    async def moved(data, block, *args, **kwargs):
+        if isinstance(block, TEXT_OUTPUTS):
+            return data
+        return await move_files_to_cache(data, block, *args, **kwargs)
+
+    moved.__wrapped__ = move_files_to_cache
+    return moved
 
 
 def summary_only_when_monitored(compute_analytics_summary):

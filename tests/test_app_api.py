@@ -290,6 +290,29 @@ def test_gradio_keeps_the_pages_of_a_bounded_number_of_browser_sessions():
         demo.close()
 
 
+def test_gradio_does_not_search_a_text_outputs_value_for_files(monkeypatch):
+    """Gradio walks every output's value twice a streamed message looking for files (`app.no_file_walk_for_text`):
+    for the strip, a quarter of the event loop's time under thirty streams. An HTML or Markdown value comes back
+    as it is, without the walk; a file component's value is still walked."""
+    import asyncio
+
+    import app
+    import gradio as gr
+    from gradio import processing_utils
+    from gradio_client import utils as client_utils
+
+    assert app.keep_no_page_copies()
+    walks = []
+    traverse = client_utils.async_traverse
+    monkeypatch.setattr(client_utils, "async_traverse", lambda *a, **k: walks.append(a[0]) or traverse(*a, **k))
+    strip = {"tokens": [{"text": "a", "id": 64}] * 50, "selected": 3}
+    for block in (gr.HTML(), gr.Markdown()):
+        got = asyncio.run(processing_utils.async_move_files_to_cache(strip, block, postprocess=True))
+        assert got is strip and walks == []
+    asyncio.run(processing_utils.async_move_files_to_cache({"x": [1, 2]}, gr.JSON(), postprocess=True))
+    assert walks[:1] == [{"x": [1, 2]}]  # (and its parts, recursively)
+
+
 def test_a_new_browser_session_costs_gradio_no_copy_of_the_page():
     """Gradio would build every component's configuration for each new browser session and keep in it the last
     value of every component an event updated (`app.keep_no_page_copies`): thirty students pressing Generate at

@@ -1,0 +1,65 @@
+"""Per-iteration timing of the engine's loop inside a running server, for profiling (not imported by the app).
+
+    PYTHONPATH=bench/iterlog ITERLOG=/tmp/iter.log python bench/load.py --harness sse --clients 1 30 30
+
+Python imports `sitecustomize` at startup in every process on the path (the server, and the engine's process
+with `--engine-process`); with ITERLOG set, it wraps `Engine._iterate`, `_forward` and `_choose` once
+`gpt2viz.engine` is imported and appends a line per iteration: its start (`time.perf_counter`, the same clock
+in every process), wall and engine-thread CPU ms, the forward pass and token choice ms, rows read, ready jobs,
+calls run, and the engine thread's minor page faults (all, in the forward, in the choice). A pass whose wall
+exceeds its CPU waited: for the interpreter lock, or for a core the web side held (bench/README.md)."""
+
+import os
+import resource
+import threading
+import time
+
+PATH = os.environ.get("ITERLOG")
+
+
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+
+def _install(out) -> None:
+    from gpt2viz import engine as E  # noqa: PLC0415
+
+    iterate, forward, choose = E.Engine._iterate, E.Engine._forward, E.Engine._choose
+    now = threading.local()
+
+    def _iterate(self, ready, iteration):
+        now.fwd = now.cho = 0.0
+        now.ffl = now.cfl = 0
+        t0, c0, f0 = time.perf_counter(), time.thread_time(), _faults()
+        calls, rows = self.stats["calls"], self.stats["batched_rows"]
+        iterate(self, ready, iteration)
+        out.write(f"{t0:.4f} wall {1000 * (time.perf_counter() - t0):.1f} cpu {1000 * (time.thread_time() - c0):.1f} "
+                  f"fwd {1000 * now.fwd:.1f} choose {1000 * now.cho:.1f} rows {self.stats['batched_rows'] - rows} "
+                  f"ready {len(ready)} calls {self.stats['calls'] - calls} flt {_faults() - f0} fflt {now.ffl} cflt {now.cfl}\n")
+
+    def _forward(self, *args):
+        t, f = time.perf_counter(), _faults()
+        forward(self, *args)
+        now.fwd += time.perf_counter() - t
+        now.ffl += _faults() - f
+
+    def _choose(self, *args):
+        t, f = time.perf_counter(), _faults()
+        choose(self, *args)
+        now.cho += time.perf_counter() - t
+        now.cfl += _faults() - f
+
+    E.Engine._iterate, E.Engine._forward, E.Engine._choose = _iterate, _forward, _choose
+
+
+def _wait_for_engine() -> None:
+    import sys  # noqa: PLC0415
+
+    while getattr(sys.modules.get("gpt2viz.engine"), "Engine", None) is None:
+        time.sleep(0.2)
+    time.sleep(0.5)  # the module's body has run to its end
+    _install(open(PATH, "a", buffering=1))
+
+
+if PATH:
+    threading.Thread(target=_wait_for_engine, daemon=True, name="iterlog").start()
