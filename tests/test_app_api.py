@@ -293,7 +293,7 @@ def test_gradio_keeps_the_pages_of_a_bounded_number_of_browser_sessions():
 def test_gradio_does_not_search_a_text_outputs_value_for_files(monkeypatch):
     """Gradio walks every output's value twice a streamed message looking for files (`app.no_file_walk_for_text`):
     for the strip, a quarter of the event loop's time under thirty streams. An HTML or Markdown value comes back
-    as it is, without the walk; a file component's value is still walked."""
+    as it is, without the walk; another component's value (JSON here) is still walked."""
     import asyncio
 
     import app
