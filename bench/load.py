@@ -2,6 +2,7 @@
 
     python bench/load.py                      # 1, 5, 10, 20, 30, 60 students on a gpt2-small-shaped checkpoint
     python bench/load.py --clients 1 30 --peer 25db805   # and the app at an earlier commit, in the same run
+    python bench/load.py --clients 1 30 --peer-env GPT2VIZ_ENGINE_PROCESS=1   # and this app in another setting, same run
 
 Each student (a gradio_client in a thread, its own browser session; or, with `--harness sse`, all of them
 in one event loop speaking Gradio's queue protocol, for a fraction of the CPU) presses Generate for 30
@@ -56,8 +57,8 @@ def server_rss(pid: int) -> int:
 class Server:
     """`python app.py --model FOLDER` from a source tree (this one, or a worktree of an earlier commit)."""
 
-    def __init__(self, tree: Path, checkpoint: Path, port: int, log: Path) -> None:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    def __init__(self, tree: Path, checkpoint: Path, port: int, log: Path, env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "app.py", "--model", str(checkpoint), "--port", str(port)],
                                      cwd=tree, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -251,8 +252,8 @@ def pct(xs: list[float]) -> dict:
 
 
 def run_tree(tree: Path, checkpoint: Path, clients: list[int], n_tokens: int, n_steps: int, log: Path, port: int,
-             harness: str = "gradio_client", distinct: bool = False, alone_runs: int = 5) -> dict:
-    server = Server(tree, checkpoint, port, log)
+             harness: str = "gradio_client", distinct: bool = False, alone_runs: int = 5, env: dict[str, str] | None = None) -> dict:
+    server = Server(tree, checkpoint, port, log, env)
     model = f"local: {checkpoint.name}"
     try:
         level(server.url, model, 1, 3, 0)  # warm up
@@ -266,7 +267,7 @@ def run_tree(tree: Path, checkpoint: Path, clients: list[int], n_tokens: int, n_
             else:
                 levels.append(level(server.url, model, n, n_tokens, n_steps, harness, server.proc.pid, distinct))
             print(json.dumps(levels[-1]), flush=True)
-        return dict(levels=levels, rss_before=rss_before, rss_after=server_rss(server.proc.pid))
+        return dict(levels=levels, rss_before=rss_before, rss_after=server_rss(server.proc.pid), env=env or {})
     finally:
         server.close()
 
@@ -277,6 +278,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=30)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--peer", help="also run the app at this git commit (a worktree), same checkpoint, same levels")
+    parser.add_argument("--peer-env", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="the peer's server runs with these environment variables (without --peer: this tree again), "
+                             "e.g. --peer-env GPT2VIZ_ENGINE_PROCESS=1 for the engine in its own process against one process")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     parser.add_argument("--harness", choices=["gradio_client", "sse"], default="gradio_client",
                         help="the students: gradio_client in a thread each, or one event loop speaking the queue protocol "
@@ -290,12 +294,16 @@ def main() -> None:
     checkpoint = make_checkpoint(work / "gpt2-small-random")
     report = {"this": run_tree(ROOT, checkpoint, args.clients, args.tokens, args.steps, work / "this.log", 7901, args.harness, args.prompts == "distinct",
                                 args.alone_runs)}
+    peer_env = dict(item.split("=", 1) for item in args.peer_env)
+    if args.peer_env and not args.peer:
+        report["peer"] = run_tree(ROOT, checkpoint, args.clients, args.tokens, args.steps, work / "peer.log", 7902, args.harness,
+                                  args.prompts == "distinct", args.alone_runs, peer_env)
     if args.peer:
         peer = work / "peer"
         subprocess.run(["git", "worktree", "add", "--detach", str(peer), args.peer], cwd=ROOT, check=True, capture_output=True)
         try:
             report["peer"] = run_tree(peer, checkpoint, args.clients, args.tokens, args.steps, work / "peer.log", 7902, args.harness,
-                                     args.prompts == "distinct", args.alone_runs)
+                                     args.prompts == "distinct", args.alone_runs, peer_env)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(peer)], cwd=ROOT, capture_output=True)
     print_report(report)
@@ -306,7 +314,8 @@ def main() -> None:
 def print_report(report: dict) -> None:
     for name, run in report.items():
         base = run["levels"][0] if run["levels"][0]["clients"] == 1 else None
-        print(f"\n{name}: resident memory {run['rss_before'] / 2**30:.2f} GiB before, {run['rss_after'] / 2**30:.2f} GiB after")
+        env = " ".join(f"{k}={v}" for k, v in run.get("env", {}).items())
+        print(f"\n{name}{' (' + env + ')' if env else ''}: resident memory {run['rss_before'] / 2**30:.2f} GiB before, {run['rss_after'] / 2**30:.2f} GiB after")
         print("| students | finished | first token p50 / p95 / max (s) | tokens/s per student p50 (min) | all together tokens/s"
               + (" (× one alone)" if base else "") + " | Step p50 / p95 (s) | cores: server, students |")
         print("|---|---|---|---|---|---|---|")
