@@ -1,8 +1,8 @@
 """A class at once: simulated students against the app through its public API, on loopback.
 
     python bench/load.py                      # 1, 5, 10, 20, 30, 60 students on a gpt2-small-shaped checkpoint
-    python bench/load.py --clients 1 30 --peer 25db805   # and the app at an earlier commit, in the same run
-    python bench/load.py --clients 1 30 --peer-env GPT2VIZ_ENGINE_PROCESS=1   # and this app in another setting, same run
+    python bench/load.py --clients 1 30 --peer 25db805   # and the app at an earlier commit, level by level in turn
+    python bench/load.py --clients 1 30 --peer-env GPT2VIZ_ENGINE_PROCESS=1   # and this app in another setting
 
 Each student (a gradio_client in a thread, its own browser session; or, with `--harness sse`, all of them
 in one event loop speaking Gradio's queue protocol, for a fraction of the CPU) presses Generate for 30
@@ -251,25 +251,41 @@ def pct(xs: list[float]) -> dict:
     return dict(p50=statistics.median(xs), p95=xs[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))], max=xs[-1])
 
 
-def run_tree(tree: Path, checkpoint: Path, clients: list[int], n_tokens: int, n_steps: int, log: Path, port: int,
-             harness: str = "gradio_client", distinct: bool = False, alone_runs: int = 5, env: dict[str, str] | None = None) -> dict:
-    server = Server(tree, checkpoint, port, log, env)
+def run_trees(runs: dict[str, tuple[Path, dict[str, str]]], checkpoint: Path, clients: list[int], n_tokens: int, n_steps: int,
+              work: Path, harness: str = "gradio_client", distinct: bool = False, alone_runs: int = 5) -> dict:
+    """{name: (source tree, extra environment)}: every server started at once, then each level run on each of them
+    in turn, the order alternating from level to level, so that the machine's drift during a run (it moved by 10-20%
+    within minutes, bench/README.md) falls on all of them alike."""
+    servers: dict[str, Server] = {}
     model = f"local: {checkpoint.name}"
     try:
-        level(server.url, model, 1, 3, 0)  # warm up
-        rss_before = server_rss(server.proc.pid)
-        levels = []
-        for n in clients:
+        for i, (name, (tree, env)) in enumerate(runs.items()):
+            servers[name] = Server(tree, checkpoint, 7901 + i, work / f"{name}.log", env)
+        report = {}
+        for name, server in servers.items():
+            level(server.url, model, 1, 3, 0)  # warm up
+            report[name] = dict(levels=[], rss_before=server_rss(server.proc.pid), env=runs[name][1])
+        for k, n in enumerate(clients):
+            order = list(servers) if k % 2 == 0 else list(servers)[::-1]
             if n == 1:  # one 30-token text takes ~1.2 s and moves by ±10% from run to run: the median of several
-                runs = [level(server.url, model, 1, n_tokens, n_steps, harness, server.proc.pid, distinct) for _ in range(alone_runs)]
-                levels.append({**sorted(runs, key=lambda lv: lv["aggregate_tps"])[len(runs) // 2],
-                               "alone_runs_tps": [lv["aggregate_tps"] for lv in runs]})
+                alone: dict[str, list] = {name: [] for name in servers}
+                for _ in range(alone_runs):
+                    for name in order:
+                        alone[name].append(level(servers[name].url, model, 1, n_tokens, n_steps, harness, servers[name].proc.pid, distinct))
+                for name in order:
+                    report[name]["levels"].append({**sorted(alone[name], key=lambda lv: lv["aggregate_tps"])[len(alone[name]) // 2],
+                                                   "alone_runs_tps": [lv["aggregate_tps"] for lv in alone[name]]})
             else:
-                levels.append(level(server.url, model, n, n_tokens, n_steps, harness, server.proc.pid, distinct))
-            print(json.dumps(levels[-1]), flush=True)
-        return dict(levels=levels, rss_before=rss_before, rss_after=server_rss(server.proc.pid), env=env or {})
+                for name in order:
+                    report[name]["levels"].append(level(servers[name].url, model, n, n_tokens, n_steps, harness, servers[name].proc.pid, distinct))
+            for name in order:
+                print(name, json.dumps(report[name]["levels"][-1]), flush=True)
+        for name, server in servers.items():
+            report[name]["rss_after"] = server_rss(server.proc.pid)
+        return report
     finally:
-        server.close()
+        for server in servers.values():
+            server.close()
 
 
 def main() -> None:
@@ -292,20 +308,17 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpt2viz-load-"))
     checkpoint = make_checkpoint(work / "gpt2-small-random")
-    report = {"this": run_tree(ROOT, checkpoint, args.clients, args.tokens, args.steps, work / "this.log", 7901, args.harness, args.prompts == "distinct",
-                                args.alone_runs)}
-    peer_env = dict(item.split("=", 1) for item in args.peer_env)
-    if args.peer_env and not args.peer:
-        report["peer"] = run_tree(ROOT, checkpoint, args.clients, args.tokens, args.steps, work / "peer.log", 7902, args.harness,
-                                  args.prompts == "distinct", args.alone_runs, peer_env)
+    runs = {"this": (ROOT, {})}
     if args.peer:
-        peer = work / "peer"
-        subprocess.run(["git", "worktree", "add", "--detach", str(peer), args.peer], cwd=ROOT, check=True, capture_output=True)
-        try:
-            report["peer"] = run_tree(peer, checkpoint, args.clients, args.tokens, args.steps, work / "peer.log", 7902, args.harness,
-                                     args.prompts == "distinct", args.alone_runs, peer_env)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(peer)], cwd=ROOT, capture_output=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(work / "peer"), args.peer], cwd=ROOT, check=True, capture_output=True)
+    if args.peer or args.peer_env:
+        runs["peer"] = (work / "peer" if args.peer else ROOT, dict(item.split("=", 1) for item in args.peer_env))
+    try:
+        report = run_trees(runs, checkpoint, args.clients, args.tokens, args.steps, work, args.harness, args.prompts == "distinct",
+                           args.alone_runs)
+    finally:
+        if args.peer:
+            subprocess.run(["git", "worktree", "remove", "--force", str(work / "peer")], cwd=ROOT, capture_output=True)
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -1,6 +1,5 @@
 """gpt2viz: a faithful, hookable GPT-2 and the tools to watch it generate."""
 
-from . import memory  # first: it asks for huge pages before torch's first allocation (memory.use_huge_pages)
 from .hooks import ActivationCache, HookPoint
 from .loading import (
     CheckpointError,

@@ -12,12 +12,6 @@ heap's top shrinks, so that the next pass faults the same pages in again (thousa
 ~125 ms 30-row pass). Tuned, blocks below `MMAP_THRESHOLD` come from the heap, up to `TRIM_THRESHOLD` of free heap
 stays mapped while the server is busy (`trim` returns it when the queue empties), and there is one arena: with
 fixed thresholds a second one (a thread's, whose heaps are at most 64 MB) still faulted a small model's passes in.
-
-A page fault is dear on this project's virtual machines (several µs: the host maps the page too), and a class's
-memory is new memory: thirty students taking one example's reading fault ~25,000 pages in for their caches' slabs,
-and a pass's [rows, vocab] temporaries fault in again wherever the heap has grown. `use_huge_pages` asks torch to
-advise transparent huge pages for its tensors of 2 MB and more (`THP_MEM_ALLOC_ENABLE`): one fault for 2 MB where the
-kernel allows them (`madvise` mode or `always`; bench/README.md has the same-run A/B).
 """
 
 from __future__ import annotations
@@ -31,7 +25,6 @@ from pathlib import Path
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its moving threshold: bigger blocks are mapped and unmapped
 TRIM_THRESHOLD = 128 << 20
-HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"  # read by torch (c10's CPU allocator): madvise(MADV_HUGEPAGE) for blocks >= 2 MB
 
 
 def _libc():
@@ -55,18 +48,6 @@ def configure_allocator(arenas: int = 1) -> bool:
         return False
     return all([_LIBC.mallopt(M_ARENA_MAX, arenas), _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD),
                 _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)])
-
-
-def use_huge_pages() -> bool:
-    """Have torch advise huge pages for its big tensors, unless the environment already says (`THP_MEM_ALLOC_ENABLE`,
-    0 or 1) or the allocator is left as it is; returns whether it is asked for. Torch reads the variable once, at
-    its first allocation, so this module calls it when imported, which the package does before it imports torch."""
-    if TUNED:
-        os.environ.setdefault(HUGE_PAGES, "1")
-    return os.environ.get(HUGE_PAGES) == "1"
-
-
-use_huge_pages()  # on import: the package imports this module before torch
 
 
 def trim() -> bool:

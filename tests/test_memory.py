@@ -94,35 +94,3 @@ def test_the_objects_alive_at_startup_are_out_of_the_collectors_reach():
                                                     check=True).stdout.split())
     assert before > 100_000 and frozen > 0.9 * before
     assert after < 1_000
-
-
-HUGE = r"""
-import sys, torch
-import gpt2viz  # noqa: F401 - asks for huge pages before torch's first allocation
-block = torch.empty(8 << 20, dtype=torch.uint8)
-block.fill_(1)
-address, inside = block.data_ptr(), False
-for line in open("/proc/self/smaps"):
-    head = line.split()[0]
-    if "-" in head and not head.endswith(":"):
-        low, high = (int(x, 16) for x in head.split("-"))
-        inside = low <= address < high
-    elif inside and line.startswith("VmFlags:"):
-        print("hg" in line.split()[1:])
-"""
-
-
-def _huge_pages_advised(**env: str) -> bool:
-    env = {**{k: v for k, v in os.environ.items() if k != memory.HUGE_PAGES}, "PYTHONPATH": str(ROOT), **env}
-    out = subprocess.run([sys.executable, "-c", HUGE], env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert len(out) == 1, out  # the mapping that holds the tensor, found once
-    return out[0] == "True"
-
-
-def test_torchs_big_tensors_are_advised_huge_pages_unless_the_environment_says_otherwise():
-    """The kernel marks a range advised MADV_HUGEPAGE with `hg` in /proc/self/smaps: importing the package before
-    torch's first allocation must be enough (`memory.use_huge_pages`); the user's own setting and the allocator
-    left as it is turn it off."""
-    assert _huge_pages_advised()
-    assert not _huge_pages_advised(THP_MEM_ALLOC_ENABLE="0")
-    assert not _huge_pages_advised(GPT2VIZ_ALLOCATOR="default")
