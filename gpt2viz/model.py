@@ -333,6 +333,9 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
+        if self.slab is not None:  # its row of the slab, every layer (the store asks this of every text on every request)
+            n_layer, n_head, capacity, d_head, dtype = self.slab.key
+            return 2 * n_layer * n_head * capacity * d_head * dtype.itemsize
         return sum(t.numel() * t.element_size() for t in self._k + self._v if t is not None)
 
     def truncate(self, length: int) -> None:
