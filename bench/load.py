@@ -253,8 +253,8 @@ def pct(xs: list[float]) -> dict:
 
 def run_trees(runs: dict[str, tuple[Path, dict[str, str]]], checkpoint: Path, clients: list[int], n_tokens: int, n_steps: int,
               work: Path, harness: str = "gradio_client", distinct: bool = False, alone_runs: int = 5) -> dict:
-    """{name: (source tree, extra environment)}: every server started at once, then each level run on each of them
-    in turn, the order alternating from level to level, so that the machine's drift during a run (it moved by 10-20%
+    """{name: (source tree, extra environment)}: every server started before the first level, then each level run on
+    each of them in turn, the order alternating from level to level, so that the machine's drift during a run (it moved by 10-20%
     within minutes, bench/README.md) falls on all of them alike."""
     servers: dict[str, Server] = {}
     model = f"local: {checkpoint.name}"
@@ -265,19 +265,22 @@ def run_trees(runs: dict[str, tuple[Path, dict[str, str]]], checkpoint: Path, cl
         for name, server in servers.items():
             level(server.url, model, 1, 3, 0)  # warm up
             report[name] = dict(levels=[], rss_before=server_rss(server.proc.pid), env=runs[name][1])
+        def on(name: str, n: int) -> dict:
+            return level(servers[name].url, model, n, n_tokens, n_steps, harness, servers[name].proc.pid, distinct)
+
         for k, n in enumerate(clients):
             order = list(servers) if k % 2 == 0 else list(servers)[::-1]
             if n == 1:  # one 30-token text takes ~1.2 s and moves by ±10% from run to run: the median of several
                 alone: dict[str, list] = {name: [] for name in servers}
                 for _ in range(alone_runs):
                     for name in order:
-                        alone[name].append(level(servers[name].url, model, 1, n_tokens, n_steps, harness, servers[name].proc.pid, distinct))
+                        alone[name].append(on(name, 1))
                 for name in order:
                     report[name]["levels"].append({**sorted(alone[name], key=lambda lv: lv["aggregate_tps"])[len(alone[name]) // 2],
                                                    "alone_runs_tps": [lv["aggregate_tps"] for lv in alone[name]]})
             else:
                 for name in order:
-                    report[name]["levels"].append(level(servers[name].url, model, n, n_tokens, n_steps, harness, servers[name].proc.pid, distinct))
+                    report[name]["levels"].append(on(name, n))
             for name in order:
                 print(name, json.dumps(report[name]["levels"][-1]), flush=True)
         for name, server in servers.items():
