@@ -804,6 +804,7 @@ def main() -> None:
         models = c.Models(default=args.model, device=device, dtype=dtype)
         demo = build(models, c.Sessions(models))
     log.info("model %s ready on %s in %.1fs", models.default, device, time.time() - started)
+    hardware.release_openmp_workers()  # this thread has loaded the model; the engine's runs it (gpt2viz/hardware.py)
     # Handlers only wait on the engine's loop (gpt2viz/engine.py), which decides who computes, batches
     # everyone's tokens and caps each client's queued work: Gradio's limits only bound waiting threads.
     demo.queue(max_size=1024, default_concurrency_limit=128)

@@ -30,7 +30,7 @@ import torch
 from . import export, hardware, plots
 from .handout import render as render_handout
 from .compare import coupled_report
-from .engine import Engine, Generation, Overloaded, Who
+from .engine import THREAD_NAME as ENGINE_THREAD, Engine, Generation, Overloaded, Who
 from .interventions import describe
 from .share import SETTING_NAMES as SHARE_SETTINGS
 from .share import LENS_MODES, STRIP_COLOURS, Shared, ShareLinkError  # the view's modes (a link carries them)
@@ -130,6 +130,8 @@ class Models:
         if hardware.on_gpu_per_call(name) and name not in hardware.GPU_MODELS:
             hardware.place_for_gpu_calls(name, load_model(self.extra.get(name, name), local_files_only=not self.online),
                                          self.tokenizer)
+        if threading.current_thread().name != ENGINE_THREAD:
+            hardware.release_openmp_workers()  # a page's thread loaded it; the engine's runs it (hardware.py)
         with self._lock:
             self._models[name] = model
             while len(self._models) > self.max_loaded:

@@ -52,6 +52,7 @@ from typing import Callable, Iterator
 from .generation import GenerationSession, fresh_key, read_together, step_together, Step
 
 log = logging.getLogger("gpt2viz.engine")
+THREAD_NAME = "gpt2viz-engine"  # the one thread that runs the models (and the one with a team of OpenMP workers)
 
 
 class Overloaded(RuntimeError):
@@ -209,7 +210,7 @@ class Engine:
                 raise Overloaded("The server is full: please try again in a moment.")
             self._jobs.append(job)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="gpt2viz-engine", daemon=True)
+                self._thread = threading.Thread(target=self._loop, name=THREAD_NAME, daemon=True)
                 self._thread.start()
             self._cv.notify()
         return job

@@ -12,10 +12,14 @@ One rule, `placement`:
 
 `spaces.GPU` is used where the `spaces` package is installed (it is on Spaces) and is effect-free outside
 ZeroGPU; elsewhere `gpu` is the identity.
+
+On the CPU, one thread runs the model for everyone (`engine.py`), and it should be the only thread with a team of
+OpenMP workers: `release_openmp_workers` (below) gives back those of a thread that will run no more model work.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
@@ -34,6 +38,30 @@ MAX_CALL_SECONDS = 120
 
 class DeviceError(RuntimeError):
     """A device was asked for that this machine does not have."""
+
+
+def release_openmp_workers() -> bool:
+    """End the OpenMP worker threads that the calling thread's parallel regions started (libgomp, torch's OpenMP on
+    Linux: `omp_pause_resource_all(omp_pause_hard)`); its next parallel region would start new ones. Returns
+    whether there was a libgomp to ask and it agreed.
+
+    Call it on the thread that loaded the models, once they are loaded: libgomp keeps a team of workers for every
+    thread that has run a parallel region, and once it manages more threads than there are cores its workers spin
+    100 times instead of ~300,000 before they sleep. Then each of the hundreds of small parallel regions of the
+    engine's pass wakes a sleeping worker: a decode pass on the engine's thread took 20-25% longer on 2 cores while
+    the main thread's idle team lived (bench/README.md)."""
+    libgomp = next((ctypes.CDLL(path) for path in _loaded_libraries() if os.path.basename(path).startswith("libgomp")), None)
+    if libgomp is None or not hasattr(libgomp, "omp_pause_resource_all"):
+        return False
+    return libgomp.omp_pause_resource_all(2) == 0  # omp_pause_hard
+
+
+def _loaded_libraries() -> list[str]:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sorted({line.split()[-1] for line in maps if line.rstrip().endswith(".so") or ".so." in line})
+    except OSError:  # not Linux: no libgomp to ask
+        return []
 
 
 def zero_gpu() -> bool:

@@ -32,6 +32,7 @@ def _serve(conn, default: str | None, device: str, dtype_name: str) -> None:
     import torch  # noqa: PLC0415 - the worker's own imports
 
     from . import controller as c  # noqa: PLC0415
+    from .hardware import release_openmp_workers  # noqa: PLC0415
     from .memory import configure_allocator, freeze_startup_objects  # noqa: PLC0415
 
     configure_allocator()
@@ -72,6 +73,7 @@ def _serve(conn, default: str | None, device: str, dtype_name: str) -> None:
             cancelled.discard(call_id)
 
     freeze_startup_objects()
+    release_openmp_workers()  # this thread has loaded the model; the engine's runs it (hardware.py)
     pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="call")
     send("ready", 0, {"names": models.names(), "default": models.default, "notice": models.notice})
     while True:

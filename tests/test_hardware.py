@@ -185,3 +185,31 @@ def test_a_generation_on_a_gpu_lent_per_call_gives_the_same_text_and_views(monke
     view = gpu.select(pages[-1].state, settings, c.Selection(position=len(got.ids) - 3, tab="chosen")).views["chosen"]
     same = plain.select(last.state, settings, c.Selection(position=len(got.ids) - 3, tab="chosen")).views["chosen"]
     np.testing.assert_allclose(view.data[1].x, same.data[1].x, atol=2e-4)
+
+
+OPENMP_WORKERS = """
+import os, time, torch
+from gpt2viz.hardware import release_openmp_workers
+torch.set_num_threads(2)
+x = torch.randn(4_000_000)
+expected = float(x.double().sum())
+float((x * 2).sum())  # a parallel region on this thread: libgomp starts a worker for it
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+released = release_openmp_workers()
+deadline = time.monotonic() + 10
+while threads() >= before and time.monotonic() < deadline:
+    time.sleep(0.01)
+after = threads()
+again = float(x.double().sum())  # the next parallel region starts workers afresh and computes as before
+print(released, before, after, again == expected)
+"""
+
+
+def test_the_thread_that_loaded_the_model_gives_its_openmp_workers_back():
+    """After `release_openmp_workers`, the thread's OpenMP worker is gone (one thread fewer in the process), and parallel
+    regions still compute the same sums: the engine's thread is then the only one with a team (hardware.py)."""
+    released, before, after, same = subprocess.run([sys.executable, "-c", OPENMP_WORKERS], cwd=ROOT, capture_output=True, text=True,
+                                                   check=True).stdout.split()
+    assert released == "True" and same == "True"
+    assert int(after) == int(before) - 1
