@@ -166,14 +166,14 @@ def draw_with(probs: torch.Tensor, u: float) -> int:
 def draw_rows(probs: torch.Tensor, us: Sequence[float]) -> list[int]:
     """`draw_with` for each row of `[rows, vocab]` probabilities with its own uniform number: one cumulative
     sum and one search for all rows (a row's cumulative sum is a serial scan: the same whatever the other rows)."""
-    cdf = torch.cumsum(probs.double(), -1)
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)  # each term widened as it is added: no float64 copy first
     target = torch.tensor(list(us), dtype=torch.float64) * cdf[:, -1]
     return torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1).tolist()
 
 
 def cdf_slice(probs: torch.Tensor, token: int) -> tuple[float, float]:
     """`[start, end)` of `token`'s slice of the cumulative distribution (normalised to total 1)."""
-    cdf = torch.cumsum(probs.double(), 0)
+    cdf = torch.cumsum(probs, 0, dtype=torch.float64)
     total = float(cdf[-1])
     end = float(cdf[token]) / total
     return end - float(probs[token]) / total, end
