@@ -449,7 +449,20 @@ def test_a_pass_takes_at_most_max_batch_generations_and_everyone_still_finishes(
     sizes, read = [], engine_module.read_together
     monkeypatch.setattr(engine_module, "read_together", lambda s, seg, later=None: sizes.append(len(s)) or read(s, seg, later))
     sessions = [GenerationSession(trained, tokenizer, PROMPTS[i], CONFIGS[i], record=True) for i in range(7)]
-    run_all(Engine(max_batch=3), sessions, [4] * 7)
+    engine, locks = Engine(max_batch=3), [threading.Lock() for _ in sessions]
+    with engine._cv:  # every generation queued before the loop's first look (else the count of full passes is a race)
+        runs = [engine.generate(s, lock, 4, who=Who(f"user{i}", "10.0.0.1")) for i, (s, lock) in enumerate(zip(sessions, locks))]
+
+    def drain(run, s, lock):
+        for _ in run:
+            pass
+        engine.read(s, lock)
+
+    threads = [threading.Thread(target=drain, args=args) for args in zip(runs, sessions, locks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
     assert max(sizes) == 3 and sizes.count(3) >= 7 * 4 // 3  # full passes of 3, never more
     assert [len(s.steps) for s in sessions] == [4] * 7
 
