@@ -62,16 +62,23 @@ def assert_same(batched, solo):
     np.testing.assert_allclose(batched._kv.keys(last), solo._kv.keys(last), atol=1e-4)
 
 
-def run_all(engine, sessions, n_tokens, kw=None):
-    """Generate in every session at once (one waiter thread each, as Gradio's handlers are)."""
-    errors = []
+def run_all(engine, sessions, n_tokens, kw=None, queued_first=False):
+    """Generate in every session at once (one waiter thread each, as Gradio's handlers are). `queued_first`: every
+    generation is queued before the loop's first look (else which pass takes whom races with the threads' start)."""
+    errors, locks = [], [threading.Lock() for _ in sessions]
+
+    def start(i, s):
+        return engine.generate(s, locks[i], n_tokens[i], who=Who(f"user{i}", "10.0.0.1"), **(kw or {}).get(i, {}))
+
+    if queued_first:
+        with engine._cv:
+            runs = [start(i, s) for i, s in enumerate(sessions)]
 
     def wait(i, s):
         try:
-            lock = threading.Lock()
-            for _ in engine.generate(s, lock, n_tokens[i], who=Who(f"user{i}", "10.0.0.1"), **(kw or {}).get(i, {})):
+            for _ in runs[i] if queued_first else start(i, s):
                 pass
-            engine.read(s, lock)  # the last token, which the engine reads after handing it over
+            engine.read(s, locks[i])  # the last token, which the engine reads after handing it over
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -449,20 +456,7 @@ def test_a_pass_takes_at_most_max_batch_generations_and_everyone_still_finishes(
     sizes, read = [], engine_module.read_together
     monkeypatch.setattr(engine_module, "read_together", lambda s, seg, later=None: sizes.append(len(s)) or read(s, seg, later))
     sessions = [GenerationSession(trained, tokenizer, PROMPTS[i], CONFIGS[i], record=True) for i in range(7)]
-    engine, locks = Engine(max_batch=3), [threading.Lock() for _ in sessions]
-    with engine._cv:  # every generation queued before the loop's first look (else the count of full passes is a race)
-        runs = [engine.generate(s, lock, 4, who=Who(f"user{i}", "10.0.0.1")) for i, (s, lock) in enumerate(zip(sessions, locks))]
-
-    def drain(run, s, lock):
-        for _ in run:
-            pass
-        engine.read(s, lock)
-
-    threads = [threading.Thread(target=drain, args=args) for args in zip(runs, sessions, locks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    run_all(Engine(max_batch=3), sessions, [4] * 7, queued_first=True)  # the count of full passes below is no race
     assert max(sizes) == 3 and sizes.count(3) >= 7 * 4 // 3  # full passes of 3, never more
     assert [len(s.steps) for s in sessions] == [4] * 7
 
