@@ -8,6 +8,7 @@ gpt2viz.controller.Controller, which returns a `Page` that `render` maps onto th
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import inspect
 import logging
@@ -782,28 +783,33 @@ def main() -> None:
                         help="where the models run (auto: a CUDA GPU when there is one; on ZeroGPU see gpt2viz/hardware.py)")
     parser.add_argument("--dtype", default=os.environ.get("GPT2VIZ_DTYPE", "float32"), choices=list(hardware.DTYPES),
                         help="the weights' dtype on a GPU (the CPU always runs float32)")
-    parser.add_argument("--engine-process", action="store_true", default=os.environ.get("GPT2VIZ_ENGINE_PROCESS") == "1",
-                        help="run the models, sessions and engine in a process of their own (gpt2viz/worker.py)")
+    parser.add_argument("--engine-process", nargs="?", const="on", choices=["auto", "on", "off"],
+                        default=os.environ.get("GPT2VIZ_ENGINE_PROCESS", "auto"),
+                        help="run the models, sessions and engine in a process of their own (gpt2viz/worker.py); "
+                             "auto: on the CPU, except on ZeroGPU, whose GPU calls are made from the web process")
     args = parser.parse_args()
     try:
         device = hardware.choose_device(args.device)
         dtype = hardware.choose_dtype(args.dtype, device)
+        in_own_process = hardware.engine_process(args.engine_process, device)
     except hardware.DeviceError as e:
         parser.error(str(e))
     logging.basicConfig(level=logging.INFO)
     configure_allocator()  # before the server's threads start (gpt2viz/memory.py)
     started = time.time()
-    if args.engine_process:
+    if in_own_process:
         from gpt2viz import worker  # noqa: PLC0415
         from gpt2viz.tokenizer import load_tokenizer  # noqa: PLC0415
 
         engine = worker.Worker(args.model, device, args.dtype)
+        atexit.register(engine.close)  # before multiprocessing's own exit hook ends it, so that no new one starts
         models = worker.RemoteModels(engine, load_tokenizer())
         demo = build(models, worker.RemoteSessions(engine), worker.RemoteController(engine))
     else:
         models = c.Models(default=args.model, device=device, dtype=dtype)
         demo = build(models, c.Sessions(models))
-    log.info("model %s ready on %s in %.1fs", models.default, device, time.time() - started)
+    log.info("model %s ready on %s in %.1fs%s", models.default, device, time.time() - started,
+             " (the engine in a process of its own)" if in_own_process else "")
     hardware.release_openmp_workers()  # this thread has loaded the model; the engine's runs it (gpt2viz/hardware.py)
     # Handlers only wait on the engine's loop (gpt2viz/engine.py), which decides who computes, batches
     # everyone's tokens and caps each client's queued work: Gradio's limits only bound waiting threads.

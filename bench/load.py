@@ -2,7 +2,7 @@
 
     python bench/load.py                      # 1, 5, 10, 20, 30, 60 students on a gpt2-small-shaped checkpoint
     python bench/load.py --clients 1 30 --peer 25db805   # and the app at an earlier commit, level by level in turn
-    python bench/load.py --clients 1 30 --peer-env GPT2VIZ_ENGINE_PROCESS=1   # and this app in another setting
+    python bench/load.py --clients 1 30 --peer-env GPT2VIZ_ENGINE_PROCESS=off   # and this app in another setting
 
 Each student (a gradio_client in a thread, its own browser session; or, with `--harness sse`, all of them
 in one event loop speaking Gradio's queue protocol, for a fraction of the CPU) presses Generate for 30
@@ -47,11 +47,32 @@ def make_checkpoint(folder: Path) -> Path:
     return folder
 
 
+def process_tree(pid: int) -> list[int]:
+    """The server and the processes under it (the engine's own process, gpt2viz/worker.py)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended since the listing
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
 def server_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """Resident bytes of the server and its engine process together."""
+    total = 0
+    for each in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{each}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:"))
+    return total
 
 
 class Server:
@@ -201,8 +222,15 @@ def sse_level(url: str, calls: dict, n_clients: int, n_steps: int, results: list
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    """CPU time of the server and its engine process together."""
+    total = 0
+    for each in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def level(url: str, model: str, n_clients: int, n_tokens: int, n_steps: int, harness: str = "gradio_client",
@@ -299,7 +327,7 @@ def main() -> None:
     parser.add_argument("--peer", help="also run the app at this git commit (a worktree), same checkpoint, same levels")
     parser.add_argument("--peer-env", nargs="+", default=[], metavar="NAME=VALUE",
                         help="the peer's server runs with these environment variables (without --peer: this tree again), "
-                             "e.g. --peer-env GPT2VIZ_ENGINE_PROCESS=1 for the engine in its own process against one process")
+                             "e.g. --peer-env GPT2VIZ_ENGINE_PROCESS=off for the engine in the web process against its own process")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     parser.add_argument("--harness", choices=["gradio_client", "sse"], default="gradio_client",
                         help="the students: gradio_client in a thread each, or one event loop speaking the queue protocol "

@@ -81,6 +81,18 @@ def choose_device(flag: str = "auto") -> str:
     return "cpu" if zero_gpu() else flag
 
 
+def engine_process(flag: str, device: str) -> bool:
+    """Whether the engine runs in a process of its own (`--engine-process auto|on|off`, gpt2viz/worker.py).
+    auto: on the CPU, where the web server's Python and the engine's no longer share one interpreter lock
+    (bench/README.md); not on ZeroGPU, whose `@spaces.GPU` calls must be made from the process Spaces
+    started, nor on a GPU, where it has not been measured."""
+    if flag not in ("auto", "on", "off"):
+        raise DeviceError(f"--engine-process must be auto, on or off, got {flag!r}")
+    if flag == "on" and zero_gpu():
+        raise DeviceError("--engine-process on: not on ZeroGPU (its GPU calls are made from the web process)")
+    return flag == "on" or (flag == "auto" and device == "cpu" and not zero_gpu())
+
+
 def choose_dtype(name: str, device: str) -> torch.dtype:
     """The weights' dtype: float32 on the CPU always; float16 or bfloat16 on a GPU when asked."""
     if name not in DTYPES:

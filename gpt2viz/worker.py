@@ -13,12 +13,14 @@ Messages on one pipe, pickled: ("call", id, target, args, kwargs), ("cancel", id
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
 import multiprocessing
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,9 @@ class WorkerError(RuntimeError):
     """The worker process failed a call outside the Controller's own error handling, or is gone."""
 
 
+GONE = "the engine process is gone"
+
+
 def _serve(conn, default: str | None, device: str, dtype_name: str) -> None:
     import torch  # noqa: PLC0415 - the worker's own imports
 
@@ -35,6 +40,7 @@ def _serve(conn, default: str | None, device: str, dtype_name: str) -> None:
     from .hardware import release_openmp_workers  # noqa: PLC0415
     from .memory import configure_allocator, freeze_startup_objects  # noqa: PLC0415
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:engine:%(name)s:%(message)s")  # a spawned process logs nothing until told
     configure_allocator()
     c.DEFER_BUILD = True  # figures stay recipes: the web process draws them
     models = c.Models(default=default, device=device, dtype=getattr(torch, dtype_name))
@@ -88,43 +94,95 @@ def _serve(conn, default: str | None, device: str, dtype_name: str) -> None:
 
 
 class Worker:
-    """The web process's end: starts the worker, sends calls, routes the answers to their callers."""
+    """The web process's end: starts the worker, sends calls, routes the answers to their callers, and starts
+    a new worker when one ends (killed for memory, crashed): the calls it was running fail with `WorkerError`,
+    later calls wait for the new one, whose empty session store rebuilds each text from its page's state."""
 
     def __init__(self, default: str | None, device: str = "cpu", dtype_name: str = "float32", timeout: float = 600) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, default, device, dtype_name), daemon=True, name="gpt2viz-engine")
-        self.process.start()
+        self._args, self.timeout = (default, device, dtype_name), timeout
         self._ids = itertools.count(1)
         self._waiting: dict[int, queue.Queue] = {}
         self._lock = threading.Lock()
-        if not self.conn.poll(timeout):
-            raise WorkerError("the engine process did not start")
-        kind, _, self.info = self.conn.recv()
-        if kind != "ready":
-            raise WorkerError(f"the engine process failed to start: {self.info}")
-        threading.Thread(target=self._read, daemon=True, name="worker-reader").start()
+        self._ready = threading.Event()
+        self._closing = False
+        self.restarts = 0
+        self._start()
 
-    def _read(self) -> None:
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        conn, child = ctx.Pipe()
+        process = ctx.Process(target=_serve, args=(child, *self._args), daemon=True, name="gpt2viz-engine")
+        process.start()
+        child.close()  # the worker's end lives in the worker only, so that its death reaches `_read` as end of file
+        try:
+            if not conn.poll(self.timeout):
+                raise WorkerError("the engine process did not start")
+            kind, _, info = conn.recv()
+            if kind != "ready":
+                raise WorkerError(f"the engine process failed to start: {info}")
+        except (EOFError, OSError, WorkerError) as e:
+            process.kill()
+            process.join(timeout=10)
+            conn.close()
+            if isinstance(e, WorkerError):
+                raise
+            raise WorkerError(f"the engine process ended while starting (exit code {process.exitcode})") from e
+        self.conn, self.process, self.info = conn, process, info
+        threading.Thread(target=self._read, args=(conn, process), daemon=True, name="worker-reader").start()
+        self._ready.set()
+
+    def _read(self, conn, process) -> None:
         while True:
             try:
-                kind, call_id, payload = self.conn.recv()
+                kind, call_id, payload = conn.recv()
             except (EOFError, OSError):
-                for q in list(self._waiting.values()):
-                    q.put(("err", "the engine process is gone"))
-                return
+                break
             q = self._waiting.get(call_id)
             if q is not None:
                 q.put((kind, payload))
+        if not self._closing:  # closed for good: later calls fail at once on the dead pipe instead of waiting
+            self._ready.clear()
+        process.join(timeout=5)
+        for q in list(self._waiting.values()):
+            q.put(("err", GONE))
+        if not self._closing:
+            log.warning("the engine process ended (exit code %s); starting a new one", process.exitcode)
+            self._restart()
+
+    def _restart(self) -> None:
+        delay = 1.0
+        while not self._closing:
+            try:
+                self._start()
+            except WorkerError as e:
+                log.warning("%s; trying again in %.0f s", e, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 60.0)
+                continue
+            self.restarts += 1
+            log.info("a new engine process is ready (restart %d)", self.restarts)
+            return
+
+    def close(self) -> None:
+        """End the worker for good (no restart)."""
+        self._closing = True
+        self.process.kill()
+        self.process.join(timeout=10)
 
     def _send(self, *message) -> None:
         with self._lock:
             self.conn.send(message)
 
     def _open(self, target: str, args, kwargs) -> tuple[int, queue.Queue]:
+        if not self._ready.wait(self.timeout):
+            raise WorkerError(GONE)
         call_id, q = next(self._ids), queue.Queue()
         self._waiting[call_id] = q
-        self._send("call", call_id, target, args, kwargs)
+        try:
+            self._send("call", call_id, target, args, kwargs)
+        except OSError:  # it ended since: `_read` is starting a new one
+            self._waiting.pop(call_id, None)
+            raise WorkerError(GONE) from None
         return call_id, q
 
     def call(self, target: str, *args, **kwargs):
@@ -153,14 +211,18 @@ class Worker:
                     raise WorkerError(payload)
         finally:
             if not done:
-                self._send("cancel", call_id)
+                with contextlib.suppress(OSError):
+                    self._send("cancel", call_id)
             self._waiting.pop(call_id, None)
 
 
 class RemoteController:
-    """The `Controller`'s use cases, run in the worker; each `Page` drawn here (`Page.build`)."""
+    """The `Controller`'s use cases, run in the worker; each `Page` drawn here (`Page.build`). A call the worker
+    could not finish (it ended: `Worker` starts another) comes back as a page that says so and keeps the
+    page's state, from which the new worker rebuilds the text on the next action."""
 
     STREAMS = ("stream",)
+    NOT_PAGES = {"share_link": "", "stop": None, "cancel": None}  # what these give when the worker fails them
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -170,14 +232,35 @@ class RemoteController:
             raise AttributeError(name)
         if name in self.STREAMS:
             def streamed(*args, **kwargs):
-                for page in self.worker.stream(f"ctl.{name}", *args, **kwargs):
-                    yield page.build() if hasattr(page, "build") else page
+                state = args[0] if args else None
+                try:
+                    for page in self.worker.stream(f"ctl.{name}", *args, **kwargs):
+                        state = getattr(page, "state", state)
+                        yield page.build() if hasattr(page, "build") else page
+                except WorkerError as e:
+                    yield self._failed(name, state, e)
             return streamed
 
         def called(*args, **kwargs):
-            result = self.worker.call(f"ctl.{name}", *args, **kwargs)
+            try:
+                result = self.worker.call(f"ctl.{name}", *args, **kwargs)
+            except WorkerError as e:
+                return self._failed(name, args[0] if args else None, e)
             return result.build() if hasattr(result, "build") else result
         return called
+
+    def _failed(self, name: str, state, error: WorkerError):
+        from .controller import Page, new_state, warn  # noqa: PLC0415 - the controller's page, on the web side
+
+        log.warning("%s failed in the engine process: %s", name, error)
+        if name in self.NOT_PAGES:
+            return self.NOT_PAGES[name]
+        if str(error) == GONE:
+            message = "The model's process stopped and a new one is starting: press again (your text is kept)."
+        else:
+            message = "Something went wrong in the model's process; please try again."
+        state = state if isinstance(state, dict) else new_state(self.worker.info["default"])
+        return Page(state, status=warn(message), warning=True)
 
 
 class RemoteModels:
@@ -205,4 +288,5 @@ class RemoteSessions:
         self.worker = worker
 
     def drop(self, key) -> None:
-        self.worker.call("sessions.drop", key)
+        with contextlib.suppress(WorkerError):  # a new worker has no such session
+            self.worker.call("sessions.drop", key)
