@@ -19,6 +19,7 @@ import itertools
 import logging
 import multiprocessing
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,20 @@ def _serve(conn, default: str | None, device: str, dtype_name: str) -> None:
             cancelled.add(message[1])
 
 
+@contextlib.contextmanager
+def _main_script_hidden():
+    """A spawned process first runs the parent's main script (as `__mp_main__`) when it can find it: app.py would
+    bring Gradio, pandas and plotly (~120 MB and seconds of start) into a process that needs none of them."""
+    main = sys.modules["__main__"]
+    kept = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None  # `python -m app` would name it by its module
+    try:
+        yield
+    finally:
+        main.__dict__.update(kept)
+
+
 class Worker:
     """The web process's end: starts the worker, sends calls, routes the answers to their callers, and starts
     a new worker when one ends (killed for memory, crashed): the calls it was running fail with `WorkerError`,
@@ -112,7 +127,8 @@ class Worker:
         ctx = multiprocessing.get_context("spawn")
         conn, child = ctx.Pipe()
         process = ctx.Process(target=_serve, args=(child, *self._args), daemon=True, name="gpt2viz-engine")
-        process.start()
+        with _main_script_hidden():
+            process.start()
         child.close()  # the worker's end lives in the worker only, so that its death reaches `_read` as end of file
         try:
             if not conn.poll(self.timeout):

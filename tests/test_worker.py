@@ -120,3 +120,16 @@ def test_a_call_to_a_worker_that_ended_says_so_in_the_page():
         assert ctl.stop(page.state) is None
     finally:
         w.close()
+
+
+def test_the_engine_process_does_not_run_the_main_script():
+    """Spawn would first run app.py in the worker (Gradio, pandas, plotly: ~120 MB and seconds of start)."""
+    from multiprocessing import spawn
+    import sys
+
+    main = sys.modules["__main__"]
+    before = (getattr(main, "__file__", None), main.__spec__)
+    assert {"init_main_from_path", "init_main_from_name"} & set(spawn.get_preparation_data("x"))
+    with worker._main_script_hidden():
+        assert not {"init_main_from_path", "init_main_from_name"} & set(spawn.get_preparation_data("x"))
+    assert (getattr(main, "__file__", None), main.__spec__) == before
