@@ -500,7 +500,8 @@ def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = Non
             if page.warning and page.status:
                 gr.Warning(page.status.removeprefix("⚠️ "))
             new_state = dict(page.state or {})
-            out: dict = {state: new_state}
+            # a page that leaves the state as it is still names one output: Gradio reads an empty dict as one value
+            out: dict = {state: new_state} if page.state is not None else {status: gr.skip()}
             if page.status is not None:
                 out[status] = page.status
             if page.strip is not None:

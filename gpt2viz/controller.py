@@ -500,9 +500,9 @@ class Selection:
 
 @dataclass
 class Page:
-    """What the page shows after a use case. None means "leave as it is"."""
+    """What the page shows after a use case. None means "leave as it is" (the state too)."""
 
-    state: dict
+    state: dict | None
     status: str | None = None
     strip: dict | None = None
     strip_key: str | None = None  # the strip's colour key (HTML)
@@ -790,7 +790,9 @@ class Controller:
         who = who or Who()
         try:
             if not (state or {}).get("ids"):
-                return Page(state, status="Press Step or Generate first: there is no text to look inside yet.")
+                # Nothing to draw, and nothing to send back: the browser fires the open tab's select when the page
+                # mounts, with the state it had then, and its answer may land after a shared link's text is open.
+                return Page(None)
             entry = self.sessions.get(state, sampling_config(*settings), who)
             page = self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, None, upcoming)).build()
             # A slider being dragged or stepped with the keyboard must not be pulled back to the value of
@@ -1084,6 +1086,8 @@ class Controller:
                 return self._refuse(state, e)
         selection.tab = "why"
         page = self.select(state, settings, selection, who=who)
+        if page.state is None:  # no text yet: the word typed is kept for when there is one
+            page.state = state
         if state["versus"] is not None and not page.warning:
             page.status = f"Comparing with {typed!r}." + hint.replace("you forced", "you chose")
         return page

@@ -63,6 +63,15 @@ def test_downloads_come_as_files_and_a_bad_request_as_a_message(client):
         client.predict(**settings(), what="/etc/passwd", paper="a4", api_name="/download")
 
 
+def test_a_view_asked_for_before_there_is_a_text_changes_nothing(app_url):
+    """As the browser does when the page mounts (its open tab's select): answered, and nothing on the page changes."""
+    fresh = Client(app_url, verbose=False)
+    views = fresh.predict(**settings(), position=0, layer=0, head=0, tab="attention", api_name="/inspect")
+    assert len(views) == len(OUT) and all(v == {"__type__": "update"} for v in views)  # "no change", every output
+    after = fresh.predict(**args(), api_name="/step")  # the session still starts a text
+    assert "was sampled" in after[OUT["status"]]
+
+
 def test_generate_streams_one_token_at_a_time(client):
     """Streaming sends the text and the status only (tab, status, strip); the views are drawn after it."""
     job = client.submit(**args(max_new_tokens=6), tokens_per_second=0, api_name="/generate")

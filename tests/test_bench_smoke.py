@@ -20,7 +20,8 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
                                    "transformers generate", "transformers + attentions + hidden states"}
     assert all(v["tokens_per_s"] > 0 for v in tiny["decode"].values())
     assert set(map(int, tiny["prefill"])) == {32, 128}
-    assert tiny["app"]["steps"] == 3 and tiny["app"]["bytes_per_step_median"] > 0
+    # 3 tokens come in 3 messages, or fewer when the server sends tokens made meanwhile together (the stream's batches)
+    assert 1 <= tiny["app"]["steps"] <= 3 and tiny["app"]["bytes_per_step_median"] > 0
     assert all(v > 0 for v in tiny["view_recompute"].values()) and "lens_one_position_s" in tiny["view_recompute"]
     memory = tiny["memory_mib"]
     assert set(memory) == {"decode", "prefill 128"}

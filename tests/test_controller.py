@@ -255,6 +255,17 @@ def test_one_selection_drives_every_view_and_is_clamped(ctl):
             assert "token 1" in shown.views["chosen"].layout.title.text
 
 
+def test_a_view_asked_for_before_there_is_a_text_leaves_the_page_as_it_is(ctl):
+    """The browser selects the open tab when the page mounts, with the state it had then (none); that answer can
+    land after a shared link's page has opened, and must not put the empty state or a message over it."""
+    for state in (None, c.new_state("test")):
+        for tab in c.TABS:
+            page = ctl.select(state, SETTINGS, c.Selection(tab=tab))
+            assert page.state is None and page.status is None and not page.views and page.strip is None
+    kept = ctl.compare_with(c.new_state("test"), SETTINGS, c.Selection(), " friend")
+    assert kept.state["versus"] is not None  # a word typed before the text is kept for it
+
+
 def test_model_switch_brings_every_range_and_view_to_the_new_model(ctl):
     page = ctl.step(None, "test", "Hello there", SETTINGS, c.Selection(layer=2, head=3, tab="attention"))
     switched = ctl.switch_model(page.state, "other", "Hello there", SETTINGS, page.selection)
