@@ -1,4 +1,5 @@
-"""The models, the sessions and the engine in a process of their own (`python app.py --engine-process`).
+"""The models, the sessions and the engine in a process of their own (`app.py`'s default on the CPU;
+`--engine-process auto|on|off`, `hardware.engine_process`).
 
 Why: in one process, the web server's threads (Gradio's event loop, its per-message work) and the engine's
 loop share Python's interpreter lock, and a pass of many small torch ops waits for the lock at each of
