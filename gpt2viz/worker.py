@@ -159,9 +159,9 @@ class Worker:
                 q.put((kind, payload))
         if not self._closing:  # closed for good: later calls fail at once on the dead pipe instead of waiting
             self._ready.clear()
-        process.join(timeout=5)
-        for q in list(self._waiting.values()):
+        for q in list(self._waiting.values()):  # its callers hear at once, before the process is reaped
             q.put(("err", GONE))
+        process.join(timeout=5)
         if not self._closing:
             log.warning("the engine process ended (exit code %s); starting a new one", process.exitcode)
             self._restart()
