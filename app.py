@@ -808,7 +808,9 @@ def main() -> None:
         demo = build(models, worker.RemoteSessions(engine), worker.RemoteController(engine))
     else:
         models = c.Models(default=args.model, device=device, dtype=dtype)
-        demo = build(models, c.Sessions(models))
+        sessions = c.Sessions(models)
+        sessions.warm()  # the rows a first class starts in (gpt2viz/model.py, `_Slabs`)
+        demo = build(models, sessions)
     log.info("model %s ready on %s in %.1fs%s", models.default, device, time.time() - started,
              " (the engine in a process of its own)" if in_own_process else "")
     hardware.release_openmp_workers()  # this thread has loaded the model; the engine's runs it (gpt2viz/hardware.py)

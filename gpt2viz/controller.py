@@ -42,7 +42,7 @@ from .experiments import (Experiment, TargetError, bars_view, head_label, parse_
 from .generation import GenerationSession, Step
 from .loading import BUNDLED_MODELS, HUB_MODELS, CheckpointError, HubUnavailableError, hub_reachable, load_model, resolve_checkpoint
 from .memory import memory_limit, trim
-from .model import GPT2, ContextLengthError
+from .model import GPT2, SLABS, ContextLengthError, slab_capacity
 from .attribution import commitment, commitment_layers
 from .roles import ROLE_THRESHOLD, head_scores
 from .sampling import SamplingConfig
@@ -222,9 +222,24 @@ class Sessions:
         self._lock = threading.Lock()
         self._reported = 0.0
 
-    def _idle(self) -> None:
-        """When the engine's queue empties: hand freed memory back to the OS."""
+    def _idle(self, idle: bool = True) -> None:
+        """When the engine has had nothing to do for a while (`idle`), or once a minute under load: hand freed memory
+        back to the OS; when idle, then keep the rows the next class's texts start in ready (`warm`)."""
         trim()
+        if idle:
+            self.warm()
+
+    def warm(self) -> int:
+        """Spare rows of the key-value caches' slabs (`model.SLABS.warm`), their memory written, for the texts that
+        start next, on the default model's shape before any has started (app.py calls this at startup): the first
+        pass of a class that starts together (every student's copy of an example's reading) then writes into
+        memory the OS has mapped already. Returns the slabs made."""
+        model = self.models.get(self.models.default)
+        p = next(model.parameters())
+        if p.device.type != "cpu":
+            return 0
+        cfg = model.cfg
+        return SLABS.warm((cfg.n_layer, cfg.n_head, slab_capacity(1), cfg.d_head, p.dtype))
 
     def _report(self) -> None:
         """At most every 10 s, a log line with the store's size (bench/soak.py reads it)."""

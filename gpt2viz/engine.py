@@ -153,11 +153,14 @@ class Engine:
 
     def __init__(self, max_batch: int = 64, prefill_tokens: int = 128, call_slice: float = 0.05,
                  max_jobs_per_owner: int = 3, max_jobs_per_client: int = 128, max_jobs: int = 512,
-                 idle_seconds: float = 30.0, on_idle: Callable[[], None] | None = None, max_ahead: int = 8) -> None:
+                 idle_seconds: float = 30.0, on_idle: Callable[[bool], None] | None = None, max_ahead: int = 8,
+                 idle_after: float = 10.0) -> None:
         self.max_batch, self.prefill_tokens, self.call_slice = max_batch, prefill_tokens, call_slice
         self.max_ahead = max_ahead  # tokens a generation may run ahead of its waiter (who takes them in `batches`)
         self.max_jobs_per_owner, self.max_jobs_per_client, self.max_jobs = max_jobs_per_owner, max_jobs_per_client, max_jobs
-        self.idle_seconds, self.on_idle = idle_seconds, on_idle  # on_idle: when the queue empties (at most every 5 s), every 60 s under load
+        # on_idle(True) once the queue has been empty for `idle_after` s; on_idle(False) every minute under load. Not at
+        # once: the memory a class's passes used (and trimming hands back) is what its next request needs again.
+        self.idle_seconds, self.on_idle, self.idle_after = idle_seconds, on_idle, idle_after
         self._jobs: list[_Job] = []
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -226,7 +229,7 @@ class Engine:
     # -- the loop --
 
     def _loop(self) -> None:
-        last_idle = 0.0
+        last_idle, worked = time.monotonic(), False
         last_report, reported = time.monotonic(), dict(self.stats)
         while True:
             if time.monotonic() - last_report > 30:
@@ -245,27 +248,38 @@ class Engine:
                              if waits else "none")
             with self._cv:
                 self._jobs = [j for j in self._jobs if not self._finish_if_cancelled(j)]
-                if not self._jobs:
-                    if not self._cv.wait_for(lambda: self._jobs, timeout=self.idle_seconds):
+                idle = not self._jobs
+                if idle:
+                    hook = worked and self.on_idle is not None
+                    if self._cv.wait_for(lambda: self._jobs, timeout=self.idle_after if hook else self.idle_seconds):
+                        continue
+                    if not hook:
                         self._thread = None
                         return
-                    continue
-                now = time.monotonic()
-                ready = [j for j in self._jobs if j.next_at <= now]
-                if not ready:
-                    self._cv.wait(timeout=max(0.001, min(j.next_at for j in self._jobs) - now))
-                    continue
+                else:
+                    now = time.monotonic()
+                    ready = [j for j in self._jobs if j.next_at <= now]
+                    if not ready:
+                        self._cv.wait(timeout=max(0.001, min(j.next_at for j in self._jobs) - now))
+                        continue
+            if idle:  # nothing to do for `idle_after` seconds since the last pass
+                worked, last_idle = False, time.monotonic()
+                self._idle(True)
+                continue
             try:
                 self._iterate(sorted(ready, key=lambda j: j.served), next(self._iteration))
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("engine iteration failed")
-            since = time.monotonic() - last_idle
-            if self.on_idle is not None and ((not self._jobs and since > 5.0) or since > 60.0):
+            worked = True
+            if self.on_idle is not None and time.monotonic() - last_idle > 60.0:
                 last_idle = time.monotonic()
-                try:
-                    self.on_idle()
-                except Exception:  # noqa: BLE001
-                    log.exception("idle hook failed")
+                self._idle(False)
+
+    def _idle(self, idle: bool) -> None:
+        try:
+            self.on_idle(idle)
+        except Exception:  # noqa: BLE001 - the loop must survive anything
+            log.exception("idle hook failed")
 
     def _finish_if_cancelled(self, job: _Job) -> bool:
         if job.cancelled:

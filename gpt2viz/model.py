@@ -130,6 +130,7 @@ TANH_GELU_NAMES = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
 
 ATTN_BUCKET = 64  # a decode row's attention runs over its length rounded up to this (`attend_rows`)
 SLAB_ROWS = 16  # one-sequence caches per `KVSlab`
+SPARE_ROWS = 2 * SLAB_ROWS  # free rows kept resident for the next texts to start in (`_Slabs.warm`): a class of 30
 
 
 def bucket_end(length: int) -> int:
@@ -147,7 +148,8 @@ class KVSlab:
     """The keys and values of `SLAB_ROWS` one-sequence caches of one capacity (CPU), every layer:
     `k[layer]`, `v[layer]` `[rows, H, capacity, D]`. Sequences whose caches share a slab append and attend
     together (`GPT2.forward_ragged`: per layer one append and two products for all of them instead of a few
-    calls each). Allocated empty: a row's memory becomes resident as its positions are written.
+    calls each). Allocated empty: a row's memory becomes resident as its positions are written (`cold`: the rows
+    never handed out nor written by `_Slabs.warm`).
     Invariant of a row in use: its positions `[length, bucket_end(length))` hold zeros (finite values for the
     masked tail `attend_rows` multiplies by zero)."""
 
@@ -157,32 +159,84 @@ class KVSlab:
         self.k = [torch.empty(SLAB_ROWS, H, capacity, D, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.empty(SLAB_ROWS, H, capacity, D, dtype=dtype) for _ in range(n_layer)]
         self.free = list(range(SLAB_ROWS))
+        self.cold = set(range(SLAB_ROWS))
+
+    def write(self, rows) -> None:
+        """Zero these (free) rows in every layer: their memory becomes resident."""
+        with torch.no_grad():
+            for t in self.k + self.v:
+                t[list(rows)] = 0
 
 
 class _Slabs:
-    """Every live slab, by (n_layer, H, capacity, D, dtype); rows handed out lowest first, so caches made one
-    after another (a class starting together) sit side by side; a slab whose rows are all free is dropped."""
+    """Every live slab, by (n_layer, H, capacity, D, dtype); rows handed out lowest first, from slabs partly in use
+    before spare ones, so caches made one after another (a class starting together) sit side by side. A slab whose
+    rows are all free is dropped, unless it is one of the `SPARE_ROWS` free rows kept for the capacity texts start
+    at (`start_key`), which `warm` makes up and writes when the server is idle: the next class's first pass (30
+    students taking an example's reading into new rows: ~34,000 pages for gpt2) then writes into memory the OS has
+    mapped already instead of waiting for it (~10 µs a page on this project's VMs)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._slabs: dict[tuple, list[KVSlab]] = {}
+        self.start_key: tuple | None = None  # the key of the slab a text last took its first row in
 
-    def take(self, key: tuple) -> tuple[KVSlab, int]:
+    def take(self, key: tuple, first: bool = False) -> tuple[KVSlab, int]:
+        """A free row of a slab of `key` (`first`: the text's first row, whose key `warm` keeps spare rows of)."""
         with self._lock:
+            if first:
+                self.start_key = key
             slabs = self._slabs.setdefault(key, [])
-            slab = next((s for s in slabs if s.free), None)
+            slab = next((s for s in slabs if s.free and len(s.free) < SLAB_ROWS), None) or next((s for s in slabs if s.free), None)
             if slab is None:
                 slab = KVSlab(key)
                 slabs.append(slab)
-            return slab, slab.free.pop(0)
+            row = slab.free.pop(0)
+            slab.cold.discard(row)
+            return slab, row
 
     def give_back(self, slab: KVSlab, row: int) -> None:
         with self._lock:
             slab.free.append(row)
             slab.free.sort()
             slabs = self._slabs.get(slab.key, [])
-            if len(slab.free) == SLAB_ROWS and slab in slabs:
+            if len(slab.free) == SLAB_ROWS and slab in slabs and (slab.key != self.start_key or self._warm_rows(slab.key, slab) >= SPARE_ROWS):
                 slabs.remove(slab)
+
+    def _warm_rows(self, key: tuple, but: KVSlab | None = None) -> int:
+        return sum(len(s.free) - len(s.cold.intersection(s.free)) for s in self._slabs.get(key, []) if s is not but)
+
+    def warm(self, key: tuple | None = None) -> int:
+        """Drop the free slabs of other capacities; write `start_key`'s (or, before any text started, `key`'s) free rows
+        and make new slabs, written, until `SPARE_ROWS` rows are free and resident. Slow where it allocates (~0.1 s a
+        slab of gpt2's shape): for when the server is idle. Returns the rows written."""
+        with self._lock:
+            key = self.start_key or key
+            for k, slabs in self._slabs.items():
+                if k != key:
+                    slabs[:] = [s for s in slabs if len(s.free) < SLAB_ROWS]
+            if key is None:
+                return 0
+            cold = [(s, [r for r in s.free if r in s.cold]) for s in self._slabs.get(key, [])]
+            cold = [(s, rows) for s, rows in cold if rows]
+            for s, rows in cold:  # out of reach of `take` while they are written
+                s.free = [r for r in s.free if r not in rows]
+            ready = self._warm_rows(key)
+        made = []
+        for s, rows in cold:
+            s.write(rows)
+            ready += len(rows)
+        while ready + SLAB_ROWS * len(made) < SPARE_ROWS:
+            made.append(KVSlab(key))
+            made[-1].write(range(SLAB_ROWS))
+        with self._lock:
+            for s, rows in cold:
+                s.free = sorted(s.free + rows)
+                s.cold.difference_update(rows)
+            for slab in made:
+                slab.cold.clear()
+            self._slabs.setdefault(key, []).extend(made)
+        return sum(len(rows) for _, rows in cold) + SLAB_ROWS * len(made)
 
     def count(self) -> int:
         with self._lock:
@@ -271,7 +325,7 @@ class KVCache:
         slab of `capacity`, give the old row back, and zero the new row's tail up to `bucket_end(n)`."""
         source = source or self
         n = source.length if n is None else n
-        slab, row = SLABS.take((len(self._k), n_head, capacity, d_head, dtype))
+        slab, row = SLABS.take((len(self._k), n_head, capacity, d_head, dtype), first=self.slab is None)
         with torch.no_grad():
             for layer in range(len(self._k)):
                 k, v = slab.k[layer][row], slab.v[layer][row]

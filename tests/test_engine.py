@@ -20,7 +20,7 @@ import torch
 from gpt2viz import GenerationSession, SamplingConfig, load_model
 from gpt2viz.engine import Engine, Generation, Overloaded, Who
 from gpt2viz.generation import read_together
-from gpt2viz.model import SLABS, KVCache, attend_rows, packed_linear, slab_groups
+from gpt2viz.model import SLAB_ROWS, SLABS, SPARE_ROWS, KVCache, attend_rows, packed_linear, slab_groups
 from gpt2viz.interventions import AblateHeads, AblateMLP, AblateNeurons, ScaleHead, Steer
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was a", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21",
@@ -548,4 +548,80 @@ def test_a_cache_in_a_slab_grows_copies_rewinds_and_gives_its_row_back():
     assert torch.equal(copy.keys(0), torch.cat([k, more], 2)[:, :, :60])  # no storage shared
     del kv, copy
     gc.collect()
-    assert SLABS.count() == before
+    # every row is free again; the free slabs of the capacity texts last started at are kept as spares, the others go
+    assert SLABS.count() <= before + 2
+    assert all(len(s.free) == SLAB_ROWS for s in SLABS._slabs.get((2, 3, 64, 8, torch.float32), []) + SLABS._slabs.get((2, 3, 128, 8, torch.float32), []))
+    assert SLABS.start_key == (2, 3, 64, 8, torch.float32)  # the copy started at 64 positions' capacity
+    SLABS.warm()  # what the idle server does: only `start_key`'s spares stay
+    assert not SLABS._slabs.get((2, 3, 128, 8, torch.float32)) and SLABS._warm_rows(SLABS.start_key) == SPARE_ROWS
+    with SLABS._lock:  # leave no spares of this shape behind
+        del SLABS._slabs[SLABS.start_key]
+    SLABS.start_key = None
+
+
+def test_free_slabs_are_kept_for_the_next_texts_and_warm_writes_them():
+    """A class's caches fill slabs partly in use first, then spare ones; a slab whose rows are all free stays while the
+    capacity texts start at has fewer than `SPARE_ROWS` free rows already written (others go), and `warm` (the idle
+    server) writes the free rows never written and makes new slabs, written, up to `SPARE_ROWS`."""
+    gc.collect()
+    start, grown = (2, 5, 64, 4, torch.float32), (2, 5, 128, 4, torch.float32)  # a shape no other test uses
+    def cache(n):
+        kv = KVCache(2)
+        for layer in range(2):
+            kv.append(layer, torch.ones(1, 5, n, 4), torch.ones(1, 5, n, 4))
+        kv.length = n
+        return kv
+    caches = [cache(10) for _ in range(SLAB_ROWS + 4)]
+    assert SLABS.start_key == start
+    assert {(kv.slab is caches[0].slab, kv.row) for kv in caches[:SLAB_ROWS]} == {(True, r) for r in range(SLAB_ROWS)}
+    assert [kv.row for kv in caches[SLAB_ROWS:]] == [0, 1, 2, 3] and caches[-1].slab is not caches[0].slab
+    first, second = caches[0].slab, caches[-1].slab
+    del caches[:SLAB_ROWS]  # the first slab is all free: kept (the second's free rows were never written)
+    gc.collect()
+    assert SLABS._slabs[start] == [first, second]
+    more = cache(10)  # a slab partly in use comes before a free one
+    assert more.slab is second and more.row == 4
+    del caches, more
+    gc.collect()
+    assert SLABS._slabs[start] == [first, second] and SLABS._warm_rows(start) == SLAB_ROWS + 5
+    assert SLABS.warm() == SLAB_ROWS - 5  # the second slab's rows never handed out: written; enough rows then
+    assert SLABS._warm_rows(start) == SPARE_ROWS and not second.cold and second.free == list(range(SLAB_ROWS))
+    assert all(torch.count_nonzero(t[5:]) == 0 for t in second.k + second.v)
+    long = cache(100)  # a text that starts longer: its capacity is where texts start now
+    assert SLABS.start_key == grown
+    del long
+    gc.collect()
+    assert SLABS.warm() == (SLAB_ROWS - 1) + SLAB_ROWS  # the other capacity's free slabs dropped; this one's made up
+    assert not SLABS._slabs.get(start)
+    kept, made = SLABS._slabs[grown]
+    assert kept.free == made.free == list(range(SLAB_ROWS)) and not kept.cold and not made.cold
+    assert all(torch.count_nonzero(t) == 0 for t in made.k + made.v)  # written: resident (test_memory counts the faults)
+    SLABS.warm(start)  # `key` counts only before any text started
+    assert SLABS.start_key == grown and not SLABS._slabs.get(start)
+    with SLABS._lock:  # leave no spares of this shape behind
+        del SLABS._slabs[grown]
+    SLABS.start_key = None
+
+
+def test_the_idle_hook_waits_for_a_quiet_spell_and_runs_once_a_minute_under_load(monkeypatch):
+    """`on_idle(True)` once the queue has been empty for `idle_after` seconds (not at once: the next request needs the
+    memory a trim would hand back), once per quiet spell; `on_idle(False)` every minute while the loop is busy."""
+    calls = []
+    engine = Engine(on_idle=calls.append, idle_after=0.4)
+    engine.call(None, None, lambda: 1)
+    time.sleep(0.2)
+    assert calls == []
+    engine.call(None, None, lambda: 2)  # work again: the quiet spell starts over
+    time.sleep(0.25)
+    assert calls == []
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert calls == [True]
+    time.sleep(0.8)
+    assert calls == [True]  # once a quiet spell
+    clock = [time.monotonic()]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    clock[0] += 61  # a minute of passes later
+    engine.call(None, None, lambda: 3)
+    assert calls == [True, False]
