@@ -280,7 +280,7 @@ def pct(xs: list[float]) -> dict:
 
 
 def run_trees(runs: dict[str, tuple[Path, dict[str, str]]], checkpoint: Path, clients: list[int], n_tokens: int, n_steps: int,
-              work: Path, harness: str = "gradio_client", distinct: bool = False, alone_runs: int = 5) -> dict:
+              work: Path, harness: str = "gradio_client", distinct: bool = False, alone_runs: int = 5, quiet: float = 0.0) -> dict:
     """{name: (source tree, extra environment)}: every server started before the first level, then each level run on
     each of them in turn, the order alternating from level to level, so that the machine's drift during a run (it moved by 10-20%
     within minutes, bench/README.md) falls on all of them alike."""
@@ -308,6 +308,7 @@ def run_trees(runs: dict[str, tuple[Path, dict[str, str]]], checkpoint: Path, cl
                                                    "alone_runs_tps": [lv["aggregate_tps"] for lv in alone[name]]})
             else:
                 for name in order:
+                    time.sleep(quiet)  # the server idle this long first (at least), as a class after a pause in the lesson
                     report[name]["levels"].append(on(name, n))
             for name in order:
                 print(name, json.dumps(report[name]["levels"][-1]), flush=True)
@@ -336,6 +337,9 @@ def main() -> None:
                         help="every student on the same example text (as a class told to pick one), or each on its own")
     parser.add_argument("--alone-runs", type=int, default=5,
                         help="a level of one student is run this many times and its median run kept (the ratios' denominator)")
+    parser.add_argument("--quiet", type=float, default=0.0,
+                        help="seconds with no request before each level of more than one student: a class that starts after a "
+                             "pause in the lesson (the server gives memory back after 10 s of quiet), not right after another")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gpt2viz-load-"))
     checkpoint = make_checkpoint(work / "gpt2-small-random")
@@ -346,7 +350,7 @@ def main() -> None:
         runs["peer"] = (work / "peer" if args.peer else ROOT, dict(item.split("=", 1) for item in args.peer_env))
     try:
         report = run_trees(runs, checkpoint, args.clients, args.tokens, args.steps, work, args.harness, args.prompts == "distinct",
-                           args.alone_runs)
+                           args.alone_runs, args.quiet)
     finally:
         if args.peer:
             subprocess.run(["git", "worktree", "remove", "--force", str(work / "peer")], cwd=ROOT, capture_output=True)

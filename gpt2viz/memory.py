@@ -3,14 +3,14 @@
 glibc keeps freed heap memory for reuse, in one arena per thread that allocated (up to 8 per core):
 a web server whose worker threads each build arrays grows arenas that are never returned.
 `configure_allocator` caps the arenas (before the threads start), `trim` hands the free pages of
-every arena back (`malloc_trim`); the engine calls it when its queue empties. bench/soak.py
+every arena back (`malloc_trim`); the engine calls it after 10 s of quiet, and once a minute under load. bench/soak.py
 measures the effect (bench/README.md).
 
 It also keeps a pass's big temporaries in the heap: a class's pass makes results of a few MB each (30 rows of
 50,257 probabilities, their float64 cumulative sums, ...), which glibc maps afresh and unmaps, or hands back as a
 heap's top shrinks, so that the next pass faults the same pages in again (thousands a pass: ~15 ms of a quiet
 ~125 ms 30-row pass). Tuned, blocks below `MMAP_THRESHOLD` come from the heap, up to `TRIM_THRESHOLD` of free heap
-stays mapped while the server is busy (`trim` returns it when the queue empties), and there is one arena: with
+stays mapped while the server is busy (`trim` returns it once the server is quiet), and there is one arena: with
 fixed thresholds a second one (a thread's, whose heaps are at most 64 MB) still faulted a small model's passes in.
 """
 
