@@ -29,6 +29,7 @@ positions, `key` = all positions so far.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import difflib
 import functools
@@ -179,11 +180,13 @@ class _Slabs:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._slabs: dict[tuple, list[KVSlab]] = {}
+        self._returned: collections.deque[tuple[KVSlab, int]] = collections.deque()
         self.start_key: tuple | None = None  # the key of the slab a text last took its first row in
 
     def take(self, key: tuple, first: bool = False) -> tuple[KVSlab, int]:
         """A free row of a slab of `key` (`first`: the text's first row, whose key `warm` keeps spare rows of)."""
         with self._lock:
+            self._settle()
             if first:
                 self.start_key = key
             slabs = self._slabs.setdefault(key, [])
@@ -196,7 +199,18 @@ class _Slabs:
             return slab, row
 
     def give_back(self, slab: KVSlab, row: int) -> None:
-        with self._lock:
+        """A cache's finalizer hands its row back: it may run wherever the collector does, also inside a section that
+        holds the lock (an allocation there started a collection), so the row is queued and settled when the lock is free."""
+        self._returned.append((slab, row))
+        if self._lock.acquire(blocking=False):
+            try:
+                self._settle()
+            finally:
+                self._lock.release()
+
+    def _settle(self) -> None:
+        while self._returned:
+            slab, row = self._returned.popleft()
             slab.free.append(row)
             slab.free.sort()
             slabs = self._slabs.get(slab.key, [])
@@ -211,6 +225,7 @@ class _Slabs:
         and make new slabs, written, until `SPARE_ROWS` rows are free and resident. Slow where it allocates (~0.1 s a
         slab of gpt2's shape): for when the server is idle. Returns the rows written."""
         with self._lock:
+            self._settle()
             key = self.start_key or key
             for k, slabs in self._slabs.items():
                 if k != key:
@@ -240,6 +255,7 @@ class _Slabs:
 
     def count(self) -> int:
         with self._lock:
+            self._settle()
             return sum(len(v) for v in self._slabs.values())
 
 

@@ -603,6 +603,33 @@ def test_free_slabs_are_kept_for_the_next_texts_and_warm_writes_them():
     SLABS.start_key = None
 
 
+def test_a_row_handed_back_while_the_slabs_lock_is_held_waits_instead_of_deadlocking():
+    """A cache's finalizer runs wherever the collector does: also on a thread inside `_Slabs`' locked sections (an
+    allocation there started a collection). Its row is queued and settled once the lock is free, not waited for."""
+    kv = KVCache(2)
+    for layer in range(2):
+        kv.append(layer, torch.ones(1, 7, 3, 4), torch.ones(1, 7, 3, 4))
+    slab, row = kv.slab, kv.row
+    kv._release.detach()  # hand the row back by hand, as the finalizer would
+    done = threading.Event()
+
+    def finalizer_inside_the_lock():
+        with SLABS._lock:
+            SLABS.give_back(slab, row)
+            assert row not in slab.free  # queued
+        done.set()
+
+    worker = threading.Thread(target=finalizer_inside_the_lock, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert done.is_set()
+    SLABS.count()  # the next use of the slabs settles it
+    assert row in slab.free
+    with SLABS._lock:  # leave nothing of this shape behind
+        SLABS._slabs.pop(slab.key, None)
+    SLABS.start_key = None
+
+
 def test_the_idle_hook_waits_for_a_quiet_spell_and_runs_once_a_minute_under_load(monkeypatch):
     """`on_idle(True)` once the queue has been empty for `idle_after` seconds (not at once: the next request needs the
     memory a trim would hand back), once per quiet spell; `on_idle(False)` every minute while the loop is busy."""
