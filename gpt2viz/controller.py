@@ -233,7 +233,7 @@ class Sessions:
         """Spare rows of the key-value caches' slabs (`model.SLABS.warm`), their memory written, for the texts that
         start next, on the default model's shape before any has started (app.py calls this at startup): the first
         pass of a class that starts together (every student's copy of an example's reading) then writes into
-        memory the OS has mapped already. Returns the slabs made."""
+        memory the OS has mapped already. Returns the rows written."""
         model = self.models.get(self.models.default)
         p = next(model.parameters())
         if p.device.type != "cpu":

@@ -232,15 +232,16 @@ class _Slabs:
                     slabs[:] = [s for s in slabs if len(s.free) < SLAB_ROWS]
             if key is None:
                 return 0
-            cold = [(s, [r for r in s.free if r in s.cold]) for s in self._slabs.get(key, [])]
-            cold = [(s, rows) for s, rows in cold if rows]
-            for s, rows in cold:  # out of reach of `take` while they are written
-                s.free = [r for r in s.free if r not in rows]
-            ready = self._warm_rows(key)
+            ready, cold = self._warm_rows(key), []
+            for s in self._slabs.get(key, []):
+                rows = [r for r in s.free if r in s.cold][: max(0, SPARE_ROWS - ready)]
+                if rows:
+                    cold.append((s, rows))
+                    ready += len(rows)
+                    s.free = [r for r in s.free if r not in rows]  # out of reach of `take` while they are written
         made = []
         for s, rows in cold:
             s.write(rows)
-            ready += len(rows)
         while ready + SLAB_ROWS * len(made) < SPARE_ROWS:
             made.append(KVSlab(key))
             made[-1].write(range(SLAB_ROWS))
