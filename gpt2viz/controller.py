@@ -39,10 +39,10 @@ from .share import encode as encode_link
 from .why import why_views
 from .experiments import (Experiment, TargetError, bars_view, head_label, parse_targets, strips_html, summary, surprisal_view,
                           target_choices)
-from .generation import GenerationSession, Step
+from .generation import GenerationSession, Step, rehearse
 from .loading import BUNDLED_MODELS, HUB_MODELS, CheckpointError, HubUnavailableError, hub_reachable, load_model, resolve_checkpoint
 from .memory import memory_limit, trim
-from .model import GPT2, SLABS, ContextLengthError, slab_capacity
+from .model import GPT2, SLABS, SPARE_ROWS, ContextLengthError, slab_capacity
 from .attribution import commitment, commitment_layers
 from .roles import ROLE_THRESHOLD, head_scores
 from .sampling import SamplingConfig
@@ -230,14 +230,17 @@ class Sessions:
             self.warm()
 
     def warm(self) -> int:
-        """Spare rows of the key-value caches' slabs (`model.SLABS.warm`), their memory written, for the texts that
-        start next, on the default model's shape before any has started (app.py calls this at startup): the first
-        pass of a class that starts together (every student's copy of an example's reading) then writes into
-        memory the OS has mapped already. Returns the rows written."""
+        """Memory the next class's first pass works in, mapped before it comes (app.py calls this at startup, the
+        engine's idle hook after trimming): a throwaway pass of `SPARE_ROWS` texts on the default model
+        (`generation.rehearse`: the choice's and the products' temporaries), then spare rows of the key-value
+        caches' slabs, written (`model.SLABS.warm`; the default model's shape before any text has started): the
+        first pass of a class that starts together (every student's copy of an example's reading) then writes into
+        memory the OS has mapped already. Returns the slab rows written."""
         model = self.models.get(self.models.default)
         p = next(model.parameters())
         if p.device.type != "cpu":
             return 0
+        rehearse(model, self.models.tokenizer, SPARE_ROWS)
         cfg = model.cfg
         return SLABS.warm((cfg.n_layer, cfg.n_head, slab_capacity(1), cfg.d_head, p.dtype))
 

@@ -22,7 +22,7 @@ import tiktoken
 import torch
 
 from .interventions import Intervention, InterventionError, Plan, resolve
-from .model import GPT2, ContextLengthError
+from .model import GPT2, SLABS, ContextLengthError
 from .capture import next_token_logprobs
 from .recording import Pending, PerStep, Recorder, Records, known_rows
 from .sampling import DistributionRows, SamplingConfig, distribution_rows, draw_rows, ranks, row_entropies, uniform
@@ -432,6 +432,22 @@ def step_together(sessions: Sequence[GenerationSession], forces: Sequence[int | 
         s._pending = None
         steps.append(s._commit(pending, stats, i, token, method))
     return steps
+
+
+def rehearse(model: GPT2, tokenizer: tiktoken.Encoding, rows: int) -> None:
+    """A batched pass and choice of `rows` throwaway one-token texts, dropped at once: after the heap was handed back
+    to the OS (`memory.trim`, when the server is idle), this maps again the memory such a pass works in (a class's
+    30 rows of 50,257 probabilities, their float64 sums, the products' results: ~9,000 pages for gpt2, which the
+    next class's first choice would otherwise wait for the OS to map one by one). Nothing of it is kept, and the
+    capacity the last real texts started at (`SLABS.start_key`, whose spare rows stay written) is left as it was."""
+    key = SLABS.start_key
+    try:
+        sessions = [GenerationSession(model, tokenizer, [i], SamplingConfig(seed=i), record=True) for i in range(rows)]
+        read_together(sessions)
+        step_together(sessions, [None] * rows)
+    finally:
+        if key is not None:  # (before any text started, the rehearsal's is the key `SLABS.warm` is given)
+            SLABS.start_key = key
 
 
 def choose_rows(sessions: Sequence[GenerationSession], pendings: Sequence[Pending], rows: DistributionRows,

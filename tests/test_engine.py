@@ -397,6 +397,48 @@ def test_a_stream_spaced_by_its_gap_sends_the_tokens_made_meanwhile_together(tra
     assert running[0] == 1 and engine.generating() == 0
 
 
+def test_a_class_arriving_over_some_milliseconds_starts_in_one_pass_and_one_student_never_waits(trained, tokenizer):
+    """A class's Generate requests reach the engine over ~0.1 s: while generations keep arriving (none older than
+    `gather_max`) the next pass waits for them (`Engine._gather`), so the class starts in one pass instead of a pass
+    per few arrivals. One job alone, a call, or a generation under way for longer never waits."""
+    from gpt2viz.engine import _Job
+
+    words = ["night", "day", "sun", "moon", "rose", "crown", "sword", "heart"]
+    run_all(Engine(), [GenerationSession(trained, tokenizer, "ROMEO:", record=True)], [1])  # the model's first pass, apart
+
+    class Counting(Engine):
+        def _forward(self, model, reading, later):
+            self.prompts_read.append(sum(len(ids) > 1 for _, ids in reading))  # the prompts this pass reads
+            super()._forward(model, reading, later)
+
+    def class_(**gather):
+        engine = Counting(**gather)
+        engine.prompts_read = []
+        sessions = [GenerationSession(trained, tokenizer, f"ROMEO: good {w}", SamplingConfig(seed=i), record=True)
+                    for i, w in enumerate(words)]
+        locks = [threading.Lock() for _ in sessions]
+        runs = []
+        for i, s in enumerate(sessions):
+            runs.append(engine.generate(s, locks[i], 30, who=Who(f"user{i}")))
+            time.sleep(0.01)  # one arrives every 10 ms: a pass of this small model takes a few
+        for run, s, lock in zip(runs, sessions, locks):
+            assert len(list(run)) == 30
+            engine.read(s, lock)
+        return [n for n in engine.prompts_read if n], sessions, locks
+
+    read, sessions, locks = class_(gather_gap=0.05, gather_max=2.0)
+    assert read in ([1, 7], [8])  # the first alone (the first pass, before the others came), the other seven together
+    assert len(class_(gather_gap=0.0)[0]) >= 5  # not waiting: a pass for (nearly) every arrival
+
+    engine, now = Engine(), time.monotonic()
+    fresh = [_Job(s, locks[0], Who("a"), n_tokens=5, submitted=now - 0.01) for s in sessions[:2]]
+    assert engine._gather(fresh[:1], now) == 0  # one student alone
+    assert engine.gather_gap == 0.015 and 0.004 < engine._gather(fresh, now) < 0.006  # the gap after the last arrival
+    assert engine._gather(fresh + [_Job(None, None, Who("b"), fn=lambda: 0, submitted=now)], now) == 0  # a call waits for none
+    under_way = _Job(sessions[2], locks[0], Who("c"), n_tokens=5, submitted=now - 3.0)
+    assert engine._gather(fresh + [under_way], now) == 0
+
+
 def test_a_class_starting_together_has_its_prompts_read_in_fewer_passes_with_the_same_numbers(trained, tokenizer):
     """While many texts wait for their first token, a pass reads more prompt chunks (`Engine.prefill_budget`); chunk
     boundaries stay at multiples of `prefill_tokens`, so each session gets what it gets alone."""

@@ -128,3 +128,53 @@ def test_a_class_starts_its_caches_in_memory_warmed_while_idle():
     cold, warm = faults("cold"), faults("warm")
     assert cold > 30 * 4.7e6 / 4096 * 0.8
     assert warm < cold / 10
+
+
+REHEARSE = r"""
+import resource, sys, torch
+from gpt2viz import memory
+memory.configure_allocator()
+from gpt2viz.generation import GenerationSession, read_together, rehearse, step_together
+from gpt2viz.model import GPT2, GPT2Config
+from gpt2viz.sampling import SamplingConfig
+from gpt2viz.tokenizer import load_tokenizer
+
+torch.manual_seed(0)
+model, tokenizer = GPT2(GPT2Config()).eval(), load_tokenizer()  # gpt2's shape, random weights
+
+
+def class_(n, first):
+    sessions = [GenerationSession(model, tokenizer, list(range(first, first + 13)), SamplingConfig(seed=i), record=True)
+                for i in range(n)]
+    read_together(sessions)
+    return sessions
+
+
+sessions = class_(30, 100)  # a class, then its texts dropped
+for _ in range(3):
+    step_together(sessions, [None] * 30)
+    read_together(sessions)
+del sessions
+memory.trim()  # what the idle server does first: freed heap handed back
+if sys.argv[1] == "rehearse":
+    rehearse(model, tokenizer, 32)
+sessions = class_(30, 200)  # the next class's prompts read ...
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+steps = step_together(sessions, [None] * 30)  # ... and its first choice
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, len(steps))
+"""
+
+
+def test_after_the_idle_trim_a_rehearsal_maps_what_a_class_s_first_choice_needs():
+    """The idle hook trims the heap; the next class's first choice (30 rows of 50,257 probabilities, their float64
+    sums, ...) then faults thousands of pages in. `generation.rehearse` runs a throwaway pass and choice right after
+    the trim: the class's choice then finds its memory mapped."""
+    def faults(mode):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([sys.executable, "-c", REHEARSE, mode], env=env, capture_output=True, text=True, check=True).stdout
+        n, steps = map(int, out.split())
+        assert steps == 30
+        return n
+    cold, rehearsed = faults("cold"), faults("rehearse")
+    assert cold > 30 * 50_257 * 4 / 4096  # at least one [30, vocab] float32 result's pages
+    assert rehearsed < cold / 4
