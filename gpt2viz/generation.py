@@ -442,7 +442,8 @@ def rehearse(model: GPT2, tokenizer: tiktoken.Encoding, rows: int) -> None:
     capacity the last real texts started at (`SLABS.start_key`, whose spare rows stay written) is left as it was."""
     key = SLABS.start_key
     try:
-        sessions = [GenerationSession(model, tokenizer, [i], SamplingConfig(seed=i), record=True) for i in range(rows)]
+        sessions = [GenerationSession(model, tokenizer, [i % model.cfg.vocab_size], SamplingConfig(seed=i), record=True)
+                    for i in range(rows)]
         read_together(sessions)
         step_together(sessions, [None] * rows)
     finally:
