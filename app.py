@@ -809,7 +809,7 @@ def main() -> None:
     else:
         models = c.Models(default=args.model, device=device, dtype=dtype)
         sessions = c.Sessions(models)
-        sessions.warm()  # the rows a first class starts in (gpt2viz/model.py, `_Slabs`)
+        sessions.warm()  # the memory a first class's pass works in (gpt2viz/controller.py, `Sessions.warm`)
         demo = build(models, sessions)
     log.info("model %s ready on %s in %.1fs%s", models.default, device, time.time() - started,
              " (the engine in a process of its own)" if in_own_process else "")

@@ -47,7 +47,7 @@ def _serve(conn, default: str | None, device: str, dtype_name: str) -> None:
     c.DEFER_BUILD = True  # figures stay recipes: the web process draws them
     models = c.Models(default=default, device=device, dtype=getattr(torch, dtype_name))
     sessions = c.Sessions(models)
-    sessions.warm()  # the rows a first class starts in (model.py, `_Slabs`)
+    sessions.warm()  # the memory a first class's pass works in (controller.py, `Sessions.warm`)
     ctl = c.Controller(models, sessions)
     targets = {"ctl": ctl, "sessions": sessions}
     lock = threading.Lock()
