@@ -378,6 +378,7 @@ def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = Non
         # a server's update on to a component built with visible=False.
         tab = gr.Textbox("chosen", elem_id="tab", container=False, show_label=False)
         compact = gr.Checkbox(False, visible=False, elem_id="compact")  # set in the browser when the page loads
+        link_shown = gr.Checkbox(False, visible=False, elem_id="link_shown")  # a shared link's page has reached the browser
         gr.Markdown(INTRO, elem_id="intro")
         gr.Markdown(models.notice, visible=bool(models.notice), elem_id="notice")
         with gr.Row(equal_height=True):
@@ -645,9 +646,11 @@ def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = Non
             return render(page)
 
         def on_tab(tab_id):
-            @named("state", *SETTING_NAMES, *VIEW_NAMES, order="view")
-            def handler(st, *rest):
+            @named("state", "link_shown", *SETTING_NAMES, *VIEW_NAMES, order="view")
+            def handler(st, shown, *rest):
                 *rest, request = rest
+                if c.sent_before_link(st, shown):  # the select of the page's mount, run after a link opened
+                    return {tab: gr.skip()}
                 ctrl, sel = split(rest)
                 sel.tab = tab_id
                 return {**render(ctl.select(st, ctrl, sel, who=who_of(request))), tab: tab_id}  # remembered even before there is a text
@@ -722,7 +725,7 @@ def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = Non
             link = (getattr(request, "query_params", None) or {}).get("s")
             if not link:
                 return {state: st}
-            return render(ctl.open_link(st, link, who=who_of(request)))
+            return {**render(ctl.open_link(st, link, who=who_of(request))), link_shown: True}
 
         def on_add_head(chosen, model_choice, layer_value, head_value):
             return c.add_head(chosen, models, model_choice, layer_value, head_value)
@@ -752,7 +755,7 @@ def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = Non
                           ("lens", tab_lens), ("embed", tab_embed), ("why", tab_why), ("experiment", tab_experiment)):
             # The browser knows the open tab at once (a Step right after the click must draw it), then the server draws it.
             t.select(None, None, tab, js=f"() => '{tab_id}'", **private)
-            t.select(on_tab(tab_id), select_inputs, everything, **private)
+            t.select(on_tab(tab_id), [state, link_shown] + settings + view, everything, **private)
         gr.on([temperature.input, top_k.input, top_p.input, penalty.input, temperature.release, top_k.release,
                top_p.release, penalty.release], on_upcoming, [state] + settings, everything, api_name="upcoming",
               trigger_mode="always_last")
@@ -767,7 +770,7 @@ def build(models: c.Models, sessions: c.Sessions, ctl: c.Controller | None = Non
         model_name.select(act(ctl.switch_model), [state, model_name, prompt] + settings + view, everything, api_name="set_model")
         demo.load(None, None, compact, js=COMPACT_JS, **private)
         demo.load(None, None, None, js=SAVE_JS, **private)
-        demo.load(on_load, [state], everything + settings, **private)  # a link also sets the sampling controls
+        demo.load(on_load, [state], everything + settings + [link_shown], **private)  # a link also sets the sampling controls
         download_btn.click(on_download, [state, download_what, paper] + settings + view, [state, status, download_file],
                            api_name="download")
         share_btn.click(on_share, [state, prompt] + settings + view, share_url, api_name="share_link").then(

@@ -573,6 +573,17 @@ def as_index(value) -> int | None:
     return None
 
 
+def sent_before_link(state, link_shown: bool) -> bool:
+    """Whether a view event was sent by a page that had not yet shown the shared link its state now holds.
+
+    The browser selects the open tab when the page mounts, at the same moment as the page's load asks for the
+    link; the server reads the state when it runs an event, not when the browser sent it, so that select can run
+    after the link's text is in the state and would draw it at the controls' first values (token 0, layer 0, the
+    first tab) over the link's own view. `link_shown`: the page has shown the link's answer (app.py sets a hidden
+    box with it); such an event is dropped whole."""
+    return bool((state or {}).get("from_link")) and not link_shown
+
+
 def clamp(selection: Selection, n_tokens: int, n_layer: int, n_head: int) -> Selection:
     """The one clamping rule: the position into the text (None: the newest), layer and head into the model."""
     last = max(n_tokens - 1, 0)
@@ -809,7 +820,7 @@ class Controller:
         try:
             if not (state or {}).get("ids"):
                 # Nothing to draw, and nothing to send back: the browser fires the open tab's select when the page
-                # mounts, with the state it had then, and its answer may land after a shared link's text is open.
+                # mounts, before there is a text (see also `sent_before_link`).
                 return Page(None)
             entry = self.sessions.get(state, sampling_config(*settings), who)
             page = self._call(entry, who, lambda: self._render(sync_state(state, entry), entry, selection, None, upcoming)).build()
@@ -1053,7 +1064,7 @@ class Controller:
                            strip_colour=shared.strip_colour)
         try:
             state, entry = self._entry(new_state(shared.model), shared.model, shared.prompt, config, who)
-            state["versus"] = shared.versus
+            state["versus"], state["from_link"] = shared.versus, True
             s = entry.session
             if len(s.prompt_ids) + len(shared.tokens) > s.model.cfg.n_positions:
                 raise UserError("This link's text is longer than the model's context.")

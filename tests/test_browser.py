@@ -478,6 +478,49 @@ def test_a_share_link_opens_the_same_page_in_another_browser_and_a_broken_one_sa
         context.close()
 
 
+def test_a_share_link_s_page_is_not_undone_by_the_select_the_browser_sends_as_it_mounts(browser, app_url, page):
+    """The page selects its open tab when it mounts, at the moment its load asks for the link; the server may run
+    that select after the link's text is in the state. Here it is made to (held until the link's page is shown):
+    the link's token, tab and views stay."""
+    import json
+
+    set_prompt(page, PROMPT)
+    step(page)
+    step(page)
+    n_prompt = len(strip_tokens(page)) - 2
+    page.locator("#strip .tok").nth(n_prompt).click()
+    wait_idle(page)
+    tab(page, "Lens")
+    page.get_by_text("Share and download").click()
+    page.click("#share_btn")
+    wait_idle(page)
+    url = page.locator("#share_url textarea, #share_url input").first.input_value()
+    lens = title(page, "lens_plot")
+    context = browser.new_context(viewport={"width": 1280, "height": 720})
+    try:
+        other, held = context.new_page(), []
+
+        def hold(route):  # the mount's select: the open tab's name among its inputs (the load sends the state only)
+            data = json.loads(route.request.post_data or "{}").get("data") or []
+            if not held and "chosen" in data:
+                held.append(route)
+            else:
+                route.continue_()
+        other.route("**/queue/join*", hold)
+        other.goto(app_url.rstrip("/") + "/" + url[url.index("?s="):])
+        expect(other.locator("#status")).to_contain_text("Opened a shared page", timeout=60_000)
+        assert len(held) == 1, "the page no longer selects its tab as it mounts: this test holds nothing"
+        held[0].continue_()
+        time.sleep(1.0)
+        wait_idle(other)
+        assert int(other.locator("#strip .tok.sel").get_attribute("data-pos")) == n_prompt
+        expect(other.get_by_role("tab", name="Lens", exact=True)).to_have_attribute("aria-selected", "true")
+        assert other.locator("#tab textarea, #tab input").first.input_value() == "lens"  # a Step draws the lens
+        assert title(other, "lens_plot") == lens
+    finally:
+        context.close()
+
+
 def test_downloads_and_saving_a_chart(browser, app_url):
     context = browser.new_context(viewport={"width": 1280, "height": 720}, accept_downloads=True)
     try:

@@ -527,6 +527,9 @@ def test_a_share_link_replays_the_page_and_a_bad_one_says_why(ctl, models):
     assert (opened.selection.position, opened.selection.layer, opened.selection.head, opened.open_tab) == (4, 2, 1, "experiment")
     assert opened.settings == dict(zip(share.SETTING_NAMES, [0.9, 0, 1.0, 1.0, 6, 3]))
     assert opened.prompt == prompt
+    # the select a mounting page sends, run after the link's text is in the state, is not drawn over it
+    assert c.sent_before_link(opened.state, link_shown=False) and not c.sent_before_link(opened.state, link_shown=True)
+    assert not c.sent_before_link(page.state, link_shown=False) and not c.sent_before_link(None, link_shown=False)
     # another server's models; a tampered link; no text yet
     elsewhere = share.encode(share.Shared("gpt2-xl", prompt, dict(zip(share.SETTING_NAMES, settings))))
     refused = ctl.open_link(None, elsewhere)
