@@ -652,7 +652,7 @@ def test_a_slow_tab_answer_does_not_undo_a_later_click_on_a_token(models):
     request = SimpleNamespace(session_hash="page-1", client=SimpleNamespace(host="127.0.0.1"), headers={})
     view = [None, 0, 0, "chosen", False, False, "top", "prob"]
     results = {}
-    tab = threading.Thread(target=lambda: results.setdefault("tab", fns["on_tab.<locals>.handler"](state, *SETTINGS, *view, request)))
+    tab = threading.Thread(target=lambda: results.setdefault("tab", fns["on_tab.<locals>.handler"](state, False, *SETTINGS, *view, request)))
     tab.start()
     assert entered.wait(30)
     results["click"] = fns["on_strip_click"](state, *SETTINGS, *view, SimpleNamespace(position=1), request)
